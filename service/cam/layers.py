@@ -28,6 +28,9 @@ class LayerInfo:
     default: str
     candidates: tuple[str, ...]
 
+    def with_default(self, name: str) -> LayerInfo:
+        return LayerInfo(default=name, candidates=(name, *[c for c in self.candidates if c != name]))
+
     def resolve(self, name: str | None) -> str:
         if name is None:
             return self.default

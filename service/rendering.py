@@ -1,0 +1,92 @@
+"""CAM maps to what a client asked for: a greyscale PNG, a colour overlay, or a float array.
+
+Resampling and colouring run on the maps' device; only the final uint8 pixels (or the requested
+floats) are copied to the host, then PNG-encoded there.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from service.colormaps import lookup_table
+from service.errors import InvalidArgument
+from service.imaging import encode_png
+from service.preprocess import Geometry, to_input_size, to_original
+
+Output = Literal["png", "overlay", "array"]
+Size = Literal["original", "input", "feature"]
+OUTPUTS: tuple[str, ...] = ("png", "overlay", "array")
+SIZES: tuple[str, ...] = ("original", "input", "feature")
+
+
+@dataclass(frozen=True)
+class HeatmapSpec:
+    output: Output = "png"
+    size: Size = "original"
+    colormap: str = "jet"
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.output not in OUTPUTS:
+            raise InvalidArgument("output", f"`output` must be one of {', '.join(OUTPUTS)}, got {self.output!r}")
+        if self.size not in SIZES:
+            raise InvalidArgument("size", f"`size` must be one of {', '.join(SIZES)}, got {self.size!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise InvalidArgument("alpha", f"`alpha` must be between 0 and 1, got {self.alpha}")
+        if self.output == "overlay" and self.size == "feature":
+            raise InvalidArgument("size", "`output=overlay` needs `size` original or input, got 'feature'")
+        lookup_table(self.colormap)  # validates the name
+
+
+@dataclass(frozen=True)
+class Heatmap:
+    """``data``: PNG bytes for png/overlay, nested lists of floats in [0, 1] for array."""
+
+    format: Output
+    width: int
+    height: int
+    data: bytes | list[list[float]]
+
+    def wire_data(self) -> str | list[list[float]]:
+        return base64.b64encode(self.data).decode() if isinstance(self.data, bytes) else self.data
+
+
+def _peak_normalized(maps: Tensor) -> Tensor:
+    # Resampling lowers the peak a little; rescale so it is exactly 1 again (an empty map stays 0).
+    peak = maps.amax(dim=(1, 2), keepdim=True)
+    return maps / torch.where(peak > 0, peak, torch.ones_like(peak))
+
+
+def resample(maps: Tensor, size: Size, geom: Geometry, input_size: tuple[int, int]) -> Tensor:
+    """``(T, h, w)`` feature maps -> ``(T, H, W)`` at the requested size, peak 1 per non-empty map."""
+    if size == "feature":
+        return maps
+    if size == "input":
+        return _peak_normalized(to_input_size(maps, input_size).clamp(0, 1))
+    return _peak_normalized(to_original(maps, geom).clamp(0, 1))
+
+
+def render(maps: Tensor, spec: HeatmapSpec, geom: Geometry, input_size: tuple[int, int],
+           image: Tensor | None = None) -> list[Heatmap]:
+    """Render ``(T, h, w)`` maps. ``image`` is needed for overlays: ``(H, W, 3)`` uint8 pixels at the
+    requested size (the original upload, or the model-input pixels), on the maps' device."""
+    sized = resample(maps.float(), spec.size, geom, input_size)
+    t, h, w = sized.shape
+    if spec.output == "array":
+        host = sized.cpu().numpy().round(4)
+        return [Heatmap("array", w, h, host[i].tolist()) for i in range(t)]
+    levels = (sized * 255).round().to(torch.uint8)
+    if spec.output == "png":
+        host = levels.cpu().numpy()
+        return [Heatmap("png", w, h, encode_png(host[i])) for i in range(t)]
+    if image is None or tuple(image.shape[:2]) != (h, w):
+        raise ValueError("overlay needs the image at the heatmap's size")
+    colour = lookup_table(spec.colormap, sized.device)[levels.long()].float()  # (T, H, W, 3)
+    blended = (1 - spec.alpha) * image.float()[None] + spec.alpha * colour
+    host = blended.round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+    return [Heatmap("overlay", w, h, encode_png(host[i])) for i in range(t)]
