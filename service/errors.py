@@ -10,6 +10,7 @@ CamserveError                 base; ``code`` is the machine-readable name
 +-- Unauthorized              401 ``unauthorized``: API keys are set and none valid was given
 +-- ModelNotFound             404 ``model_not_found``
 +-- PayloadTooLarge           413 ``payload_too_large``: body, image pixels or image count
++-- NotAcceptable             406 ``not_acceptable``: ``Accept: image/png`` for more than one heatmap
 +-- UnsupportedMediaType      415 ``unsupported_media_type``
 +-- ModelError                500 ``model_error``: the model itself raised while computing a batch
 +-- NotReady                  503 ``not_ready``: models are still loading or the server is draining
@@ -57,6 +58,10 @@ class ModelNotFound(CamserveError):
 
 class PayloadTooLarge(CamserveError):
     code = "payload_too_large"
+
+
+class NotAcceptable(CamserveError):
+    code = "not_acceptable"
 
 
 class UnsupportedMediaType(CamserveError):

@@ -13,7 +13,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.errors import InvalidImage, PayloadTooLarge
 
-FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 # High-bit-depth modes that ``Image.convert("RGB")`` would clip instead of rescale.
 _WIDE_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
@@ -30,7 +30,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     try:
         im = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
-        raise InvalidImage(f"not an image in a supported format ({', '.join(FORMATS[:-1])})") from None
+        raise InvalidImage(f"not an image in a supported format ({', '.join(FORMATS)})") from None
     except Image.DecompressionBombError as exc:
         raise PayloadTooLarge(f"image is too large: {exc}") from None
     except (OSError, ValueError, SyntaxError) as exc:
@@ -61,7 +61,7 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         canvas.alpha_composite(rgba)
         im = canvas
-    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return np.array(im.convert("RGB"), dtype=np.uint8)  # a writable copy: torch refuses read-only arrays
 
 
 def encode_png(pixels: np.ndarray) -> bytes:

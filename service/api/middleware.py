@@ -1,0 +1,147 @@
+"""Pure ASGI middleware: request ids and the last-resort 500, body size limit, API keys.
+
+Pure ASGI rather than ``BaseHTTPMiddleware`` so the body is never buffered here and a body over the
+limit is refused from its ``Content-Length`` before it is read.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger("camserve.access")
+
+_SAFE_ID = re.compile(r"^[\w.:@/+=-]{1,128}$")
+
+
+def _json_error(status: int, code: str, message: str, extra: list[tuple[bytes, bytes]] | None = None
+                ) -> tuple[Message, Message]:
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               *(extra or [])]
+    return ({"type": "http.response.start", "status": status, "headers": headers},
+            {"type": "http.response.body", "body": body})
+
+
+class RequestContext:
+    """Gives every request an id (echoing a safe ``X-Request-ID``), sets it on every response,
+    logs one access line, and turns an unhandled exception into a JSON 500 without a trace."""
+
+    def __init__(self, app: ASGIApp, on_response: Callable[[Scope, int, float], None] | None = None) -> None:
+        self.app = app
+        self.on_response = on_response
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        sent = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        rid = sent if _SAFE_ID.match(sent) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        status = 500
+        started = time.perf_counter()
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error", extra={"request_id": rid})
+            if not response_started:
+                start, body = _json_error(500, "internal_error", "internal server error; see the server log "
+                                          f"for request {rid}")
+                await send_with_id(start)
+                await send(body)
+        finally:
+            if self.on_response is not None:
+                self.on_response(scope, status, time.perf_counter() - started)
+            log.info("%s %s %d %.1fms", scope["method"], scope["path"], status,
+                     (time.perf_counter() - started) * 1000,
+                     extra={"request_id": rid, "status": status, "path": scope["path"],
+                            "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                            **scope["state"].get("log_extra", {})})
+
+
+class BodyLimit:
+    """413 for a body over ``max_bytes``: from ``Content-Length`` before reading, else while streaming."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        message = f"request body is over the limit of {self.max_bytes} bytes"
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            for m in _json_error(413, "payload_too_large", message, [(b"connection", b"close")]):
+                await send(m)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            msg = await receive()
+            if msg["type"] == "http.request":
+                received += len(msg.get("body", b""))
+                if received > self.max_bytes:
+                    raise _TooLarge
+            return msg
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            for m in _json_error(413, "payload_too_large", message, [(b"connection", b"close")]):
+                await send(m)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class ApiKeyAuth:
+    """Requires ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` except on ``open_paths``.
+
+    Every configured key is compared with ``hmac.compare_digest`` so the time taken does not reveal
+    which key, or how much of one, matched.
+    """
+
+    def __init__(self, app: ASGIApp, keys: Iterable[str], open_paths: Iterable[str]) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+        self.open_paths = set(open_paths)
+
+    def _authorized(self, scope: Scope) -> bool:
+        headers = dict(scope["headers"])
+        given = headers.get(b"x-api-key", b"")
+        auth = headers.get(b"authorization", b"")
+        if auth[:7].lower() == b"bearer ":
+            given = auth[7:].strip()
+        ok = False
+        for key in self.keys:
+            ok |= hmac.compare_digest(given, key)
+        return ok
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.open_paths or self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        for m in _json_error(401, "unauthorized", "a valid API key is required: send `Authorization: Bearer "
+                             "<key>` or `X-API-Key: <key>`", [(b"www-authenticate", b"Bearer")]):
+            await send(m)

@@ -1,0 +1,140 @@
+"""Turn a JSON or multipart request (plus query parameters) into images and validated options."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+from service.errors import InvalidArgument, InvalidImage, InvalidInput, PayloadTooLarge, UnsupportedMediaType
+
+OptionsT = TypeVar("OptionsT", bound=BaseModel)
+
+_DATA_URI = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.IGNORECASE)
+_LIST_OPTIONS = {"targets"}
+
+
+def decode_base64(text: str, index: int) -> bytes:
+    """Plain or URL-safe base64, or a ``data:image/...;base64,`` URI -> bytes."""
+    body = _DATA_URI.sub("", text.strip(), count=1)
+    body = re.sub(r"\s+", "", body).replace("-", "+").replace("_", "/")
+    body += "=" * (-len(body) % 4)
+    try:
+        return base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidImage(f"image {index} is not valid base64") from None
+
+
+def _validation_message(exc: ValidationError) -> tuple[str, str]:
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or "body"
+    shown = repr(err.get("input"))
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return field, f"`{field}`: {err['msg']}, got {shown}"
+
+
+def _validate(model: type[OptionsT], data: dict[str, Any]) -> OptionsT:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        field, message = _validation_message(exc)
+        raise InvalidArgument(field, message) from None
+
+
+def _query_options(request: Request) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in request.query_params:
+        values = request.query_params.getlist(key)
+        out[key] = _list_option(values) if key in _LIST_OPTIONS else values[-1]
+    return out
+
+
+def _list_option(values: list[str]) -> list[str]:
+    """``targets=3&targets=cat``, ``targets=3,cat`` or ``targets=[3, "cat"]`` -> ``["3", "cat"]``."""
+    items: list[str] = []
+    for v in values:
+        v = v.strip()
+        if v.startswith("["):
+            try:
+                parsed = json.loads(v)
+            except json.JSONDecodeError:
+                raise InvalidArgument("targets", f"`targets` is not a valid JSON list, got {v!r}") from None
+            items += [str(x) for x in parsed] if isinstance(parsed, list) else [str(parsed)]
+        else:
+            items += [p.strip() for p in v.split(",") if p.strip()]
+    return items
+
+
+def _as_index(values: list[Any]) -> list[int | str]:
+    return [int(v) if isinstance(v, str) and v.isdigit() else v for v in values]
+
+
+async def parse_request(request: Request, options: type[OptionsT], max_images: int) -> tuple[list[bytes], OptionsT]:
+    """Read images and options from a JSON body or a multipart form; query parameters fill the gaps."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    query = _query_options(request)
+    if ctype == "application/json" or ctype.endswith("+json"):
+        images, fields = await _from_json(request)
+    elif ctype == "multipart/form-data":
+        images, fields = await _from_form(request, max_images)
+    else:
+        got = ctype or "none"
+        raise UnsupportedMediaType(f"content type must be application/json or multipart/form-data, got {got!r}")
+    merged = {**query, **fields}
+    if "targets" in merged and isinstance(merged["targets"], list):
+        merged["targets"] = _as_index(merged["targets"])
+    opts = _validate(options, merged)
+    if not images:
+        raise InvalidInput("no image given: send `image` or `images` (JSON) or file parts named `image` (multipart)")
+    if len(images) > max_images:
+        raise PayloadTooLarge(f"{len(images)} images in one request, over the limit of {max_images}")
+    return images, opts
+
+
+async def _from_json(request: Request) -> tuple[list[bytes], dict[str, Any]]:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidArgument("body", f"malformed JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidArgument("body", f"the JSON body must be an object, got {type(body).__name__}")
+    image, images = body.pop("image", None), body.pop("images", None)
+    if image is not None and images is not None:
+        raise InvalidArgument("image", "send either `image` or `images`, not both")
+    if image is not None and not isinstance(image, str):
+        raise InvalidArgument("image", f"`image` must be a base64 string, got {type(image).__name__}")
+    if images is not None and (not isinstance(images, list) or not all(isinstance(i, str) for i in images)):
+        raise InvalidArgument("images", "`images` must be a list of base64 strings")
+    texts = [image] if image is not None else list(images or [])
+    return [decode_base64(t, i) for i, t in enumerate(texts)], body
+
+
+async def _from_form(request: Request, max_images: int) -> tuple[list[bytes], dict[str, Any]]:
+    try:
+        form = await request.form(max_files=max_images + 1, max_fields=100)
+    except Exception as exc:  # multipart's parser raises several unrelated types
+        raise InvalidInput(f"malformed multipart body: {exc}") from None
+    images: list[bytes] = []
+    fields: dict[str, Any] = {}
+    try:
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if key != "image":
+                    raise InvalidArgument(key, f"file parts must be named `image`, got {key!r}")
+                images.append(await value.read())
+            elif key == "image":
+                images.append(decode_base64(value, len(images)))
+            elif key in _LIST_OPTIONS:
+                fields[key] = [*fields.get(key, []), *_list_option([value])]
+            else:
+                fields[key] = value
+    finally:
+        await form.close()
+    return images, fields

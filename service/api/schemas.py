@@ -1,0 +1,105 @@
+"""Wire schemas: what clients send and receive. The compute layers never see these."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Method = Literal["gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam"]
+
+
+class PredictOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="Model name; the server's default model when omitted.")
+    top_k: int = Field(5, ge=1, description="Predictions returned per image (at most the number of classes).")
+
+
+class ExplainOptions(PredictOptions):
+    targets: list[int | str] | None = Field(
+        None, description="Classes to explain for every image, as indices or labels; default: each image's top-1.")
+    method: Method = "gradcam"
+    layer: str | None = Field(None, description="Dotted module name; the model's default layer when omitted.")
+    output: Literal["png", "overlay", "array"] = "png"
+    size: Literal["original", "input", "feature"] = "original"
+    colormap: Literal["jet", "turbo", "viridis", "inferno"] = "jet"
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="Heatmap opacity for overlays.")
+
+
+class _Images(BaseModel):
+    image: str | None = Field(None, description="One image, base64 or a data: URI.")
+    images: list[str] | None = Field(None, description="Several images, base64 or data: URIs.")
+
+
+class PredictBody(_Images, PredictOptions):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"model": "shapes", "image": "<base64 PNG or JPEG>", "top_k": 3}]},
+    )
+
+
+class ExplainBody(_Images, ExplainOptions):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"image": "<base64>", "targets": ["circle"], "method": "gradcam",
+                                         "output": "overlay", "colormap": "turbo"}]},
+    )
+
+
+class PredictionOut(BaseModel):
+    index: int
+    label: str
+    score: float
+
+
+class HeatmapOut(BaseModel):
+    format: Literal["png", "overlay", "array"]
+    width: int
+    height: int
+    data: str | list[list[float]] = Field(description="Base64 PNG for png/overlay; rows of floats in [0, 1] for array.")
+
+
+class ExplanationOut(PredictionOut):
+    method: str
+    layer: str
+    heatmap: HeatmapOut
+
+
+class ResultOut(BaseModel):
+    predictions: list[PredictionOut]
+    explanations: list[ExplanationOut] | None = None
+
+
+class InferenceResponse(BaseModel):
+    model: str
+    results: list[ResultOut]
+
+
+class ModelSummary(BaseModel):
+    name: str
+    source: str
+    device: str
+    num_classes: int
+    input_size: tuple[int, int]
+    layers: list[str] = Field(description="Target layers; the default first.")
+    methods: list[str]
+    precision: str
+
+
+class ModelDetail(ModelSummary):
+    labels: list[str]
+
+
+class ModelList(BaseModel):
+    default: str
+    models: list[ModelSummary]
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

@@ -1,0 +1,114 @@
+"""``camserve serve | train-shapes | explain``: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("camserve")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.config import ConfigError, load_settings
+    from service.logs import setup_logging
+
+    try:
+        settings = load_settings(args.config, host=args.host, port=args.port)
+    except ConfigError as exc:
+        print(f"camserve: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_format, settings.log_level)
+    app = create_app(settings)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # Readiness flips first, so a load balancer stops routing here while in-flight work drains.
+            app.state.draining = True
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                            timeout_graceful_shutdown=int(settings.drain_timeout_s), access_log=False)
+    server = Server(config)
+    log.info("camserve serving %s on http://%s:%d (docs at /docs)", ", ".join(m.name for m in settings.models),
+             settings.host, settings.port)
+    server.run()
+    return 0 if server.started else 1
+
+
+def _train_shapes(args: argparse.Namespace) -> int:
+    from service.models.shapes import train_shapes
+
+    metrics = train_shapes(Path(args.out), seed=args.seed)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    """Explain one image file offline, writing the heatmap PNG; no server involved."""
+    import asyncio
+
+    from service.app import batch_settings
+    from service.config import load_settings
+    from service.registry import load_model
+    from service.rendering import HeatmapSpec
+    from service.runtime import ModelRuntime
+
+    settings = load_settings(args.config)
+    spec = next((m for m in settings.models if m.name == (args.model or m.name)), None)
+    if spec is None:
+        print(f"camserve: unknown model {args.model!r}", file=sys.stderr)
+        return 2
+
+    data = Path(args.image).read_bytes()
+
+    async def run() -> Any:
+        rt = ModelRuntime(load_model(spec), batch_settings(settings))
+        rt.batcher.start()
+        try:
+            query = rt.make_query(args.method, args.layer, args.target or None)
+            return await rt.infer([data], top_k=min(5, rt.model.num_classes),
+                                  query=query, spec=HeatmapSpec(args.output), max_pixels=settings.max_image_pixels)
+        finally:
+            await rt.batcher.stop()
+
+    result = asyncio.run(run())[0]
+    for e in result.explanations:
+        out = Path(args.out).with_suffix("") if len(result.explanations) > 1 else Path(args.out)
+        path = out if len(result.explanations) == 1 else out.with_name(f"{out.name}-{e.label}.png")
+        path.write_bytes(e.heatmap.data)
+        print(f"{e.label} ({e.index}) score {e.score:.4f} -> {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="camserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the configured models over HTTP")
+    serve.add_argument("--config", help="models.toml (default: the built-in shapes model)")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.set_defaults(func=_serve)
+    train = sub.add_parser("train-shapes", help="train the built-in shapes model")
+    train.add_argument("--out", default=str(Path(__file__).parent / "models" / "shapes.pt"))
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(func=_train_shapes)
+    ex = sub.add_parser("explain", help="explain one image file without a server")
+    ex.add_argument("image")
+    ex.add_argument("--config")
+    ex.add_argument("--model")
+    ex.add_argument("--method", default="gradcam")
+    ex.add_argument("--layer")
+    ex.add_argument("--target", action="append", help="class index or label (repeatable)")
+    ex.add_argument("--output", default="overlay", choices=["png", "overlay"])
+    ex.add_argument("--out", default="heatmap.png")
+    ex.set_defaults(func=_explain)
+    args = parser.parse_args(argv)
+    code: int = args.func(args)
+    return code

@@ -1,0 +1,49 @@
+"""Prometheus metrics, one registry per app so that several apps (tests) never collide."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from service.batching import BatchStats
+from service.runtime import ModelRuntime
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("camserve_requests", "HTTP requests", ["endpoint", "model", "status"], registry=r)
+        self.latency = Histogram("camserve_request_seconds", "HTTP request latency", ["endpoint", "model"],
+                                 buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("camserve_batch_size", "Images per model batch", ["model"],
+                                    buckets=_BATCH_BUCKETS, registry=r)
+        self.compute = Histogram("camserve_batch_compute_seconds", "Model time per batch", ["model"],
+                                 buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("camserve_queue_wait_seconds", "Time the first image of a batch waited",
+                                    ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.images = Counter("camserve_images", "Images through the model", ["model"], registry=r)
+        self.queue_depth = Gauge("camserve_queue_depth", "Images waiting for a batch", ["model"], registry=r)
+        self.gpu_memory = Gauge("camserve_gpu_memory_bytes", "CUDA memory allocated", ["device"], registry=r)
+
+    def on_batch(self, model: str, stats: BatchStats) -> None:
+        self.batch_size.labels(model).observe(stats.size)
+        self.images.labels(model).inc(stats.size)
+        self.compute.labels(model).observe(stats.compute_s)
+        self.queue_wait.labels(model).observe(stats.queued_s)
+
+    def refresh(self, runtimes: Iterable[ModelRuntime]) -> None:
+        """Read the gauges that are sampled rather than counted."""
+        for rt in runtimes:
+            self.queue_depth.labels(rt.model.name).set(rt.batcher.queue_depth)
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                self.gpu_memory.labels(f"cuda:{i}").set(torch.cuda.memory_allocated(i))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
