@@ -222,26 +222,32 @@ def _preprocess_override(base: Preprocess, table: Mapping[str, Any] | None) -> P
 
 
 def load_model(spec: ModelSpec) -> LoadedModel:
-    """Build, move to the device once, trace the layers and warm up. Raises :class:`ModelLoadError`."""
+    """Build, move to the device once, trace the layers. Raises :class:`ModelLoadError`."""
     try:
-        device = resolve_device(spec.device)
         module, labels, base_pre = build_module(spec)
-        pre = _preprocess_override(base_pre, spec.preprocess)
-        module = module.to(device).eval()
-        if device.type == "cuda":
-            module = module.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
-        h, w = pre.input_size
-        example = torch.zeros(1, 3, h, w, device=device)
-        engine = CamEngine(module, example)
-        if spec.target_layer is not None:
-            engine.layers = engine.layers.with_default(engine.layers.resolve(spec.target_layer))
-            engine.register(engine.layers.default)
+        return serve_module(module, spec, labels, _preprocess_override(base_pre, spec.preprocess))
     except ModelLoadError:
         raise
     except Exception as exc:
         raise ModelLoadError(f"model {spec.name!r} ({spec.source}) failed to load: {exc}") from exc
+
+
+def serve_module(module: nn.Module, spec: ModelSpec, labels: list[str] | None = None,
+                 preprocess: Preprocess | None = None) -> LoadedModel:
+    """Wrap an already-built module (from a notebook, a test) as a servable model."""
+    pre = preprocess or Preprocess()
+    device = resolve_device(spec.device)
+    module = module.to(device).eval()
+    if device.type == "cuda":
+        module = module.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
+    h, w = pre.input_size
+    engine = CamEngine(module, torch.zeros(1, 3, h, w, device=device))
+    if spec.target_layer is not None:
+        engine.layers = engine.layers.with_default(engine.layers.resolve(spec.target_layer))
+        engine.register(engine.layers.default)
     labels = labels or [f"class_{i}" for i in range(engine.num_classes)]
     if len(labels) != engine.num_classes:
+        engine.close()
         raise ModelLoadError(f"model {spec.name!r}: {len(labels)} labels for {engine.num_classes} classes")
     return LoadedModel(spec, module, engine, labels, pre, device, PRECISIONS[spec.precision])
 

@@ -1,0 +1,103 @@
+"""Engine benchmark (``make bench``): explain vs predict, and vs pytorch-grad-cam and captum.
+
+One table from one run on a torchvision resnet50 with random weights at 224x224, batch 1 and 8.
+Every figure is the median of several runs; ratios are to this run's own predict time, which is
+what makes them comparable across noisy shared machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torchvision
+from captum.attr import LayerGradCam
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+from service.cam import CamEngine, CamQuery
+from service.preprocess import to_input_size
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--repeats", type=int, default=0, help="0: 7 at batch 1, 3 above (CPU); 20 on CUDA")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50().eval().to(device)
+    print(f"# engine benchmark: resnet50 (random weights), 224x224, {device}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print("| batch | predict ms | explain 1 | explain 5 | pytorch-grad-cam 1 | pytorch-grad-cam 5 | captum 1 "
+          "| captum 5 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n in (int(b) for b in args.batches.split(",")):
+        reps = args.repeats or (20 if device.type == "cuda" else 7 if n == 1 else 3)
+        print(_row(model, torch.randn(n, 3, 224, 224, device=device), reps))
+
+
+def _row(model: torch.nn.Module, x: torch.Tensor, reps: int) -> str:
+    device = x.device
+    targets5 = [1, 2, 3, 4, 5]
+    engine = CamEngine(model, x[:1])
+
+    def explain(k: int) -> None:
+        out = engine.explain(x, [CamQuery(classes=tuple(targets5[:k]))] * len(x))
+        for cam in out.cams:
+            assert cam is not None
+            to_input_size(cam.maps, (224, 224))
+
+    predict = median_ms(lambda: engine.predict(x), device, reps)
+    ours1 = median_ms(lambda: explain(1), device, reps)
+    ours5 = median_ms(lambda: explain(5), device, reps)
+    engine.close()
+    for p in model.parameters():
+        p.requires_grad_(True)  # the references backpropagate into the parameters
+    layer = model.layer4
+
+    def gradcam_lib(k: int) -> None:
+        # pytorch-grad-cam takes one target per image and call, so k targets are k calls.
+        with GradCAM(model=model, target_layers=[layer]) as cam:
+            for c in targets5[:k]:
+                cam(input_tensor=x, targets=[ClassifierOutputTarget(c)] * len(x))
+
+    lgc = LayerGradCam(model, layer)
+
+    def captum(k: int) -> None:
+        for c in targets5[:k]:
+            attr = lgc.attribute(x, target=c, relu_attributions=True)
+            torch.nn.functional.interpolate(attr, size=(224, 224), mode="bilinear")
+
+    ref = {(name, k): median_ms(lambda f=f, k=k: f(k), device, reps)
+           for name, f in (("pgc", gradcam_lib), ("captum", captum)) for k in (1, 5)}
+    row = [f"{predict:.1f}", f"{ours1:.1f} ({ours1 / predict:.2f}x)", f"{ours5:.1f} ({ours5 / predict:.2f}x)"]
+    row += [f"{ref[(name, k)]:.1f} ({ref[(name, k)] / predict:.2f}x)" for name in ("pgc", "captum") for k in (1, 5)]
+    return (f"| {len(x)} | " + " | ".join(row) + " |\n"
+            f"<!-- batch {len(x)}: explain-5 is {ref[('pgc', 5)] / ours5:.1f}x faster than pytorch-grad-cam, "
+            f"{ref[('captum', 5)] / ours5:.1f}x faster than captum -->")
+
+if __name__ == "__main__":
+    main()
