@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from service.batching import Batcher, BatchStats
-from service.cam import CamMaps, CamQuery
+from service.cam import CamMaps, CamQuery, get_method
 from service.errors import InvalidArgument, OutOfMemory
 from service.imaging import decode_image
 from service.preprocess import Geometry
@@ -105,15 +105,15 @@ class ModelRuntime:
                 return self.class_index(int(target))
         raise InvalidArgument("targets", f"unknown target class {target!r}; use an index in 0..{k - 1} or a label")
 
-    def check_top_k(self, top_k: int) -> int:
+    def check_top_k(self, top_k: int | None) -> int:
         k = self.model.num_classes
+        if top_k is None:
+            return min(5, k)
         if not 1 <= top_k <= k:
             raise InvalidArgument("top_k", f"`top_k` must be between 1 and {k}, got {top_k}")
         return top_k
 
     def make_query(self, method: str, layer: str | None, targets: Sequence[int | str] | None) -> CamQuery:
-        from service.cam import get_method
-
         get_method(method)
         resolved_layer = self.model.engine.layers.resolve(layer)
         classes = tuple(self.class_index(t) for t in targets) if targets else ()
@@ -180,9 +180,12 @@ class ModelRuntime:
 
     # -- the whole request -----------------------------------------------------------------------
     async def infer(self, images: Sequence[bytes], *, top_k: int, query: CamQuery | None,
-                    spec: HeatmapSpec | None, max_pixels: int) -> list[ImageResult]:
-        """Predict (``query`` None) or explain every image of one request, in order."""
+                    spec: HeatmapSpec | None, max_pixels: int, timeout: bool = True) -> list[ImageResult]:
+        """Predict (``query`` None) or explain every image of one request, in order.
+
+        ``timeout=False`` waits as long as it takes (the start-up warm-up of a slow model)."""
         prepared = await asyncio.gather(*(asyncio.to_thread(self.prepare, d, max_pixels) for d in images))
-        results = await self.batcher.submit([Job(p.pixels, query) for p in prepared], self.settings.timeout_s)
+        jobs = [Job(p.pixels, query) for p in prepared]
+        results = await self.batcher.submit(jobs, self.settings.timeout_s if timeout else None)
         return await asyncio.gather(*(asyncio.to_thread(self.finish, p, r, top_k, spec)
                                       for p, r in zip(prepared, results, strict=True)))

@@ -13,7 +13,8 @@ class PredictOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="Model name; the server's default model when omitted.")
-    top_k: int = Field(5, ge=1, description="Predictions returned per image (at most the number of classes).")
+    top_k: int | None = Field(None, ge=1, description="Predictions returned per image; default 5 (or every class "
+                              "of a model with fewer), at most the number of classes.")
 
 
 class ExplainOptions(PredictOptions):

@@ -69,7 +69,7 @@ def test_readme_has_curl_examples():
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 @pytest.mark.parametrize("index", range(len(readme_examples())))
 def test_readme_curl_example(server, tmp_path, index):
-    url, port = server
+    _, port = server
     (tmp_path / "circle.png").write_bytes(png_bytes(scene("circle")[0]))
     (tmp_path / "ring.png").write_bytes(png_bytes(scene("ring", seed=2)[0]))
     script = readme_examples()[index].replace("localhost:8000", f"localhost:{port}")

@@ -137,7 +137,8 @@ def test_image_formats_and_modes(client):
     grey16 = (rgb.mean(axis=2) * 257).astype(np.uint16)
     cases = [
         png_bytes(rgb, "JPEG", quality=95), png_bytes(rgb, "WEBP", lossless=True), png_bytes(rgb, "GIF"),
-        png_bytes(rgb, "BMP"), png_bytes(rgb, "TIFF"), png_bytes(np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])),
+        png_bytes(rgb, "BMP"), png_bytes(rgb, "TIFF"),
+        png_bytes(np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])),
         png_bytes(rgb.mean(axis=2).astype(np.uint8)), png_bytes(grey16),
     ]
     cmyk = io.BytesIO()

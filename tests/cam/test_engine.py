@@ -141,7 +141,7 @@ def test_hooks_removed_on_close_and_after_an_exception(tiny):
 
 
 def test_unknown_layer_lists_candidates(tiny):
-    with CamEngine(tiny, _images(1)) as engine, pytest.raises(InvalidArgument, match="features.1") as err:
+    with CamEngine(tiny, _images(1)) as engine, pytest.raises(InvalidArgument, match=r"features\.1") as err:
         engine.explain(_images(1), [CamQuery(layer="nope")])
     assert "'nope'" in str(err.value)
 

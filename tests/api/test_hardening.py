@@ -1,0 +1,165 @@
+"""Auth, metrics, faults, timeouts, overload, soak: the service keeps answering, cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.config import Settings
+from service.logs import JsonFormatter
+from tests.api.conftest import b64, png_bytes
+from tests.api.models import tiny_model
+
+RNG = np.random.default_rng(0)
+IMG = png_bytes(RNG.integers(0, 255, (40, 30, 3), dtype=np.uint8))
+WHITE = png_bytes(np.full((32, 32, 3), 255, np.uint8))
+
+
+def tiny_client(models=None, **settings) -> TestClient:
+    return TestClient(create_app(Settings(**settings), models=models or [tiny_model()]))
+
+
+def test_api_keys(tmp_path):
+    keyfile = tmp_path / "keys"
+    keyfile.write_text("# ops keys\nfile-key\n")
+    with tiny_client(api_keys=("k1", "k2"), api_keys_file=str(keyfile)) as c:
+        r = c.post("/predict", json={"image": b64(IMG)})
+        assert r.status_code == 401
+        assert r.json()["error"]["code"] == "unauthorized"
+        assert r.headers["x-request-id"]
+        assert c.post("/predict", json={"image": b64(IMG)}, headers={"X-API-Key": "nope"}).status_code == 401
+        assert c.post("/predict", json={"image": b64(IMG)}, headers={"Authorization": "Bearer k2"}).status_code == 200
+        assert c.post("/predict", json={"image": b64(IMG)}, headers={"X-API-Key": "k1"}).status_code == 200
+        assert c.post("/predict", json={"image": b64(IMG)}, headers={"X-API-Key": "file-key"}).status_code == 200
+        assert c.get("/models").status_code == 401
+        for path in ("/healthz", "/readyz", "/metrics"):
+            assert c.get(path).status_code == 200, path
+
+
+def test_open_paths_are_configurable():
+    with tiny_client(api_keys=("k",), open_paths=("/healthz",)) as c:
+        assert c.get("/healthz").status_code == 200
+        assert c.get("/metrics").status_code == 401
+
+
+def test_cors_off_by_default_and_configurable():
+    with tiny_client() as c:
+        assert "access-control-allow-origin" not in c.get("/healthz", headers={"Origin": "https://a.example"}).headers
+    with tiny_client(cors_origins=("https://a.example",)) as c:
+        r = c.get("/healthz", headers={"Origin": "https://a.example"})
+        assert r.headers["access-control-allow-origin"] == "https://a.example"
+
+
+def test_metrics_count_requests_batches_and_images():
+    with tiny_client() as c:
+        c.post("/predict", json={"images": [b64(IMG)] * 3})
+        c.post("/explain", json={"image": "@@"})
+        text = c.get("/metrics").text
+    assert 'camserve_requests_total{endpoint="/predict",model="tiny",status="200"} 1.0' in text
+    assert 'camserve_requests_total{endpoint="/explain",model="",status="400"} 1.0' in text
+    assert 'camserve_images_total{model="tiny"} 4.0' in text  # 3 + the warm-up
+    assert "camserve_batch_size_bucket" in text
+    assert "camserve_request_seconds_bucket" in text
+    assert 'camserve_queue_depth{model="tiny"} 0.0' in text
+
+
+def test_a_failing_batch_fails_only_its_requests():
+    with tiny_client(models=[tiny_model(poison=True)], max_batch_size=1) as c:
+        bad = c.post("/predict", json={"image": b64(WHITE)})
+        assert bad.status_code == 500
+        assert bad.json()["error"]["code"] == "model_error"
+        assert "Traceback" not in bad.text
+        assert "/" not in bad.json()["error"]["message"]
+        assert c.post("/predict", json={"image": b64(IMG)}).status_code == 200
+        assert c.get("/readyz").status_code == 200
+
+
+def test_slow_model_times_out_with_504_and_stays_ready():
+    with tiny_client(models=[tiny_model(delay_s=0.6)], request_timeout_s=0.2) as c:
+        r = c.post("/predict", json={"image": b64(IMG)})
+        assert r.status_code == 504
+        assert r.json()["error"]["code"] == "timeout"
+        assert c.get("/readyz").status_code == 200
+
+
+async def _burst(app, n: int, body: dict) -> list[httpx.Response]:
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as client:
+            responses = await asyncio.gather(*(client.post("/predict", json=body) for _ in range(n)))
+            after = await client.post("/predict", json=body)
+            ready = await client.get("/readyz")
+    return [*responses, after, ready]
+
+
+def test_overload_gets_503_with_retry_after_and_recovers():
+    app = create_app(Settings(max_queue=2, max_batch_size=1), models=[tiny_model(delay_s=0.05)])
+    *responses, after, ready = asyncio.run(_burst(app, 30, {"image": b64(IMG)}))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503}
+    assert codes.count(503) > 0
+    assert codes.count(200) >= 2
+    for r in responses:
+        if r.status_code == 503:
+            assert r.json()["error"]["code"] == "overloaded"
+            assert int(r.headers["retry-after"]) >= 1
+    assert after.status_code == 200
+    assert ready.status_code == 200
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+@pytest.mark.slow
+def test_soak_mixed_requests_no_errors_and_flat_memory():
+    bodies = [
+        {"image": b64(IMG)},
+        {"images": [b64(IMG)] * 2, "top_k": 2},
+        {"image": b64(IMG), "method": "gradcam++", "output": "overlay"},
+        {"image": b64(IMG), "targets": [0, 3], "output": "array", "size": "input"},
+    ]
+
+    async def soak() -> tuple[float, float, list[int]]:
+        app = create_app(Settings(), models=[tiny_model()])
+        codes = []
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                async def wave(k: int) -> None:
+                    rs = await asyncio.gather(*(
+                        client.post("/predict" if i % 4 < 2 else "/explain", json=bodies[i % 4]) for i in range(k)))
+                    codes.extend(r.status_code for r in rs)
+
+                for _ in range(5):
+                    await wave(40)
+                warm = _rss_mb()
+                for _ in range(50):
+                    await wave(40)
+                return warm, _rss_mb(), codes
+
+    warm, end, codes = asyncio.run(soak())
+    assert len(codes) == 2200
+    assert set(codes) == {200}
+    assert end - warm < 50, f"RSS grew {end - warm:.1f} MB over 2000 requests"
+
+
+def test_json_logs_carry_the_request_id_and_no_secrets(caplog):
+    caplog.set_level(logging.INFO, logger="camserve.access")
+    with tiny_client(api_keys=("sekret",)) as c:
+        c.post("/predict", json={"image": b64(IMG)}, headers={"X-API-Key": "sekret", "X-Request-ID": "rid-1"})
+    record = next(r for r in caplog.records if getattr(r, "request_id", None) == "rid-1")
+    line = json.loads(JsonFormatter().format(record))
+    assert line["request_id"] == "rid-1"
+    assert line["status"] == 200
+    assert line["model"] == "tiny"
+    assert "sekret" not in caplog.text
+    assert b64(IMG)[:40] not in caplog.text

@@ -1,0 +1,166 @@
+"""HTTP throughput benchmark (``make bench-http``): real servers on loopback, a bounded async load.
+
+Rows: the built-in ``shapes`` model with batching on and with ``SERVICE_MAX_BATCH_SIZE=1``; a
+torchvision resnet18 (random weights, 224x224) served by camserve and by the per-request
+pytorch-grad-cam baseline (``baseline_app.py``). Each cell sends a fixed number of requests at a
+fixed concurrency and reports p50/p95 latency and images per second. Also: at concurrency 1, the
+HTTP round trip minus the in-process time of the same work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from service.models.scenes import make_scene
+from tests.api.test_e2e import ROOT, free_port, start_server
+
+CONCURRENCY = (1, 8, 32)
+
+
+def _png(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+async def load(url: str, path: str, image: bytes, concurrency: int, total: int) -> tuple[float, float, float]:
+    """Send ``total`` requests, ``concurrency`` at a time. Returns p50 ms, p95 ms, images/s."""
+    latencies: list[float] = []
+    remaining = total
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+
+        async def worker() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                t0 = time.perf_counter()
+                r = await client.post(path, files={"image": ("x.png", image, "image/png")})
+                latencies.append((time.perf_counter() - t0) * 1000)
+                if r.status_code != 200:
+                    raise RuntimeError(f"{path}: {r.status_code} {r.text[:200]}")
+
+        await client.post(path, files={"image": ("x.png", image, "image/png")})  # warm connection and caches
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+    latencies.sort()
+    return statistics.median(latencies), latencies[int(0.95 * (len(latencies) - 1))], total / elapsed
+
+
+def run_rows(name: str, url: str, image: bytes, requests: int) -> dict[tuple[str, int], tuple[float, float, float]]:
+    out = {}
+    for path in ("/predict", "/explain"):
+        for c in CONCURRENCY:
+            out[(path, c)] = p50, p95, ips = asyncio.run(load(url, path, image, c, max(requests, 2 * c)))
+            print(f"| {name} | {path} | {c} | {p50:.1f} | {p95:.1f} | {ips:.1f} |", flush=True)
+    return out
+
+
+def in_process_ms(config: Path | None, image: bytes, device: str) -> float:
+    """Median time of the same single-image explain done in-process: decode, batcher, engine, PNG."""
+    from service.app import batch_settings
+    from service.cam import CamQuery
+    from service.config import load_settings
+    from service.registry import load_model
+    from service.rendering import HeatmapSpec
+    from service.runtime import ModelRuntime
+
+    settings = load_settings(config)
+
+    async def go() -> float:
+        rt = ModelRuntime(load_model(settings.models[0]), batch_settings(settings))
+        rt.batcher.start()
+        times = []
+        for _ in range(60):
+            t0 = time.perf_counter()
+            await rt.infer([image], top_k=5, query=CamQuery(), spec=HeatmapSpec(), max_pixels=10**8)
+            times.append((time.perf_counter() - t0) * 1000)
+        await rt.batcher.stop()
+        return statistics.median(times[10:])
+
+    return asyncio.run(go())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--requests", type=int, default=160, help="requests per shapes cell")
+    parser.add_argument("--resnet-requests", type=int, default=48, help="requests per resnet18 cell")
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    shapes_png = _png(make_scene(rng).image)
+    photo = _png(np.asarray(Image.fromarray(make_scene(rng).image).resize((256, 256), Image.BILINEAR)), "JPEG")
+    tmp = Path(tempfile.mkdtemp())
+    r18 = tmp / "r18.toml"
+    r18.write_text(f'[models.r18]\nsource = "torchvision:resnet18"\nweights = "none"\ndevice = "{args.device}"\n')
+    shapes_cfg = tmp / "shapes.toml"
+    shapes_cfg.write_text(f'[models.shapes]\nsource = "builtin:shapes"\ndevice = "{args.device}"\n')
+
+    print(f"# HTTP benchmark on {platform.machine()}, {os.cpu_count()} cores, device {args.device}; "
+          "load generator on the same machine")
+    print("| server | endpoint | concurrency | p50 ms | p95 ms | images/s |")
+    print("|---|---|---|---|---|---|")
+    results = {}
+    runs: list[tuple[str, Path | None, dict[str, str], bytes, int]] = [
+        ("shapes batched", shapes_cfg, {}, shapes_png, args.requests),
+        ("shapes max_batch_size=1", shapes_cfg, {"SERVICE_MAX_BATCH_SIZE": "1"}, shapes_png, args.requests),
+        ("resnet18 camserve", r18, {}, photo, args.resnet_requests),
+    ]
+    for name, cfg, env, image, n in runs:
+        port = free_port()
+        proc = start_server(port, {**env, "SERVICE_LOG_LEVEL": "warning"}, cfg)
+        try:
+            results[name] = run_rows(name, f"http://127.0.0.1:{port}", image, n)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "tests.bench.baseline_app:app", "--port", str(port),
+                             "--log-level", "warning"], cwd=ROOT, env={**os.environ, "BASELINE_DEVICE": args.device})
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/docs", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        results["baseline"] = run_rows("resnet18 pytorch-grad-cam baseline", f"http://127.0.0.1:{port}", photo,
+                                       args.resnet_requests)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+    def ips(name: str, path: str, c: int) -> float:
+        return results[name][(path, c)][2]
+
+    print()
+    for path in ("/predict", "/explain"):
+        print(f"- shapes {path} at concurrency 32: batched / unbatched throughput = "
+              f"{ips('shapes batched', path, 32) / ips('shapes max_batch_size=1', path, 32):.2f}x")
+    for path in ("/predict", "/explain"):
+        print(f"- resnet18 {path} at concurrency 8: camserve / baseline throughput = "
+              f"{ips('resnet18 camserve', path, 8) / ips('baseline', path, 8):.2f}x")
+    inproc = in_process_ms(shapes_cfg, shapes_png, args.device)
+    http = results["shapes batched"][("/explain", 1)][0]
+    print(f"- shapes /explain at concurrency 1: HTTP p50 {http:.1f} ms, in-process p50 {inproc:.1f} ms "
+          f"(decode, batcher, engine, PNG): the HTTP round trip adds {http - inproc:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
