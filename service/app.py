@@ -44,7 +44,7 @@ async def _warm_up(runtime: ModelRuntime, settings: Settings) -> None:
         sizes.append(min(settings.max_batch_size, settings.max_queue))
     for n in sizes:
         await runtime.infer([png] * n, top_k=1, query=CamQuery(), spec=HeatmapSpec(),
-                            max_pixels=settings.max_image_pixels, timeout=False)
+                            max_pixels=settings.max_image_pixels, bounded=False)
 
 
 def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] | None = None) -> FastAPI:

@@ -180,12 +180,12 @@ class ModelRuntime:
 
     # -- the whole request -----------------------------------------------------------------------
     async def infer(self, images: Sequence[bytes], *, top_k: int, query: CamQuery | None,
-                    spec: HeatmapSpec | None, max_pixels: int, timeout: bool = True) -> list[ImageResult]:
+                    spec: HeatmapSpec | None, max_pixels: int, bounded: bool = True) -> list[ImageResult]:
         """Predict (``query`` None) or explain every image of one request, in order.
 
-        ``timeout=False`` waits as long as it takes (the start-up warm-up of a slow model)."""
+        ``bounded=False`` waits as long as it takes (the start-up warm-up of a slow model)."""
         prepared = await asyncio.gather(*(asyncio.to_thread(self.prepare, d, max_pixels) for d in images))
         jobs = [Job(p.pixels, query) for p in prepared]
-        results = await self.batcher.submit(jobs, self.settings.timeout_s if timeout else None)
+        results = await self.batcher.submit(jobs, self.settings.timeout_s if bounded else None)
         return await asyncio.gather(*(asyncio.to_thread(self.finish, p, r, top_k, spec)
                                       for p, r in zip(prepared, results, strict=True)))
