@@ -7,6 +7,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 
 import numpy as np
 from fastapi import FastAPI
@@ -57,10 +58,8 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
         loaded = list(models) if models is not None else [
             await asyncio.to_thread(load_model, spec) for spec in settings.models]
         registry = ModelRegistry(loaded, settings.default_model)
-        runtimes = {
-            m.name: ModelRuntime(m, batch_settings(settings), on_batch=lambda s, n=m.name: metrics.on_batch(n, s))
-            for m in registry
-        }
+        runtimes = {m.name: ModelRuntime(m, batch_settings(settings), on_batch=partial(metrics.on_batch, m.name))
+                    for m in registry}
         for rt in runtimes.values():
             rt.batcher.start()
         try:

@@ -43,8 +43,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     try:
         im.seek(0)  # GIF, TIFF, MPO: the first frame
         im.load()
-        im = ImageOps.exif_transpose(im) or im
-        return _to_rgb(im)
+        return _to_rgb(ImageOps.exif_transpose(im) or im)
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise InvalidImage(f"the image data is corrupt or truncated: {exc}") from None
 

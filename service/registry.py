@@ -117,7 +117,8 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
         except ImportError:
             raise ModelLoadError("reading .safetensors needs the `safetensors` package") from None
-        return load_file(path)
+        loaded: dict[str, torch.Tensor] = load_file(path)
+        return loaded
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -164,7 +165,7 @@ def _load_torchvision(spec: ModelSpec, builder: str) -> tuple[nn.Module, list[st
     crop = tuple(getattr(tf, "crop_size", [224, 224]))
     resize = getattr(tf, "resize_size", [256])
     pre = Preprocess(resize=int(resize[0]), crop=(int(crop[0]), int(crop[-1])),
-                     mean=tuple(tf.mean), std=tuple(tf.std))  # type: ignore[arg-type]
+                     mean=tuple(tf.mean), std=tuple(tf.std))
     labels = _read_labels(spec.labels) if spec.labels else list(w.meta["categories"])
     return model, labels, pre
 
@@ -194,8 +195,8 @@ def build_module(spec: ModelSpec) -> tuple[nn.Module, list[str] | None, Preproce
     if kind == "torchvision":
         return _load_torchvision(spec, target)
     if kind == "torchscript":
-        model = torch.jit.load(target, map_location="cpu")
-        return model, None, Preprocess()
+        scripted: nn.Module = torch.jit.load(target, map_location="cpu")  # type: ignore[no-untyped-call]
+        return scripted, None, Preprocess()
     if kind == "python":
         return _load_python(spec, target), None, Preprocess()
     raise ModelLoadError(f"model {spec.name!r}: unknown source {spec.source!r}; expected builtin:shapes, "
@@ -216,8 +217,8 @@ def _preprocess_override(base: Preprocess, table: Mapping[str, Any] | None) -> P
     return Preprocess(
         resize=resize if isinstance(resize, int) or resize is None else size(resize),
         crop=size(table["crop"]) if "crop" in table else base.crop,
-        mean=tuple(table.get("mean", base.mean)),  # type: ignore[arg-type]
-        std=tuple(table.get("std", base.std)),  # type: ignore[arg-type]
+        mean=tuple(table.get("mean", base.mean)),
+        std=tuple(table.get("std", base.std)),
     )
 
 

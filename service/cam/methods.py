@@ -68,7 +68,8 @@ def principal_projection(a: Tensor) -> Tensor:
     mean_map = a.reshape(b, c, h * w).float().mean(dim=1)
     mean_map = mean_map - mean_map.mean(dim=1, keepdim=True)
     sign = torch.where((proj * mean_map).sum(dim=1, keepdim=True) < 0, -1.0, 1.0)
-    return (proj * sign).reshape(b, h, w)
+    out: Tensor = (proj * sign).reshape(b, h, w)
+    return out
 
 
 WeightFn = Callable[[Tensor, Tensor], Tensor]
