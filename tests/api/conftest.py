@@ -45,3 +45,15 @@ def client():
 
 def make_client(**settings: object) -> TestClient:
     return TestClient(create_app(Settings(**settings)))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def server():
+    """A real uvicorn process serving the default model: (base url, port)."""
+    from tests.api.server import free_port, start_server
+
+    port = free_port()
+    proc = start_server(port)
+    yield f"http://127.0.0.1:{port}", port
+    proc.terminate()
+    proc.wait(timeout=30)

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from service.models.scenes import make_scene
-from tests.api.test_e2e import ROOT, free_port, start_server
+from tests.api.server import ROOT, free_port, start_server
 
 CONCURRENCY = (1, 8, 32)
 
