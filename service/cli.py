@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,11 @@ def _serve(args: argparse.Namespace) -> int:
             # Readiness flips first, so a load balancer stops routing here while in-flight work drains.
             app.state.draining = True
             super().handle_exit(sig, frame)
+            # uvicorn re-raises captured signals once shut down, so the process would die by SIGTERM;
+            # a drained, orderly stop is a success for process supervisors, so exit 0 instead.
+            captured = getattr(self, "_captured_signals", None)
+            if sig == signal.SIGTERM and captured and captured[-1] == sig:
+                captured.pop()
 
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             timeout_graceful_shutdown=int(settings.drain_timeout_s), access_log=False)

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,15 +22,18 @@ def free_port() -> int:
 
 
 def start_server(port: int, env: dict[str, str] | None = None, config: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start ``camserve serve`` and wait for ``/readyz``. Its output goes to a temporary file (a pipe
+    nobody reads would block a chatty server), shown if it fails to start."""
     cmd = [sys.executable, "-m", "service", "serve", "--port", str(port)]
     if config is not None:
         cmd += ["--config", str(config)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    fd, log_path = tempfile.mkstemp(prefix="camserve-", suffix=".log")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=fd, stderr=subprocess.STDOUT)
+    os.close(fd)  # the child keeps its own copy
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read().decode()[-2000:]}")  # type: ignore[union-attr]
+            raise RuntimeError(f"server exited: {Path(log_path).read_text()[-2000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
                 return proc

@@ -9,21 +9,17 @@ import logging
 import httpx
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.config import Settings
 from service.logs import JsonFormatter
 from tests.api.conftest import b64, png_bytes
+from tests.api.hardening_helpers import tiny_client
 from tests.api.models import tiny_model
 
 RNG = np.random.default_rng(0)
 IMG = png_bytes(RNG.integers(0, 255, (40, 30, 3), dtype=np.uint8))
 WHITE = png_bytes(np.full((32, 32, 3), 255, np.uint8))
-
-
-def tiny_client(models=None, **settings) -> TestClient:
-    return TestClient(create_app(Settings(**settings), models=models or [tiny_model()]))
 
 
 def test_api_keys(tmp_path):
