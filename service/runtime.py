@@ -17,7 +17,7 @@ from torch import Tensor
 
 from service.batching import Batcher, BatchStats
 from service.cam import CamMaps, CamQuery, get_method
-from service.errors import InvalidArgument, OutOfMemory
+from service.errors import CamserveError, InvalidArgument, OutOfMemory
 from service.imaging import decode_image
 from service.preprocess import Geometry
 from service.registry import LoadedModel
@@ -130,6 +130,13 @@ class ModelRuntime:
         geom = pre.geometry(rgb.shape[0], rgb.shape[1])
         return PreparedImage(image, pre.resized_uint8(image, geom), geom)
 
+    def _prepare_nth(self, index: int, data: bytes, max_pixels: int) -> PreparedImage:
+        try:
+            return self.prepare(data, max_pixels)
+        except CamserveError as exc:
+            exc.message = f"image {index}: {exc.message}"  # which of several images was bad
+            raise
+
     # -- stage 2: the model thread ---------------------------------------------------------------
     def run_batch(self, jobs: list[Job]) -> list[JobResult | BaseException]:
         """Run one batch through the engine; on CUDA out-of-memory, split it and retry the halves."""
@@ -184,7 +191,8 @@ class ModelRuntime:
         """Predict (``query`` None) or explain every image of one request, in order.
 
         ``bounded=False`` waits as long as it takes (the start-up warm-up of a slow model)."""
-        prepared = await asyncio.gather(*(asyncio.to_thread(self.prepare, d, max_pixels) for d in images))
+        prepared = await asyncio.gather(*(asyncio.to_thread(self._prepare_nth, i, d, max_pixels)
+                                          for i, d in enumerate(images)))
         jobs = [Job(p.pixels, query) for p in prepared]
         results = await self.batcher.submit(jobs, self.settings.timeout_s if bounded else None)
         return await asyncio.gather(*(asyncio.to_thread(self.finish, p, r, top_k, spec)
