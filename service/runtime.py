@@ -32,10 +32,9 @@ class Prediction:
 
 
 @dataclass(frozen=True)
-class Explanation:
-    index: int
-    label: str
-    score: float
+class Explanation(Prediction):
+    """A class's heatmap; ``score`` is its softmax probability, as in the predictions."""
+
     method: str
     layer: str
     heatmap: Heatmap
