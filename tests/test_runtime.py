@@ -1,0 +1,93 @@
+"""ModelRuntime: the GPU-oriented paths (OOM splitting, autocast precision) exercised on CPU."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from service.cam import CamQuery
+from service.errors import OutOfMemory
+from service.imaging import encode_png
+from service.registry import ModelSpec, serve_module
+from service.rendering import HeatmapSpec
+from service.runtime import BatchSettings, Job, ModelRuntime
+from tests.api.models import TINY_PRE, Tiny, tiny_model
+
+IMAGES = [encode_png(np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)) for i in range(6)]
+
+
+class OomAbove(Tiny):
+    """Raises CUDA's out-of-memory error for batches larger than ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.sizes: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(len(x))
+        if len(x) > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().forward(x)
+
+
+def _runtime(module: torch.nn.Module, **spec: str) -> ModelRuntime:
+    return ModelRuntime(serve_module(module, ModelSpec(name="m", source="python:x:y", **spec), None, TINY_PRE),
+                        BatchSettings(max_batch_size=8))
+
+
+def test_out_of_memory_splits_the_batch_and_retries():
+    rt = _runtime(OomAbove(limit=2))
+    jobs = [Job(rt.prepare(img, 10**6).pixels, CamQuery()) for img in IMAGES[:5]]
+    rt.model.module.sizes.clear()
+    results = rt.run_batch(jobs)
+    assert all(not isinstance(r, BaseException) for r in results)
+    assert rt.model.module.sizes == [5, 2, 3, 1, 2]  # 5 fails -> 2 runs, 3 fails -> 1 + 2 run
+    single = rt.run_batch(jobs[:1])
+    for a, b in zip([results[0]], single, strict=True):
+        torch.testing.assert_close(a.cam.maps, b.cam.maps)
+
+
+def test_one_image_that_does_not_fit_fails_alone_with_503():
+    rt = _runtime(OomAbove(limit=1))
+    rt.model.module.limit = 0  # after loading: nothing fits any more
+    jobs = [Job(rt.prepare(img, 10**6).pixels, None) for img in IMAGES[:2]]
+    results = rt.run_batch(jobs)
+    assert all(isinstance(r, OutOfMemory) for r in results)
+    assert "does not fit" in results[0].message
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_keeps_the_maps(precision):
+    if precision == "fp16" and not torch.cuda.is_available():
+        pytest.skip("fp16 autocast is a CUDA feature")
+    fp32 = _runtime(Tiny())
+    low = _runtime(Tiny(), precision=precision)
+
+    async def run(rt: ModelRuntime):
+        rt.batcher.start()
+        try:
+            return await rt.infer(IMAGES, top_k=2, query=CamQuery(classes=(1,)),
+                                  spec=HeatmapSpec("array", "feature"), max_pixels=10**6)
+        finally:
+            await rt.batcher.stop()
+
+    a, b = asyncio.run(run(fp32)), asyncio.run(run(low))
+    for x, y in zip(a, b, strict=True):
+        ma, mb = np.array(x.explanations[0].heatmap.data), np.array(y.explanations[0].heatmap.data)
+        assert np.corrcoef(ma.ravel(), mb.ravel())[0, 1] > 0.98
+
+
+@pytest.mark.needs_cuda
+def test_cuda_matches_cpu():
+    cpu = tiny_model()
+    gpu = serve_module(Tiny(), ModelSpec(name="g", source="python:x:y", device="cuda"), None, TINY_PRE)
+    x = torch.stack([ModelRuntime(cpu, BatchSettings()).prepare(i, 10**6).pixels for i in IMAGES])
+    q = [CamQuery(top=2)] * len(IMAGES)
+    out_cpu = cpu.engine.explain(cpu.preprocess.normalize(x), q)
+    out_gpu = gpu.engine.explain(gpu.preprocess.normalize(x.cuda()), q)
+    for a, b in zip(out_cpu.cams, out_gpu.cams, strict=True):
+        torch.testing.assert_close(a.maps, b.maps.cpu(), atol=1e-3, rtol=1e-3)
