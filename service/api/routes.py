@@ -57,8 +57,9 @@ _MULTIPART_SCHEMA = {
 
 
 def _body_doc(body: type[PredictBody] | type[ExplainBody]) -> dict[str, Any]:
+    schema = {**body.model_json_schema(), "anyOf": [{"required": ["image"]}, {"required": ["images"]}]}
     return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": body.model_json_schema()},
+        "application/json": {"schema": schema},
         "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
     }}}
 

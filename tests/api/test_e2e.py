@@ -41,9 +41,10 @@ def test_readme_curl_example(server, tmp_path, index):
     if "-o " in script:
         produced = [p for p in tmp_path.iterdir() if p.name not in ("circle.png", "ring.png")]
         assert produced and all(p.read_bytes().startswith(b"\x89PNG") for p in produced)
-    elif out.strip().startswith("{"):
-        body = json.loads(out)
-        assert "error" not in body, body
+    else:
+        bodies = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        assert bodies, out
+        assert all("error" not in b for b in bodies), bodies
 
 
 def test_real_server_round_trip(server):
