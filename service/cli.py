@@ -56,6 +56,15 @@ def _train_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_shapes(args: argparse.Namespace) -> int:
+    from service.models.shapes import evaluate, load_shapes, pointing_game
+
+    model, _ = load_shapes(Path(args.weights) if args.weights else None)
+    print(json.dumps({"scenes": args.n, "seed": args.seed, "accuracy": evaluate(model, args.n, args.seed),
+                      "pointing_game": pointing_game(model, args.n, args.seed)}))
+    return 0
+
+
 def _explain(args: argparse.Namespace) -> int:
     """Explain one image file offline, writing the heatmap PNG; no server involved."""
     import asyncio
@@ -105,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--out", default=str(Path(__file__).parent / "models" / "shapes.pt"))
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(func=_train_shapes)
+    ev = sub.add_parser("eval-shapes", help="accuracy and Grad-CAM pointing game of the shapes model")
+    ev.add_argument("--n", type=int, default=2000)
+    ev.add_argument("--seed", type=int, default=1234)
+    ev.add_argument("--weights", help="a shapes.pt other than the shipped one")
+    ev.set_defaults(func=_eval_shapes)
     ex = sub.add_parser("explain", help="explain one image file without a server")
     ex.add_argument("image")
     ex.add_argument("--config")

@@ -7,6 +7,8 @@ within a few levels of the full 256-entry tables, which keeps matplotlib out of 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -47,13 +49,19 @@ def _jet(x: Tensor) -> Tensor:
     return torch.stack(channels, dim=1)
 
 
+def check_colormap(name: str) -> str:
+    if name not in COLORMAPS:
+        raise InvalidArgument("colormap", f"`colormap` must be one of {', '.join(COLORMAPS)}, got {name!r}")
+    return name
+
+
+@functools.lru_cache(maxsize=32)
 def lookup_table(name: str, device: torch.device | str = "cpu") -> Tensor:
-    """The ``(256, 3)`` uint8 table of colormap ``name``."""
+    """The ``(256, 3)`` uint8 table of colormap ``name``, built once per device."""
+    check_colormap(name)
     x = torch.linspace(0, 1, 256, device=device)
     if name == "jet":
         return (_jet(x) * 255).round().to(torch.uint8)
-    if name not in _ANCHORS:
-        raise InvalidArgument("colormap", f"`colormap` must be one of {', '.join(COLORMAPS)}, got {name!r}")
     anchors = torch.tensor(_ANCHORS[name], dtype=torch.float32, device=device)  # (33, 3)
     pos = x * (len(anchors) - 1)
     lo = pos.floor().long().clamp(max=len(anchors) - 2)

@@ -7,10 +7,10 @@ can be laid back onto the original pixel grid, with zero where the crop cut the 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
@@ -82,25 +82,46 @@ class Preprocess:
         return (pixels.float() - mean) / std
 
 
+def _axis_weights(n_out: int, n_in: int, scale: float, offset: float, extent: float,
+                  device: torch.device) -> Tensor:
+    """``(n_out, n_in)`` bilinear weights along one axis.
+
+    Output pixel ``i`` has its centre at ``(i + 0.5) * scale - offset`` in a span of length ``extent``
+    covered by the ``n_in`` map cells (align_corners=False, border clamped, as ``F.interpolate``);
+    centres outside the span get a zero row: that is the part the crop cut away.
+    """
+    pos = (torch.arange(n_out, dtype=torch.float64) + 0.5) * scale - offset  # in the span's pixels
+    src = (pos / extent * n_in - 0.5).clamp(0, n_in - 1)
+    lo = src.floor().long()
+    hi = (lo + 1).clamp(max=n_in - 1)
+    frac = src - lo
+    w = torch.zeros(n_out, n_in, dtype=torch.float64)
+    rows = torch.arange(n_out)
+    w.index_put_((rows, lo), 1 - frac, accumulate=True)
+    w.index_put_((rows, hi), frac, accumulate=True)
+    inside = (pos >= 0) & (pos <= extent)
+    return (w * inside[:, None]).float().to(device)
+
+
+@functools.lru_cache(maxsize=256)
+def _resample_weights(geom: Geometry, feature: tuple[int, int], device: torch.device) -> tuple[Tensor, Tensor]:
+    (oh, ow), (rh, rw), (top, left, ch, cw) = geom.original, geom.resized, geom.crop
+    return (_axis_weights(oh, feature[0], rh / oh, top, ch, device),
+            _axis_weights(ow, feature[1], rw / ow, left, cw, device))
+
+
 def to_input_size(maps: Tensor, size: tuple[int, int]) -> Tensor:
-    """``(T, h, w)`` -> ``(T, H, W)`` bilinear."""
-    return F.interpolate(maps[None], size=size, mode="bilinear", align_corners=False)[0]
+    """``(T, h, w)`` -> ``(T, H, W)`` bilinear, as ``F.interpolate(align_corners=False)``."""
+    return to_original(maps, Geometry(size, size, (0, 0, *size)))
 
 
 def to_original(maps: Tensor, geom: Geometry) -> Tensor:
     """``(T, h, w)`` maps over the model input -> ``(T, H, W)`` on the original image's pixel grid.
 
-    One bilinear resample: each original pixel centre is carried through the resize and the crop
-    into the map's coordinates; pixels the crop removed get zero.
+    Bilinear resampling is separable, so it is two small matrix products with weights that depend
+    only on the geometry and are cached: each original pixel centre is carried through the resize and
+    the crop into the map's coordinates, and pixels the crop removed get zero. Two matmuls instead of a
+    dozen tensor ops keep the per-image cost low on CPU, and they run wherever ``maps`` lives.
     """
-    (oh, ow), (rh, rw), (top, left, ch, cw) = geom.original, geom.resized, geom.crop
-    dev = maps.device
-    # Pixel centres of the original, in crop coordinates, then in grid_sample's [-1, 1] range.
-    xs = ((torch.arange(ow, device=dev) + 0.5) * (rw / ow) - left) / cw * 2 - 1
-    ys = ((torch.arange(oh, device=dev) + 0.5) * (rh / oh) - top) / ch * 2 - 1
-    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # (H, W, 2) as (x, y)
-    t = maps.shape[0]
-    out = F.grid_sample(maps[:, None].float(), grid.expand(t, oh, ow, 2), mode="bilinear",
-                        padding_mode="border", align_corners=False)[:, 0]
-    inside = (xs.abs() <= 1)[None, :] & (ys.abs() <= 1)[:, None]
-    return out * inside
+    wy, wx = _resample_weights(geom, (maps.shape[1], maps.shape[2]), maps.device)
+    return wy @ maps.float() @ wx.T

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from service.colormaps import lookup_table
+from service.colormaps import check_colormap, lookup_table
 from service.errors import InvalidArgument
 from service.imaging import encode_png
 from service.preprocess import Geometry, to_input_size, to_original
@@ -40,7 +40,7 @@ class HeatmapSpec:
             raise InvalidArgument("alpha", f"`alpha` must be between 0 and 1, got {self.alpha}")
         if self.output == "overlay" and self.size == "feature":
             raise InvalidArgument("size", "`output=overlay` needs `size` original or input, got 'feature'")
-        lookup_table(self.colormap)  # validates the name
+        check_colormap(self.colormap)
 
 
 @dataclass(frozen=True)

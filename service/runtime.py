@@ -154,9 +154,7 @@ class ModelRuntime:
 
     def _compute(self, jobs: list[Job]) -> list[JobResult | BaseException]:
         m = self.model
-        x = m.preprocess.normalize(torch.stack([j.pixels for j in jobs]))
-        if m.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = m.preprocess.normalize(torch.stack([j.pixels for j in jobs])).contiguous(memory_format=torch.channels_last)
         with torch.autocast(m.device.type, dtype=m.precision or torch.float32, enabled=m.precision is not None):
             out = m.engine.explain(x, [j.query for j in jobs])
         return [JobResult(out.logits[i], out.cams[i]) for i in range(len(jobs))]

@@ -1,4 +1,7 @@
-"""Request dependencies as ``Annotated`` aliases, so handlers read as declarations."""
+"""Request dependencies as ``Annotated`` aliases, so handlers read as declarations.
+
+They are ``async`` on purpose: FastAPI runs a plain ``def`` dependency in a worker thread, a
+thread hop per dependency per request for what is an attribute lookup."""
 
 from __future__ import annotations
 
@@ -28,25 +31,25 @@ class Runtimes:
         return iter(self._runtimes.values())
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_registry(request: Request) -> ModelRegistry:
+async def get_registry(request: Request) -> ModelRegistry:
     registry: ModelRegistry | None = getattr(request.app.state, "registry", None)
     if registry is None:
         raise NotReady("models are still loading")
     return registry
 
 
-def get_runtimes(request: Request) -> Runtimes:
+async def get_runtimes(request: Request) -> Runtimes:
     if getattr(request.app.state, "draining", False):
         raise NotReady("the server is shutting down")
-    return Runtimes(get_registry(request), request.app.state.runtimes)
+    return Runtimes(await get_registry(request), request.app.state.runtimes)
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     metrics: Metrics = request.app.state.metrics
     return metrics
 

@@ -113,6 +113,29 @@ def evaluate(model: nn.Module, n: int, seed: int) -> float:
     return _accuracy(model, images, labels)
 
 
+def pointing_game(model: nn.Module, n: int, seed: int, margin: int = 2) -> float:
+    """Share of `n` fresh scenes where the true class's Grad-CAM peaks inside the shape's box.
+
+    The map is taken at `model.features` (the served default layer), upsampled bilinearly to the
+    64x64 scene, and a hit is an arg-max inside the bounding box widened by `margin` pixels.
+    """
+    from service.cam import CamEngine, CamQuery
+    from service.preprocess import to_input_size
+
+    images, labels, boxes = make_scenes(n, seed)
+    hits = 0
+    with CamEngine(model.eval(), to_input(images[:1])) as engine:
+        for start in range(0, n, _EVAL_BATCH_SIZE):
+            chunk = slice(start, start + _EVAL_BATCH_SIZE)
+            out = engine.explain(to_input(images[chunk]), [CamQuery(classes=(int(c),)) for c in labels[chunk]])
+            for cam, (x0, y0, x1, y1) in zip(out.cams, boxes[chunk], strict=True):
+                assert cam is not None
+                heat = to_input_size(cam.maps, (SCENE_SIZE, SCENE_SIZE))[0]
+                y, x = divmod(int(heat.argmax()), SCENE_SIZE)
+                hits += x0 - margin <= x < x1 + margin and y0 - margin <= y < y1 + margin
+    return hits / n
+
+
 def _train_epoch(
     model: nn.Module,
     images: np.ndarray,
