@@ -12,7 +12,7 @@ Full backward hooks are not used: they break on in-place ReLU (pytorch/pytorch#6
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -150,18 +150,17 @@ class CamEngine:
             grads = _gradients(logits, [captured[n] for n in need_grad], targets)
             grad_of = dict(zip(need_grad, grads, strict=True))
             cams: list[CamMaps | None] = [None] * len(queries)
+            groups: dict[tuple[str, str], list[int]] = {}
             for i, q in enumerate(queries):
-                if q is None:
-                    continue
-                act = as_spatial(captured[layers[i]][i : i + 1].detach()).float()  # (1, C, h, w)
-                t = len(targets[i])
-                act_t = act.expand(t, *act.shape[1:])
-                g = grad_of.get(layers[i])
-                g_t = as_spatial(g[:t, i].float()) if g is not None else None  # (T, C, h, w)
-                sal = methods[i].saliency(act_t, g_t).clamp(min=0)
-                peak = sal.amax(dim=(1, 2))
-                maps = sal / torch.where(peak > 0, peak, torch.ones_like(peak))[:, None, None]
-                cams[i] = CamMaps(targets[i], q.method, layers[i], maps, peak)
+                if q is not None:
+                    groups.setdefault((layers[i], q.method), []).append(i)
+            # One vectorised pass per (layer, method): a per-image loop would be hundreds of tiny ops.
+            for (layer, method), idx in groups.items():
+                maps, peaks = _normalized_maps(methods[idx[0]].saliency, captured[layer], grad_of.get(layer), idx,
+                                               max(len(targets[i]) for i in idx))
+                for j, i in enumerate(idx):
+                    t = len(targets[i])
+                    cams[i] = CamMaps(targets[i], method, layer, maps[:t, j], peaks[:t, j])
             return EngineOutput(logits.detach().float(), cams)
 
     def _targets(self, logits: Tensor, queries: Sequence[CamQuery | None]) -> list[tuple[int, ...]]:
@@ -182,6 +181,21 @@ class CamEngine:
                     raise InvalidArgument("top", f"number of targets must be in 1..{k}, got {q.top}")
                 out.append(tuple(ranked[i][: q.top]))
         return out
+
+
+def _normalized_maps(saliency: Callable[[Tensor, Tensor | None], Tensor], captured: Tensor, grads: Tensor | None,
+                     idx: list[int], t_max: int) -> tuple[Tensor, Tensor]:
+    """Maps ``(T, n, h, w)`` in [0, 1] and their peaks ``(T, n)`` for images ``idx`` and ``t_max`` targets."""
+    act = as_spatial(captured[idx].detach()).float()  # (n, C, h, w)
+    n, c, h, w = act.shape
+    if grads is None:  # gradient-free: one map per image, the same for every target
+        sal = saliency(act, None)[None].expand(t_max, n, h, w)
+    else:
+        g = as_spatial(grads[:t_max, idx].float().flatten(0, 1))  # (T * n, C, h, w)
+        sal = saliency(act.expand(t_max, n, c, h, w).reshape(t_max * n, c, h, w), g).view(t_max, n, h, w)
+    sal = sal.clamp(min=0)
+    peak = sal.amax(dim=(2, 3))
+    return sal / torch.where(peak > 0, peak, torch.ones_like(peak))[..., None, None], peak
 
 
 def _gradients(logits: Tensor, wrt: list[Tensor], targets: list[tuple[int, ...]]) -> list[Tensor]:
