@@ -46,7 +46,8 @@ async def _warm_up(runtime: ModelRuntime, settings: Settings) -> None:
     if runtime.model.device.type == "cuda" and settings.max_batch_size > 1:
         sizes.append(min(settings.max_batch_size, settings.max_queue))
     for n in sizes:
-        await runtime.infer([png] * n, top_k=1, query=CamQuery(), spec=HeatmapSpec(),
+        explainable = bool(runtime.model.engine.layers.candidates)
+        await runtime.infer([png] * n, top_k=1, query=CamQuery() if explainable else None, spec=HeatmapSpec(),
                             max_pixels=settings.max_image_pixels, bounded=False)
 
 

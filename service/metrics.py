@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import torch
@@ -9,6 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from service.batching import BatchStats
 from service.runtime import ModelRuntime
+
+log = logging.getLogger("camserve.batch")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -32,6 +35,10 @@ class Metrics:
         self.gpu_memory = Gauge("camserve_gpu_memory_bytes", "CUDA memory allocated", ["device"], registry=r)
 
     def on_batch(self, model: str, stats: BatchStats) -> None:
+        log.debug("batch of %d for %r: waited %.1f ms, computed in %.1f ms", stats.size, model,
+                  stats.queued_s * 1000, stats.compute_s * 1000,
+                  extra={"model": model, "batch_size": stats.size, "queued_ms": round(stats.queued_s * 1000, 2),
+                         "compute_ms": round(stats.compute_s * 1000, 2)})
         self.batch_size.labels(model).observe(stats.size)
         self.images.labels(model).inc(stats.size)
         self.compute.labels(model).observe(stats.compute_s)

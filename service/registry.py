@@ -216,7 +216,7 @@ def _preprocess_override(base: Preprocess, table: Mapping[str, Any] | None) -> P
     resize = table.get("resize", base.resize)
     return Preprocess(
         resize=resize if isinstance(resize, int) or resize is None else size(resize),
-        crop=size(table["crop"]) if "crop" in table else base.crop,
+        crop=size(table.get("crop")),  # in a preprocess table, no `crop` means no center crop
         mean=tuple(table.get("mean", base.mean)),
         std=tuple(table.get("std", base.std)),
     )

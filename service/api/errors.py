@@ -7,7 +7,7 @@ import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import errors
@@ -32,6 +32,10 @@ STATUS: tuple[tuple[type[errors.CamserveError], int], ...] = (
 )
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready; nobody is left to answer."""
 
 
 def status_of(exc: errors.CamserveError) -> int:
@@ -74,14 +78,13 @@ async def _http(request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
 
 
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    # Logged with the trace for operators; the client gets no trace and no paths.
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(500, "internal_error", "internal server error; see the server log for this request id")
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    # 499, nginx's "client closed request": never seen by the client, but counted in metrics and logs.
+    return Response(status_code=499)
 
 
 def install(app: FastAPI) -> None:
     app.add_exception_handler(errors.CamserveError, _domain)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)
-    app.add_exception_handler(Exception, _unexpected)
+    app.add_exception_handler(ClientGone, _client_gone)

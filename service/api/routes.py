@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from service.api.deps import MetricsDep, RegistryDep, RuntimesDep, SettingsDep
+from service.api.errors import ClientGone
 from service.api.parsing import parse_request
 from service.api.schemas import (
     ErrorResponse,
@@ -27,6 +30,7 @@ from service.rendering import HeatmapSpec
 from service.runtime import ImageResult, ModelRuntime
 
 router = APIRouter()
+T = TypeVar("T")
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
@@ -68,7 +72,7 @@ def _summary(m: LoadedModel) -> dict[str, Any]:
     return {
         "name": m.name, "source": m.spec.source, "device": str(m.device), "num_classes": m.num_classes,
         "input_size": list(m.preprocess.input_size), "layers": list(m.engine.layers.candidates),
-        "methods": list(METHODS), "precision": m.spec.precision,
+        "methods": list(METHODS) if m.engine.layers.candidates else [], "precision": m.spec.precision,
     }
 
 
@@ -102,6 +106,30 @@ async def get_model(name: str, registry: RegistryDep) -> dict[str, Any]:
     return {**_summary(m), "labels": m.labels}
 
 
+async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work``, cancelling it if the client goes away, so its images leave the batch queue.
+
+    After the body is read, the next ASGI message is ``http.disconnect``, sent only if the connection
+    closes (or once the response is done); a watcher waits for it beside the work.
+    """
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if task.cancelled() and not watcher.cancelled() and watcher.done():
+            raise ClientGone from None
+        raise
+    finally:
+        watcher.cancel()
+
+
 def _response(model: str, results: list[ImageResult]) -> dict[str, Any]:
     out = []
     for r in results:
@@ -129,8 +157,8 @@ async def predict(request: Request, runtimes: RuntimesDep, settings: SettingsDep
     images, opts = await parse_request(request, PredictOptions, settings.max_images_per_request)
     runtime = runtimes.get(opts.model)
     _note(request, runtime, len(images))
-    results = await runtime.infer(images, top_k=runtime.check_top_k(opts.top_k), query=None, spec=None,
-                                  max_pixels=settings.max_image_pixels)
+    results = await _unless_disconnected(request, runtime.infer(
+        images, top_k=runtime.check_top_k(opts.top_k), query=None, spec=None, max_pixels=settings.max_image_pixels))
     return _response(runtime.model.name, results)
 
 
@@ -151,8 +179,8 @@ async def explain(request: Request, runtimes: RuntimesDep, settings: SettingsDep
         raise NotAcceptable("`Accept: image/png` needs exactly one image, one target and output png or overlay; "
                             f"got {len(images)} image(s), {max(1, len(query.classes))} target(s), output "
                             f"{opts.output!r}")
-    results = await runtime.infer(images, top_k=top_k, query=query, spec=spec,
-                                  max_pixels=settings.max_image_pixels)
+    results = await _unless_disconnected(request, runtime.infer(
+        images, top_k=top_k, query=query, spec=spec, max_pixels=settings.max_image_pixels))
     if png:
         e = results[0].explanations[0]  # type: ignore[index]
         assert isinstance(e.heatmap.data, bytes)

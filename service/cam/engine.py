@@ -76,7 +76,8 @@ class CamEngine:
         self._handles: dict[str, RemovableHandle] = {}
         self._captured: dict[str, Tensor] | None = None  # layer -> output, only during an explain pass
         self._lock = threading.Lock()
-        self.register(self.layers.default)
+        if self.layers.candidates:
+            self.register(self.layers.default)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def register(self, layer: str) -> None:

@@ -32,6 +32,9 @@ class LayerInfo:
         return LayerInfo(default=name, candidates=(name, *[c for c in self.candidates if c != name]))
 
     def resolve(self, name: str | None) -> str:
+        if not self.candidates:
+            raise InvalidArgument("layer", "this model cannot be explained: it is TorchScript, which runs no Python "
+                                  "forward hooks; serve it from a python: or torchvision: source to use /explain")
         if name is None:
             return self.default
         if name in self.candidates:
@@ -76,7 +79,11 @@ def _is_spatial(out: object) -> bool:
 
 
 def find_layers(model: nn.Module, example: Tensor) -> LayerInfo:
-    """Trace ``model`` on ``example`` ``(1, 3, H, W)`` and list the layers whose output is spatial."""
+    """Trace ``model`` on ``example`` ``(1, 3, H, W)`` and list the layers whose output is spatial.
+
+    A TorchScript module has none: hooks cannot be put on it, so it can only predict."""
+    if isinstance(model, torch.jit.ScriptModule):
+        return LayerInfo(default="", candidates=())
     order: list[tuple[str, Tensor]] = []
     handles = []
 

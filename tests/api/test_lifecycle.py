@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -64,3 +66,35 @@ def test_sigterm_finishes_in_flight_requests_then_exits_zero(tmp_path):
     t.join(30)
     assert proc.wait(timeout=30) == 0
     assert result["r"].status_code == 200
+
+
+@pytest.mark.slow
+def test_a_client_that_disconnects_is_dropped_from_the_queue(tmp_path):
+    cfg = tmp_path / "slow.toml"
+    cfg.write_text('[server]\nmax_batch_size = 1\n[models.slow]\nsource = "python:tests.api.models:slow"\n'
+                   "[models.slow.preprocess]\nresize = [32, 32]\n")
+    port = free_port()
+    proc = start_server(port, {"SLOW_MODEL_S": "0.6"}, cfg)
+    body = json.dumps({"image": b64(png_bytes(scene("circle")[0]))}).encode()
+    request = (f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    try:
+        results: list[int] = []
+        first = threading.Thread(target=lambda: results.append(
+            httpx.post(f"http://127.0.0.1:{port}/predict", content=body, timeout=30,
+                       headers={"content-type": "application/json"}).status_code))
+        first.start()
+        time.sleep(0.2)  # the first request holds the model
+        with socket.create_connection(("127.0.0.1", port)) as gone:
+            gone.sendall(request)
+            time.sleep(0.1)  # queued behind the first, then the client leaves
+        first.join(30)
+        time.sleep(0.8)
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert results == [200]
+    images = next(line for line in metrics.splitlines() if line.startswith('camserve_images_total{model="slow"}'))
+    assert images.endswith(" 2.0"), images  # the warm-up and the first request: the one that left never ran
+    assert 'status="499"' in metrics
