@@ -98,7 +98,7 @@ class CamEngine:
                  tb: TracebackType | None) -> None:
         self.close()
 
-    def _make_hook(self, layer: str):  # type: ignore[no-untyped-def]
+    def _make_hook(self, layer: str) -> Callable[[nn.Module, object, object], object]:
         def hook(module: nn.Module, args: object, out: object) -> object:
             if self._captured is None:
                 return None
@@ -143,6 +143,9 @@ class CamEngine:
             try:
                 with torch.enable_grad():
                     logits = self._forward(x)
+                missing = set(layers.values()) - set(self._captured)
+                if missing:
+                    raise InvalidArgument("layer", f"layer {sorted(missing)[0]!r} did not run in the forward pass")
                 captured = {name: self._captured[name] for name in set(layers.values())}
             finally:
                 self._captured = None

@@ -40,6 +40,22 @@ def median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> f
     return statistics.median(times)
 
 
+def interleaved_ms(fns: list[Callable[[], object]], device: torch.device, repeats: int) -> list[float]:
+    """Median ms of each function, timed in rounds that call each once."""
+    for fn in fns:
+        fn()
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, acc in zip(fns, times, strict=True):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            acc.append((time.perf_counter() - t0) * 1000)
+    return [statistics.median(acc) for acc in times]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
@@ -70,9 +86,9 @@ def _row(model: torch.nn.Module, x: torch.Tensor, reps: int) -> str:
             assert cam is not None
             to_input_size(cam.maps, (224, 224))
 
-    predict = median_ms(lambda: engine.predict(x), device, reps)
-    ours1 = median_ms(lambda: explain(1), device, reps)
-    ours5 = median_ms(lambda: explain(5), device, reps)
+    # Interleaved rounds, so drift in the machine's speed hits the three alike.
+    predict, ours1, ours5 = interleaved_ms([lambda: engine.predict(x), lambda: explain(1), lambda: explain(5)],
+                                           device, reps)
     engine.close()
     for p in model.parameters():
         p.requires_grad_(True)  # the references backpropagate into the parameters
