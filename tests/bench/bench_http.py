@@ -151,6 +151,7 @@ def main() -> None:
     runs: list[tuple[str, Path | None, dict[str, str], bytes, int]] = [
         ("shapes batched", shapes_cfg, {}, shapes_png, args.requests),
         ("shapes max_batch_size=1", shapes_cfg, {"SERVICE_MAX_BATCH_SIZE": "1"}, shapes_png, args.requests),
+        ("shapes max_wait_ms=0", shapes_cfg, {"SERVICE_MAX_WAIT_MS": "0"}, shapes_png, args.requests),
         ("resnet18 camserve", r18, {}, photo, args.resnet_requests),
     ]
     for name, cfg, env, image, n in runs:
@@ -184,6 +185,10 @@ def main() -> None:
     for path in ("/predict", "/explain"):
         print(f"- shapes {path} at concurrency 32: batched / unbatched throughput = "
               f"{ips('shapes batched', path, 32) / ips('shapes max_batch_size=1', path, 32):.2f}x")
+    for c in (1, 32):
+        waited, eager = results["shapes batched"][("/explain", c)], results["shapes max_wait_ms=0"][("/explain", c)]
+        print(f"- shapes /explain at concurrency {c}: max_wait_ms 5 -> 0 changes p50 {waited[0]:.1f} -> "
+              f"{eager[0]:.1f} ms and throughput {waited[2]:.0f} -> {eager[2]:.0f} images/s")
     for path in ("/predict", "/explain"):
         print(f"- resnet18 {path} at concurrency 8: camserve / baseline throughput = "
               f"{ips('resnet18 camserve', path, 8) / ips('baseline', path, 8):.2f}x")
