@@ -20,6 +20,7 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from service.cam import CamEngine, CamQuery
+from service.models.shapes import load_shapes
 from service.preprocess import to_input_size
 
 
@@ -61,30 +62,36 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--repeats", type=int, default=0, help="0: 7 at batch 1, 3 above (CPU); 20 on CUDA")
+    parser.add_argument("--model", default="resnet50", help="a torchvision classifier (random weights) or shapes")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = torchvision.models.resnet50().eval().to(device)
-    print(f"# engine benchmark: resnet50 (random weights), 224x224, {device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    if args.model == "shapes":
+        model, size = load_shapes()[0].to(device), 64
+    else:
+        model, size = torchvision.models.get_model(args.model).eval().to(device), 224
+    print(f"# engine benchmark: {args.model} ({'shipped' if args.model == 'shapes' else 'random'} weights), "
+          f"{size}x{size}, {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}")
     print("| batch | predict ms | explain 1 | explain 5 | pytorch-grad-cam 1 | pytorch-grad-cam 5 | captum 1 "
           "| captum 5 |")
     print("|---|---|---|---|---|---|---|---|")
     for n in (int(b) for b in args.batches.split(",")):
         reps = args.repeats or (20 if device.type == "cuda" else 7 if n == 1 else 3)
-        print(_row(model, torch.randn(n, 3, 224, 224, device=device), reps))
+        print(_row(model, torch.randn(n, 3, size, size, device=device), reps))
 
 
 def _row(model: torch.nn.Module, x: torch.Tensor, reps: int) -> str:
     device = x.device
-    targets5 = [1, 2, 3, 4, 5]
+    targets5 = [1, 2, 3, 4, 0]
     engine = CamEngine(model, x[:1])
+    size = (x.shape[2], x.shape[3])
 
     def explain(k: int) -> None:
         out = engine.explain(x, [CamQuery(classes=tuple(targets5[:k]))] * len(x))
         for cam in out.cams:
             assert cam is not None
-            to_input_size(cam.maps, (224, 224))
+            to_input_size(cam.maps, size)
 
     # Interleaved rounds, so drift in the machine's speed hits the three alike.
     predict, ours1, ours5 = interleaved_ms([lambda: engine.predict(x), lambda: explain(1), lambda: explain(5)],
@@ -92,7 +99,7 @@ def _row(model: torch.nn.Module, x: torch.Tensor, reps: int) -> str:
     engine.close()
     for p in model.parameters():
         p.requires_grad_(True)  # the references backpropagate into the parameters
-    layer = model.layer4
+    layer = dict(model.named_modules())[engine.layers.default]  # the references explain the same layer
 
     def gradcam_lib(k: int) -> None:
         # pytorch-grad-cam takes one target per image and call, so k targets are k calls.
@@ -105,7 +112,7 @@ def _row(model: torch.nn.Module, x: torch.Tensor, reps: int) -> str:
     def captum(k: int) -> None:
         for c in targets5[:k]:
             attr = lgc.attribute(x, target=c, relu_attributions=True)
-            torch.nn.functional.interpolate(attr, size=(224, 224), mode="bilinear")
+            torch.nn.functional.interpolate(attr, size=size, mode="bilinear")
 
     ref = {(name, k): median_ms(lambda f=f, k=k: f(k), device, reps)
            for name, f in (("pgc", gradcam_lib), ("captum", captum)) for k in (1, 5)}
