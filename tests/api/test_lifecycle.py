@@ -46,13 +46,18 @@ def test_draining_turns_readiness_off():
         assert r.json()["error"]["code"] == "not_ready"
 
 
+def slow_server(tmp_path, seconds: float, server_table: str = "", **env: str):
+    """A real server whose one model takes ``seconds`` per batch: (process, port)."""
+    cfg = tmp_path / "slow.toml"
+    cfg.write_text(f'{server_table}[models.slow]\nsource = "python:tests.api.models:slow"\n'
+                   "[models.slow.preprocess]\nresize = [32, 32]\n")
+    port = free_port()
+    return start_server(port, {"SLOW_MODEL_S": str(seconds), **env}, cfg), port
+
+
 @pytest.mark.slow
 def test_sigterm_finishes_in_flight_requests_then_exits_zero(tmp_path):
-    cfg = tmp_path / "slow.toml"
-    cfg.write_text('[models.slow]\nsource = "python:tests.api.models:slow"\n[models.slow.preprocess]\n'
-                   "resize = [32, 32]\n")
-    port = free_port()
-    proc = start_server(port, {"SLOW_MODEL_S": "1.5", "SERVICE_DRAIN_TIMEOUT_S": "20"}, cfg)
+    proc, port = slow_server(tmp_path, 1.5, SERVICE_DRAIN_TIMEOUT_S="20")
     result: dict[str, httpx.Response] = {}
 
     def call() -> None:
@@ -70,11 +75,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits_zero(tmp_path):
 
 @pytest.mark.slow
 def test_a_client_that_disconnects_is_dropped_from_the_queue(tmp_path):
-    cfg = tmp_path / "slow.toml"
-    cfg.write_text('[server]\nmax_batch_size = 1\n[models.slow]\nsource = "python:tests.api.models:slow"\n'
-                   "[models.slow.preprocess]\nresize = [32, 32]\n")
-    port = free_port()
-    proc = start_server(port, {"SLOW_MODEL_S": "0.6"}, cfg)
+    proc, port = slow_server(tmp_path, 0.6, "[server]\nmax_batch_size = 1\n")
     body = json.dumps({"image": b64(png_bytes(scene("circle")[0]))}).encode()
     request = (f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
