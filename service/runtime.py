@@ -76,6 +76,12 @@ class BatchSettings:
     timeout_s: float | None = 30.0
 
 
+def is_index(text: str) -> bool:
+    """A class index written as text: ASCII digits only ("²".isdigit() is true), and short enough
+    that ``int()`` cannot hit Python's digit limit."""
+    return text.isascii() and text.isdigit() and len(text) <= 9
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc)
 
@@ -104,7 +110,7 @@ class ModelRuntime:
         if isinstance(target, str):
             if target in labels:
                 return labels.index(target)
-            if target.isdigit():
+            if is_index(target):
                 return self.class_index(int(target))
         raise InvalidArgument("targets", f"unknown target class {target!r}; use an index in 0..{k - 1} or a label")
 

@@ -13,6 +13,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from service.errors import InvalidArgument, InvalidImage, InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from service.runtime import is_index
 
 OptionsT = TypeVar("OptionsT", bound=BaseModel)
 
@@ -72,7 +73,7 @@ def _list_option(values: list[str]) -> list[str]:
 
 
 def _as_index(values: list[Any]) -> list[int | str]:
-    return [int(v) if isinstance(v, str) and v.isdigit() else v for v in values]
+    return [int(v) if isinstance(v, str) and is_index(v) else v for v in values]
 
 
 async def parse_request(request: Request, options: type[OptionsT], max_images: int) -> tuple[list[bytes], OptionsT]:

@@ -114,3 +114,11 @@ def test_not_ready_before_start():
 def test_unknown_route_and_method(client):
     _err(client.get("/nope"), 404, "not_found")
     _err(client.get("/predict"), 405, "method_not_allowed")
+
+
+@pytest.mark.parametrize("target", ["9" * 5000, "²", "-1", "", " "])
+def test_odd_target_strings_are_clean_422s(client, circle_png, target):
+    _err(client.post("/explain", json={"image": b64(circle_png), "targets": [target]}), 422, "invalid_argument")
+    files = {"image": ("c.png", circle_png)}
+    r = client.post("/explain", files=files, data={"targets": target})
+    assert r.status_code in (200, 422), r.text  # an empty form value means "no targets": the default
