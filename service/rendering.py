@@ -14,13 +14,15 @@ import torch
 from torch import Tensor
 
 from service.colormaps import check_colormap, lookup_table
-from service.errors import InvalidArgument
+from service.errors import InvalidArgument, PayloadTooLarge
 from service.imaging import encode_png
 from service.preprocess import Geometry, to_input_size, to_original
 
 Output = Literal["png", "overlay", "array"]
 Size = Literal["original", "input", "feature"]
 OUTPUTS: tuple[str, ...] = ("png", "overlay", "array")
+# An array heatmap is JSON text, about 7 bytes a pixel: a 40-megapixel upload would be a 300 MB answer.
+MAX_ARRAY_PIXELS = 1 << 20
 SIZES: tuple[str, ...] = ("original", "input", "feature")
 
 
@@ -75,8 +77,12 @@ def render(maps: Tensor, spec: HeatmapSpec, geom: Geometry, input_size: tuple[in
            image: Tensor | None = None) -> list[Heatmap]:
     """Render ``(T, h, w)`` maps. ``image`` is needed for overlays: ``(H, W, 3)`` uint8 pixels at the
     requested size (the original upload, or the model-input pixels), on the maps' device."""
+    h, w = {"original": geom.original, "input": input_size}.get(spec.size, tuple(maps.shape[1:]))
+    if spec.output == "array" and h * w > MAX_ARRAY_PIXELS:  # checked before resampling to that size
+        raise PayloadTooLarge(f"an array heatmap of {w}x{h} is over {MAX_ARRAY_PIXELS} values; ask for "
+                              "`size=input` or `size=feature`, or for a png")
     sized = resample(maps.float(), spec.size, geom, input_size)
-    t, h, w = sized.shape
+    t = sized.shape[0]
     if spec.output == "array":
         host = sized.cpu().numpy().round(4)
         return [Heatmap("array", w, h, host[i].tolist()) for i in range(t)]

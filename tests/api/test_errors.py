@@ -122,3 +122,10 @@ def test_odd_target_strings_are_clean_422s(client, circle_png, target):
     files = {"image": ("c.png", circle_png)}
     r = client.post("/explain", files=files, data={"targets": target})
     assert r.status_code in (200, 422), r.text  # an empty form value means "no targets": the default
+
+
+def test_array_output_of_a_huge_original_is_refused(client):
+    big = png_bytes(np.zeros((1100, 1000, 3), np.uint8))
+    _err(client.post("/explain", json={"image": b64(big), "output": "array"}), 413, "payload_too_large", "size=input")
+    r = client.post("/explain", json={"image": b64(big), "output": "array", "size": "input"})
+    assert r.status_code == 200
