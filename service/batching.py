@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from service.errors import CamserveError, ModelError, Overloaded, RequestTimeout
+from service.errors import CamserveError, ModelError, NotReady, Overloaded, RequestTimeout
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -61,7 +61,7 @@ class Batcher(Generic[T, R]):
         # work from queueing behind decode/encode jobs in the shared pool.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"camserve-{name}")
         self._compute_ema_s = 0.05
-        self.running_batch = 0
+        self._running: list[_Pending[T, R]] = []
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -74,11 +74,14 @@ class Batcher(Generic[T, R]):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for p in self._queue:
+        # Queued requests, and those of a batch cut short, are answered rather than left hanging.
+        for p in [*self._queue, *self._running]:
             if not p.future.done():
-                p.future.set_exception(Overloaded("the server is shutting down", retry_after=1.0))
+                p.future.set_exception(NotReady("the server is shutting down"))
         self._queue.clear()
-        self._executor.shutdown(wait=True)
+        self._running = []
+        # Let a batch cut short finish in its thread without blocking the event loop meanwhile.
+        await asyncio.to_thread(self._executor.shutdown, True)
 
     @property
     def queue_depth(self) -> int:
@@ -92,7 +95,7 @@ class Batcher(Generic[T, R]):
         :class:`RequestTimeout` after ``timeout_s``.
         """
         if self._task is None:
-            raise RuntimeError("batcher is not started")
+            raise NotReady(f"model {self.name!r} is not serving (starting or shutting down)")
         if len(self._queue) + len(items) > self.max_queue:
             raise Overloaded(f"model {self.name!r} queue is full ({len(self._queue)} of {self.max_queue} images "
                              f"waiting)", retry_after=self._retry_after())
@@ -142,7 +145,7 @@ class Batcher(Generic[T, R]):
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending[T, R]]) -> None:
         started = time.monotonic()
-        self.running_batch = len(batch)
+        self._running = batch
         try:
             results = await loop.run_in_executor(self._executor, self._fn, [p.item for p in batch])
             if len(results) != len(batch):
@@ -153,8 +156,8 @@ class Batcher(Generic[T, R]):
             err = ModelError(f"model {self.name!r} failed on a batch of {len(batch)}: {type(exc).__name__}")
             err.__cause__ = exc
             results = [err] * len(batch)
-        finally:
-            self.running_batch = 0
+        # (Cancelled by stop(): `_running` stays set, so stop() can answer this batch's callers.)
+        self._running = []
         elapsed = time.monotonic() - started
         self._compute_ema_s = 0.8 * self._compute_ema_s + 0.2 * elapsed
         if self._on_batch is not None:

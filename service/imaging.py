@@ -53,7 +53,11 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
 def _to_rgb(im: Image.Image) -> np.ndarray:
     if im.mode in _WIDE_MODES:
         arr = np.asarray(im, dtype=np.float32)
-        top = _WIDE_MODES[im.mode] if im.mode != "I" or arr.max() > 255 else 255.0
+        peak = float(arr.max()) if arr.size else 0.0
+        if im.mode == "F":  # floats: either 0..1 or 0..255 by convention; the data says which
+            top = 1.0 if peak <= 1.0 else 255.0
+        else:  # 32-bit ints hold 16-bit data (PNG) or 8-bit data; the data says which
+            top = _WIDE_MODES[im.mode] if im.mode != "I" or peak > 255 else 255.0
         grey = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return np.repeat(grey[:, :, None], 3, axis=2)
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):

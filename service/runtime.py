@@ -18,7 +18,7 @@ from torch import Tensor
 
 from service.batching import Batcher, BatchStats
 from service.cam import CamMaps, CamQuery, get_method
-from service.errors import CamserveError, InvalidArgument, OutOfMemory
+from service.errors import CamserveError, InvalidArgument, OutOfMemory, PayloadTooLarge
 from service.imaging import decode_image
 from service.preprocess import Geometry
 from service.registry import LoadedModel
@@ -76,6 +76,12 @@ class BatchSettings:
     timeout_s: float | None = 30.0
 
 
+MAX_TARGETS = 16
+# Rendered heatmap pixels one request may ask for (images x targets x output size): each costs a few
+# bytes of float work on the way to a PNG, so this bounds a request's memory at a few GB at worst.
+MAX_OUTPUT_PIXELS = 200_000_000
+
+
 def is_index(text: str) -> bool:
     """A class index written as text: ASCII digits only ("²".isdigit() is true), and short enough
     that ``int()`` cannot hit Python's digit limit."""
@@ -124,6 +130,8 @@ class ModelRuntime:
 
     def make_query(self, method: str, layer: str | None, targets: Sequence[int | str] | None) -> CamQuery:
         get_method(method)
+        if targets and len(targets) > MAX_TARGETS:
+            raise InvalidArgument("targets", f"at most {MAX_TARGETS} targets per request, got {len(targets)}")
         resolved_layer = self.model.engine.layers.resolve(layer)
         classes = tuple(self.class_index(t) for t in targets) if targets else ()
         return CamQuery(method=method, layer=resolved_layer, classes=classes)
@@ -137,6 +145,10 @@ class ModelRuntime:
         if dev.type == "cuda":
             image = image.pin_memory().to(dev, non_blocking=True)
         geom = pre.geometry(rgb.shape[0], rgb.shape[1])
+        rh, rw = geom.resized
+        if rh * rw > max_pixels:  # a 1x1000000 strip resized to "short side 256" would be 65 G pixels
+            raise PayloadTooLarge(f"image of {rgb.shape[1]}x{rgb.shape[0]} would be resized to {rw}x{rh}, over "
+                                  f"the limit of {max_pixels} pixels")
         return PreparedImage(image, pre.resized_uint8(image, geom), geom)
 
     def _prepare_nth(self, index: int, data: bytes, max_pixels: int) -> PreparedImage:
@@ -201,6 +213,12 @@ class ModelRuntime:
         loop = asyncio.get_running_loop()
         prepared = await asyncio.gather(*(loop.run_in_executor(self.cpu_pool, self._prepare_nth, i, d, max_pixels)
                                           for i, d in enumerate(images)))
+        if query is not None and spec is not None and spec.size == "original":
+            per_image = max(len(query.classes), query.top)
+            total = per_image * sum(p.geometry.original[0] * p.geometry.original[1] for p in prepared)
+            if total > MAX_OUTPUT_PIXELS:
+                raise PayloadTooLarge(f"{total} heatmap pixels asked for, over the limit of {MAX_OUTPUT_PIXELS}; "
+                                      "ask for fewer targets or images, or `size=input`")
         jobs = [Job(p.pixels, query) for p in prepared]
         results = await self.batcher.submit(jobs, self.settings.timeout_s if bounded else None)
         return await asyncio.gather(*(loop.run_in_executor(self.cpu_pool, self.finish, p, r, top_k, spec)

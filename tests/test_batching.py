@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from service.batching import Batcher
-from service.errors import ModelError, Overloaded, RequestTimeout
+from service.errors import ModelError, NotReady, Overloaded, RequestTimeout
 
 
 class Gate:
@@ -130,3 +130,27 @@ def test_results_must_match_inputs_one_to_one():
             await b.submit([1, 2])
 
     run(_with(b, body))
+
+
+def test_stop_answers_queued_and_running_requests():
+    fn = Gate()
+    b = Batcher(fn, max_batch_size=1, max_wait_s=0.001)
+
+    async def body():
+        b.start()
+        fn.release.clear()
+        running = asyncio.create_task(b.submit(["running"]))
+        await asyncio.to_thread(fn.entered.wait, 5)
+        queued = asyncio.create_task(b.submit(["queued"]))
+        await asyncio.sleep(0.01)
+        stopping = asyncio.create_task(b.stop())
+        await asyncio.sleep(0.01)
+        fn.release.set()
+        await stopping
+        results = await asyncio.gather(running, queued, return_exceptions=True)
+        with pytest.raises(NotReady):
+            await b.submit(["late"])
+        return results
+
+    results = run(body())
+    assert all(isinstance(r, NotReady) for r in results), results

@@ -76,3 +76,10 @@ def test_pixel_limit_is_checked_before_decoding():
 
 def test_png_round_trip():
     assert (decode_image(encode_png(PIXELS), max_pixels=10**6) == PIXELS).all()
+
+
+@pytest.mark.parametrize(("values", "expected"), [(0.5, 128), (100.0, 100)])
+def test_float_images_keep_their_scale(values, expected):
+    buf = io.BytesIO()
+    Image.fromarray(np.full((4, 4), values, np.float32), mode="F").save(buf, format="TIFF")
+    assert decode_image(buf.getvalue(), max_pixels=100)[0, 0, 0] == expected

@@ -101,18 +101,18 @@ class BodyLimit:
             if msg["type"] == "http.request":
                 received += len(msg.get("body", b""))
                 if received > self.max_bytes:
-                    raise _TooLarge
+                    raise BodyTooLarge
             return msg
 
         try:
             await self.app(scope, counted, send)
-        except _TooLarge:
+        except BodyTooLarge:
             for m in _json_error(413, "payload_too_large", message, [(b"connection", b"close")]):
                 await send(m)
 
 
-class _TooLarge(Exception):
-    pass
+class BodyTooLarge(Exception):
+    """Raised from ``receive`` when a streamed body passes the limit; turned into a 413 above."""
 
 
 class ApiKeyAuth:

@@ -12,8 +12,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
+from service.api.middleware import BodyTooLarge
 from service.errors import InvalidArgument, InvalidImage, InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from service.runtime import is_index
 
 OptionsT = TypeVar("OptionsT", bound=BaseModel)
 
@@ -64,16 +64,12 @@ def _list_option(values: list[str]) -> list[str]:
         if v.startswith("["):
             try:
                 parsed = json.loads(v)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # also int digit limits and absurd nesting
                 raise InvalidArgument("targets", f"`targets` is not a valid JSON list, got {v!r}") from None
             items += [str(x) for x in parsed] if isinstance(parsed, list) else [str(parsed)]
         else:
             items += [p.strip() for p in v.split(",") if p.strip()]
     return items
-
-
-def _as_index(values: list[Any]) -> list[int | str]:
-    return [int(v) if isinstance(v, str) and is_index(v) else v for v in values]
 
 
 async def parse_request(request: Request, options: type[OptionsT], max_images: int) -> tuple[list[bytes], OptionsT]:
@@ -88,8 +84,6 @@ async def parse_request(request: Request, options: type[OptionsT], max_images: i
         got = ctype or "none"
         raise UnsupportedMediaType(f"content type must be application/json or multipart/form-data, got {got!r}")
     merged = {**query, **fields}
-    if "targets" in merged and isinstance(merged["targets"], list):
-        merged["targets"] = _as_index(merged["targets"])
     opts = _validate(options, merged)
     if not images:
         raise InvalidInput("no image given: send `image` or `images` (JSON) or file parts named `image` (multipart)")
@@ -102,7 +96,7 @@ async def _from_json(request: Request) -> tuple[list[bytes], dict[str, Any]]:
     raw = await request.body()
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, Unicode, int digit limit, deep nesting
         raise InvalidArgument("body", f"malformed JSON: {exc}") from None
     if not isinstance(body, dict):
         raise InvalidArgument("body", f"the JSON body must be an object, got {type(body).__name__}")
@@ -120,7 +114,11 @@ async def _from_json(request: Request) -> tuple[list[bytes], dict[str, Any]]:
 async def _from_form(request: Request, max_images: int) -> tuple[list[bytes], dict[str, Any]]:
     try:
         form = await request.form(max_files=max_images + 1, max_fields=100)
+    except BodyTooLarge:
+        raise
     except Exception as exc:  # multipart's parser raises several unrelated types
+        if "Too many files" in str(exc):
+            raise PayloadTooLarge(f"more than {max_images} images in one request") from None
         raise InvalidInput(f"malformed multipart body: {exc}") from None
     images: list[bytes] = []
     fields: dict[str, Any] = {}

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Method = Literal["gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam"]
 
 
+def _no_bools(value: object) -> object:
+    # Pydantic's lax mode reads true/false as 1/0: a class index of `true` is a client bug, not class 1.
+    items = value if isinstance(value, list) else [value]
+    if any(isinstance(v, bool) for v in items):
+        raise ValueError("booleans are not class indices or counts")
+    return value
+
+
 class PredictOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    _check_top_k = field_validator("top_k", mode="before")(_no_bools)
 
     model: str | None = Field(None, description="Model name; the server's default model when omitted.")
     top_k: int | None = Field(None, ge=1, description="Predictions returned per image; default 5 (or every class "
@@ -26,6 +36,8 @@ class ExplainOptions(PredictOptions):
     size: Literal["original", "input", "feature"] = "original"
     colormap: Literal["jet", "turbo", "viridis", "inferno"] = "jet"
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="Heatmap opacity for overlays.")
+
+    _check_targets = field_validator("targets", mode="before")(_no_bools)
 
 
 class _Images(BaseModel):

@@ -75,6 +75,7 @@ class CamEngine:
         self._modules = dict(self.model.named_modules())
         self._handles: dict[str, RemovableHandle] = {}
         self._captured: dict[str, Tensor] | None = None  # layer -> output, only during an explain pass
+        self._wanted: set[str] = set()  # the layers this pass explains
         self._lock = threading.Lock()
         if self.layers.candidates:
             self.register(self.layers.default)
@@ -100,7 +101,9 @@ class CamEngine:
 
     def _make_hook(self, layer: str) -> Callable[[nn.Module, object, object], object]:
         def hook(module: nn.Module, args: object, out: object) -> object:
-            if self._captured is None:
+            # Hooks stay on every layer ever asked for; only this pass's layers capture, so the
+            # backward still stops at the layers this batch wants.
+            if self._captured is None or layer not in self._wanted:
                 return None
             if not isinstance(out, Tensor):
                 raise InvalidArgument("layer", f"layer {layer!r} does not return a single tensor")
@@ -137,7 +140,8 @@ class CamEngine:
         layers = {i: self.layers.resolve(q.layer) for i, q in enumerate(queries) if q is not None}
         methods = {i: get_method(q.method) for i, q in enumerate(queries) if q is not None}
         with self._lock:
-            for name in set(layers.values()):
+            self._wanted = set(layers.values())
+            for name in self._wanted:
                 self.register(name)
             self._captured = {}
             try:

@@ -129,3 +129,49 @@ def test_array_output_of_a_huge_original_is_refused(client):
     _err(client.post("/explain", json={"image": b64(big), "output": "array"}), 413, "payload_too_large", "size=input")
     r = client.post("/explain", json={"image": b64(big), "output": "array", "size": "input"})
     assert r.status_code == 200
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"image": "AAAA", "top_k": ' + b"1" * 5000 + b"}",
+    b'{"x": ' + b"[" * 100000 + b"]" * 100000 + b"}",
+])
+def test_hostile_json_is_a_422(client, raw):
+    _err(client.post("/predict", content=raw, headers={"content-type": "application/json"}), 422,
+         "invalid_argument")
+
+
+@pytest.mark.parametrize("query", ["[" + "1" * 5000 + "]", "[" * 3000])
+def test_hostile_targets_query_is_a_422(client, circle_png, query):
+    r = client.post("/explain", params={"targets": query}, files={"image": ("c.png", circle_png)})
+    _err(r, 422, "invalid_argument")
+
+
+@pytest.mark.parametrize("body", [{"targets": [True]}, {"top_k": True}])
+def test_booleans_are_not_numbers(client, circle_png, body):
+    _err(client.post("/explain", json={"image": b64(circle_png), **body}), 422, "invalid_argument", "boolean")
+
+
+def test_too_many_targets(client, circle_png):
+    _err(client.post("/explain", json={"image": b64(circle_png), "targets": [0] * 17}), 422, "invalid_argument",
+         "at most 16")
+
+
+def test_a_strip_that_would_resize_to_giga_pixels_is_refused(client):
+    strip = png_bytes(np.zeros((1, 20000, 3), np.uint8))  # shorter side 1 -> 64: 64 x 1,280,000
+    _err(client.post("/predict", files={"image": ("s.png", strip)}), 413, "payload_too_large", "resized")
+
+
+def test_multipart_limits_are_413():
+    small = png_bytes(np.zeros((8, 8, 3), np.uint8))
+    with make_client(max_images_per_request=2, max_body_bytes=5000) as c:
+        files = [("image", (f"{i}.png", small)) for i in range(5)]
+        _err(c.post("/predict", files=files), 413, "payload_too_large")
+
+        def chunks():
+            yield b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n\r\n"
+            for _ in range(10):
+                yield b"\0" * 1000
+            yield b"\r\n--b--\r\n"
+
+        r = c.post("/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"})
+        _err(r, 413, "payload_too_large")

@@ -191,3 +191,28 @@ def test_densenet_inplace_relu_after_target_layer():
     with CamEngine(model, x) as engine:
         cam = engine.explain(x, [CamQuery(classes=(0, 1, 2))]).cams[0]
     assert cam.layer == "features" and torch.isfinite(cam.maps).all()
+
+
+def test_a_layer_asked_for_once_does_not_slow_later_passes(tiny):
+    """Hooks stay registered, but only the layers of the current pass capture (and get gradients)."""
+    x = _images(2)
+    with CamEngine(tiny, x[:1]) as engine:
+        engine.explain(x, [CamQuery(layer="features.0")] * 2)
+        seen = {}
+        real = engine._make_hook
+
+        def spy(layer):
+            hook = real(layer)
+
+            def wrapped(module, args, out):
+                result = hook(module, args, out)
+                seen[layer] = result is not None
+                return result
+
+            return wrapped
+
+        for name, handle in list(engine._handles.items()):
+            handle.remove()
+            engine._handles[name] = engine._modules[name].register_forward_hook(spy(name))
+        engine.explain(x, [CamQuery()] * 2)
+    assert seen == {"features": True, "features.0": False}
