@@ -58,6 +58,7 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.draining = False  # an app may be started again after a shutdown (tests)
         loaded = list(models) if models is not None else [
             await asyncio.to_thread(load_model, spec) for spec in settings.models]
         registry = ModelRegistry(loaded, settings.default_model)
@@ -81,7 +82,7 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
             app.state.draining = True
             for rt in runtimes.values():
                 await rt.batcher.stop()
-            cpu_pool.shutdown(wait=True)
+            await asyncio.to_thread(cpu_pool.shutdown, True)
             if models is None:
                 registry.close()
 
