@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from service.cam import CamQuery
-from service.errors import OutOfMemory
+from service.errors import InvalidArgument, OutOfMemory
 from service.imaging import encode_png
 from service.registry import ModelSpec, serve_module
 from service.rendering import HeatmapSpec
@@ -91,3 +91,14 @@ def test_cuda_matches_cpu():
     out_gpu = gpu.engine.explain(gpu.preprocess.normalize(x.cuda()), q)
     for a, b in zip(out_cpu.cams, out_gpu.cams, strict=True):
         torch.testing.assert_close(a.maps, b.maps.cpu(), atol=1e-3, rtol=1e-3)
+
+
+def test_a_label_wins_over_an_index_and_odd_strings_are_refused():
+    rt = ModelRuntime(serve_module(Tiny(), ModelSpec("m", "python:x:y"), ["1", "0", "3", "cat"], TINY_PRE),
+                      BatchSettings())
+    assert rt.class_index("1") == 0  # the label "1", not index 1
+    assert rt.class_index("2") == 2  # no such label: an index
+    assert rt.class_index(3) == 3
+    for bad in ("²", "9" * 5000, "dog", True):
+        with pytest.raises(InvalidArgument):
+            rt.class_index(bad)
