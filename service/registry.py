@@ -17,7 +17,7 @@ import importlib
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,6 @@ class LoadedModel:
     device: torch.device
     precision: torch.dtype | None = None
     ready: bool = False
-    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:

@@ -10,9 +10,11 @@ import base64
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from service.cam.engine import normalize_by_peak
 from service.colormaps import check_colormap, lookup_table
 from service.errors import InvalidArgument, PayloadTooLarge
 from service.imaging import encode_png
@@ -47,30 +49,28 @@ class HeatmapSpec:
 
 @dataclass(frozen=True)
 class Heatmap:
-    """``data``: PNG bytes for png/overlay, nested lists of floats in [0, 1] for array."""
+    """``data``: PNG bytes for png/overlay, nested lists of floats in [0, 1] for array; ``wire_data``
+    is what JSON carries (base64 for PNGs), made here in the render thread, not on the event loop."""
 
     format: Output
     width: int
     height: int
     data: bytes | list[list[float]]
-
-    def wire_data(self) -> str | list[list[float]]:
-        return base64.b64encode(self.data).decode() if isinstance(self.data, bytes) else self.data
+    wire_data: str | list[list[float]]
 
 
-def _peak_normalized(maps: Tensor) -> Tensor:
-    # Resampling lowers the peak a little; rescale so it is exactly 1 again (an empty map stays 0).
-    peak = maps.amax(dim=(1, 2), keepdim=True)
-    return maps / torch.where(peak > 0, peak, torch.ones_like(peak))
+def _png(fmt: Output, pixels: np.ndarray) -> Heatmap:
+    png = encode_png(pixels)
+    return Heatmap(fmt, pixels.shape[1], pixels.shape[0], png, base64.b64encode(png).decode())
 
 
 def resample(maps: Tensor, size: Size, geom: Geometry, input_size: tuple[int, int]) -> Tensor:
     """``(T, h, w)`` feature maps -> ``(T, H, W)`` at the requested size, peak 1 per non-empty map."""
     if size == "feature":
         return maps
-    if size == "input":
-        return _peak_normalized(to_input_size(maps, input_size).clamp(0, 1))
-    return _peak_normalized(to_original(maps, geom).clamp(0, 1))
+    # Resampling lowers the peak a little; rescale so it is exactly 1 again.
+    sized = to_input_size(maps, input_size) if size == "input" else to_original(maps, geom)
+    return normalize_by_peak(sized.clamp(0, 1))[0]
 
 
 def render(maps: Tensor, spec: HeatmapSpec, geom: Geometry, input_size: tuple[int, int],
@@ -85,14 +85,14 @@ def render(maps: Tensor, spec: HeatmapSpec, geom: Geometry, input_size: tuple[in
     t = sized.shape[0]
     if spec.output == "array":
         host = sized.cpu().numpy().round(4)
-        return [Heatmap("array", w, h, host[i].tolist()) for i in range(t)]
+        return [Heatmap("array", w, h, rows, rows) for rows in (host[i].tolist() for i in range(t))]
     levels = (sized * 255).round().to(torch.uint8)
     if spec.output == "png":
         host = levels.cpu().numpy()
-        return [Heatmap("png", w, h, encode_png(host[i])) for i in range(t)]
+        return [_png("png", host[i]) for i in range(t)]
     if image is None or tuple(image.shape[:2]) != (h, w):
         raise ValueError("overlay needs the image at the heatmap's size")
     colour = lookup_table(spec.colormap, sized.device)[levels.long()].float()  # (T, H, W, 3)
     blended = (1 - spec.alpha) * image.float()[None] + spec.alpha * colour
     host = blended.round().clamp(0, 255).to(torch.uint8).cpu().numpy()
-    return [Heatmap("overlay", w, h, encode_png(host[i])) for i in range(t)]
+    return [_png("overlay", host[i]) for i in range(t)]

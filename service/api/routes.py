@@ -138,7 +138,7 @@ def _response(model: str, results: list[ImageResult]) -> dict[str, Any]:
             item["explanations"] = [
                 {"index": e.index, "label": e.label, "score": e.score, "method": e.method, "layer": e.layer,
                  "heatmap": {"format": e.heatmap.format, "width": e.heatmap.width, "height": e.heatmap.height,
-                             "data": e.heatmap.wire_data()}}
+                             "data": e.heatmap.wire_data}}
                 for e in r.explanations
             ]
         out.append(item)
@@ -186,7 +186,11 @@ async def explain(request: Request, runtimes: RuntimesDep, settings: SettingsDep
         assert isinstance(e.heatmap.data, bytes)
         return Response(e.heatmap.data, media_type="image/png", headers={
             "X-Class-Index": str(e.index), "X-Class-Label": quote(e.label), "X-Class-Score": f"{e.score:.6f}"})
-    return JSONResponse(_response(runtime.model.name, results))
+    body = _response(runtime.model.name, results)
+    if opts.output == "array":
+        # Up to millions of floats: serialising them would stall every other request on the loop.
+        return await asyncio.get_running_loop().run_in_executor(runtime.cpu_pool, JSONResponse, body)
+    return JSONResponse(body)
 
 
 def _note(request: Request, runtime: ModelRuntime, n_images: int) -> None:

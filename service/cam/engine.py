@@ -201,9 +201,15 @@ def _normalized_maps(saliency: Callable[[Tensor, Tensor | None], Tensor], captur
     else:
         g = as_spatial(grads[:t_max, idx].float().flatten(0, 1))  # (T * n, C, h, w)
         sal = saliency(act.expand(t_max, n, c, h, w).reshape(t_max * n, c, h, w), g).view(t_max, n, h, w)
-    sal = sal.clamp(min=0)
-    peak = sal.amax(dim=(2, 3))
-    return sal / torch.where(peak > 0, peak, torch.ones_like(peak))[..., None, None], peak
+    return normalize_by_peak(sal.clamp(min=0))
+
+
+def normalize_by_peak(maps: Tensor) -> tuple[Tensor, Tensor]:
+    """``(..., h, w)`` non-negative maps -> (each divided by its own maximum, those maxima ``(...)``).
+
+    An all-zero map stays zero rather than being stretched."""
+    peak = maps.amax(dim=(-2, -1))
+    return maps / torch.where(peak > 0, peak, torch.ones_like(peak))[..., None, None], peak
 
 
 def _gradients(logits: Tensor, wrt: list[Tensor], targets: list[tuple[int, ...]]) -> list[Tensor]:
