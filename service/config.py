@@ -43,9 +43,10 @@ class Settings:
     max_images_per_request: int = 64
     max_body_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    max_render_pixels: int = 100_000_000  # heatmap pixels one request renders (images x targets x size)
     api_keys: tuple[str, ...] = ()
     api_keys_file: str | None = None
-    open_paths: tuple[str, ...] = ("/healthz", "/readyz", "/metrics")
+    open_paths: tuple[str, ...] = ("/healthz", "/readyz", "/metrics", "/docs", "/redoc", "/openapi.json")
     cors_origins: tuple[str, ...] = ()
     log_format: str = "text"
     log_level: str = "info"
@@ -60,7 +61,8 @@ class Settings:
 
     def problems(self) -> list[str]:
         out = []
-        for name in ("max_batch_size", "max_queue", "max_images_per_request", "max_body_bytes", "max_image_pixels"):
+        for name in ("max_batch_size", "max_queue", "max_images_per_request", "max_body_bytes", "max_image_pixels",
+                     "max_render_pixels"):
             if getattr(self, name) < 1:
                 out.append(f"setting `{name}` must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.port <= 65535:

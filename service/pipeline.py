@@ -22,11 +22,16 @@ from service.errors import CamserveError, InvalidInput, OutOfMemory, PayloadTooL
 from service.imaging import decode_image
 from service.preprocess import Geometry
 from service.registry import LoadedModel
-from service.rendering import HeatmapSpec, render
+from service.rendering import HeatmapSpec, output_size, render
 from service.results import Explanation, ImageResult, Prediction
 
-# Rendered heatmap pixels one request may ask for (images x targets x output size) at `size=original`.
-MAX_OUTPUT_PIXELS = 200_000_000
+# Rendered heatmap pixels (images x targets x output size) one request may ask for, by default.
+MAX_RENDER_PIXELS = 100_000_000
+# A request rendering more pixels than this is heavy: its renders go to the render pool, one thread
+# for the whole server, so heavy renders run one at a time and never fill the shared CPU pool that
+# every small request needs for decoding and rendering. 4 M is a 2000x2000 upload with one target:
+# about 0.1 s of rendering here.
+HEAVY_RENDER_PIXELS = 4_000_000
 
 ImageInput = bytes | Tensor
 
@@ -71,10 +76,13 @@ def _is_oom(exc: BaseException) -> bool:
 class Pipeline:
     """``prepare`` -> ``compute`` -> ``finish`` for one loaded model."""
 
-    def __init__(self, model: LoadedModel, cpu_pool: Executor | None = None) -> None:
-        """``cpu_pool`` runs decoding and rendering; ``None`` uses the event loop's default executor."""
+    def __init__(self, model: LoadedModel, cpu_pool: Executor | None = None,
+                 render_pool: Executor | None = None) -> None:
+        """``cpu_pool`` runs decoding and rendering; ``None`` uses the event loop's default executor.
+        ``render_pool`` renders heavy requests (see ``HEAVY_RENDER_PIXELS``); ``None``: the CPU pool."""
         self.model = model
         self.cpu_pool = cpu_pool
+        self.render_pool = render_pool or cpu_pool
 
     # -- stage 1: CPU pool -----------------------------------------------------------------------
     def prepare(self, data: ImageInput, max_pixels: int) -> PreparedImage:
@@ -167,20 +175,34 @@ class Pipeline:
         return ImageResult(preds, all_scores, explanations)
 
     # -- the whole request -----------------------------------------------------------------------
+    def render_pixels(self, prepared: Sequence[PreparedImage], query: CamQuery | None,
+                      spec: HeatmapSpec | None) -> int:
+        """Heatmap pixels this request renders (images x targets x output size); 0 when it only predicts.
+        ``size=feature`` counts as the model input, an upper bound of the layer's grid."""
+        if query is None or spec is None:
+            return 0
+        per_image = max(len(query.classes), query.top)
+        input_size = self.model.preprocess.input_size
+        total = 0
+        for p in prepared:
+            h, w = output_size(spec, p.geometry, input_size, input_size)
+            total += h * w
+        return per_image * total
+
     async def run(self, images: Sequence[ImageInput], *, top_k: int, query: CamQuery | None,
-                  spec: HeatmapSpec | None, max_pixels: int, submit: Submit | None = None) -> list[ImageResult]:
+                  spec: HeatmapSpec | None, max_pixels: int, submit: Submit | None = None,
+                  max_render_pixels: int = MAX_RENDER_PIXELS) -> list[ImageResult]:
         """Predict (``query`` None) or explain every image of one request, in order.
 
-        ``submit`` hands the jobs to a batcher; without it they are computed here as one batch."""
+        ``submit`` hands the jobs to a batcher; without it they are computed here as one batch.
+        ``max_render_pixels`` bounds the heatmap pixels one request renders (the memory its answer takes)."""
         loop = asyncio.get_running_loop()
         prepared = await asyncio.gather(*(loop.run_in_executor(self.cpu_pool, self._prepare_nth, i, d, max_pixels)
                                           for i, d in enumerate(images)))
-        if query is not None and spec is not None and spec.size == "original":
-            per_image = max(len(query.classes), query.top)
-            total = per_image * sum(p.geometry.original[0] * p.geometry.original[1] for p in prepared)
-            if total > MAX_OUTPUT_PIXELS:
-                raise PayloadTooLarge(f"{total} heatmap pixels asked for, over the limit of {MAX_OUTPUT_PIXELS}; "
-                                      "ask for fewer targets or images, or `size=input`")
+        total = self.render_pixels(prepared, query, spec)
+        if total > max_render_pixels:
+            raise PayloadTooLarge(f"{total} heatmap pixels asked for, over the limit of {max_render_pixels}; "
+                                  "ask for fewer targets or images, or `size=input`")
         jobs = [Job(p.pixels, query, p.normalized) for p in prepared]
         if submit is not None:
             results = await submit(jobs)
@@ -190,5 +212,6 @@ class Pipeline:
                 if isinstance(r, BaseException):
                     raise r
             results = [r for r in computed if isinstance(r, JobResult)]
-        return await asyncio.gather(*(loop.run_in_executor(self.cpu_pool, self.finish, p, r, top_k, spec)
+        pool = self.render_pool if total > HEAVY_RENDER_PIXELS else self.cpu_pool
+        return await asyncio.gather(*(loop.run_in_executor(pool, self.finish, p, r, top_k, spec)
                                       for p, r in zip(prepared, results, strict=True)))
