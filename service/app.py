@@ -17,6 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import Scope
 
 from service.api import errors as api_errors
+from service.api import ui
 from service.api.middleware import ApiKeyAuth, BodyLimit, RequestContext
 from service.api.routes import router
 from service.cam import CamQuery
@@ -91,11 +92,13 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
         summary="Image classification with Grad-CAM explanations over HTTP.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None, redoc_url=None,  # served offline by service.api.ui
     )
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.draining = False
     app.include_router(router)
+    ui.install(app, settings.enable_ui)
     api_errors.install(app)
 
     def on_response(scope: Scope, status: int, seconds: float) -> None:

@@ -37,11 +37,13 @@ class Settings:
     max_image_pixels: int = 40_000_000
     api_keys: tuple[str, ...] = ()
     api_keys_file: str | None = None
-    open_paths: tuple[str, ...] = ("/healthz", "/readyz", "/metrics")
+    # An entry ending in "/" also opens every path under it. The page and its files hold no data.
+    open_paths: tuple[str, ...] = ("/healthz", "/readyz", "/metrics", "/", "/ui", "/ui/", "/docs-assets/")
     cors_origins: tuple[str, ...] = ()
     log_format: str = "text"
     log_level: str = "info"
     drain_timeout_s: float = 30.0
+    enable_ui: bool = True
     default_model: str | None = None
     models: tuple[ModelSpec, ...] = field(default=DEFAULT_MODELS)
 
@@ -73,6 +75,12 @@ def _coerce(name: str, kind: Any, value: Any) -> Any:
             if isinstance(value, str):
                 return tuple(v.strip() for v in value.split(",") if v.strip())
             return tuple(str(v) for v in value)
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                raise ValueError(value)
+            return str(value).lower() in ("true", "1", "yes", "on")
         if value == "" and optional:
             return None  # an empty variable clears an optional setting
         if base is int and not isinstance(value, float):

@@ -116,7 +116,8 @@ class BodyTooLarge(Exception):
 
 
 class ApiKeyAuth:
-    """Requires ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` except on ``open_paths``.
+    """Requires ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` except on ``open_paths``
+    (an entry ending in ``/``, other than ``/`` itself, also opens every path under it).
 
     Every configured key is compared with ``hmac.compare_digest`` so the time taken does not reveal
     which key, or how much of one, matched.
@@ -126,6 +127,11 @@ class ApiKeyAuth:
         self.app = app
         self.keys = [k.encode() for k in keys]
         self.open_paths = set(open_paths)
+        self.open_prefixes = tuple(p for p in self.open_paths if p.endswith("/") and p != "/")
+
+    def _open(self, path: str) -> bool:
+        # Routing matches paths literally, but a ".." under an open prefix is refused all the same.
+        return path in self.open_paths or (path.startswith(self.open_prefixes) and "/../" not in f"{path}/")
 
     def _authorized(self, scope: Scope) -> bool:
         headers = dict(scope["headers"])
@@ -139,7 +145,7 @@ class ApiKeyAuth:
         return ok
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.open_paths or self._authorized(scope):
+        if scope["type"] != "http" or self._open(scope["path"]) or self._authorized(scope):
             await self.app(scope, receive, send)
             return
         for m in _json_error(401, "unauthorized", "a valid API key is required: send `Authorization: Bearer "
