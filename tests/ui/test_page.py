@@ -87,6 +87,18 @@ def run_curl(text: str, cwd: Path, env: dict[str, str] | None = None) -> list[di
     return docs
 
 
+def screenshot(driver, path: Path) -> None:
+    """The whole page, not just the window: the window grows to the page's height for the shot."""
+    width, height = driver.get_window_size()["width"], driver.get_window_size()["height"]
+    inner = driver.execute_script("return window.innerHeight")
+    full = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(width, full + height - inner)
+    try:
+        driver.save_screenshot(str(path))
+    finally:
+        driver.set_window_size(width, height)
+
+
 def select(driver, testid: str, value: str) -> None:
     from selenium.webdriver.support.ui import Select
 
@@ -109,7 +121,7 @@ def test_sample_prediction_and_overlay(browser, ui_server, shots):
     # The overlay is the image tinted by the heatmap: close to neither the image nor a flat colormap.
     original = np.asarray(Image.open(io.BytesIO(httpx.get(f"{ui_server}/ui/samples/4.png").content)).convert("RGB"))
     assert np.abs(overlay.astype(int) - original).mean() > 10
-    browser.save_screenshot(str(shots / "overlay.png"))
+    screenshot(browser, shots / "overlay.png")
 
 
 def test_blend_matches_the_servers_overlay(browser, ui_server):
@@ -121,7 +133,8 @@ def test_blend_matches_the_servers_overlay(browser, ui_server):
         s.value = '0.7'; s.dispatchEvent(new Event('input'));""")
     page = canvas_pixels(browser)
     png = httpx.get(f"{ui_server}/ui/samples/2.png").content
-    r = httpx.post(f"{ui_server}/explain", files={"image": ("t.png", png, "image/png")}, headers={"Accept": "image/png"},
+    r = httpx.post(f"{ui_server}/explain", files={"image": ("t.png", png, "image/png")},
+                   headers={"Accept": "image/png"},
                    data={"output": "overlay", "colormap": "viridis", "alpha": "0.7", "targets": "triangle"})
     server = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB")).astype(int)
     assert np.abs(page.astype(int) - server).max() <= 1
@@ -137,7 +150,7 @@ def test_method_change_changes_the_overlay(browser, ui_server, shots):
     assert request_counts(browser)[0] == n_requests + 1
     assert np.abs(before.astype(int) - after).mean() > 1
     assert "eigencam" in by_testid(browser, "curl").text
-    browser.save_screenshot(str(shots / "eigencam.png"))
+    screenshot(browser, shots / "eigencam.png")
 
 
 def test_opacity_changes_pixels_without_a_request(browser, ui_server):
@@ -207,7 +220,7 @@ def test_compare_and_classes_views(browser, ui_server, shots):
     assert all(m.std() > 10 for m in maps)
     assert len({m.tobytes() for m in maps}) > 1  # the methods do not all agree pixel for pixel
     assert by_testid(browser, "curl").text.count("/explain") == len(methods)
-    browser.save_screenshot(str(shots / "compare.png"))
+    screenshot(browser, shots / "compare.png")
 
     n_requests, _ = request_counts(browser)
     browser.find_element(By.CSS_SELECTOR, '.tab[data-view="classes"]').click()
@@ -215,7 +228,7 @@ def test_compare_and_classes_views(browser, ui_server, shots):
     assert request_counts(browser)[0] == n_requests + 1  # all top classes in one /explain
     captions = [c.text.split()[0] for c in by_testid(browser, "classes").find_elements(By.TAG_NAME, "figcaption")]
     assert captions == top_labels(browser)
-    browser.save_screenshot(str(shots / "classes.png"))
+    screenshot(browser, shots / "classes.png")
 
     # A click on another class explains that class.
     browser.find_element(By.CSS_SELECTOR, '.tab[data-view="single"]').click()
@@ -236,7 +249,7 @@ def test_phone_width_and_labels(browser, ui_server, shots):
         wait_idle(browser)
         overflow = browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 0
-        browser.save_screenshot(str(shots / "phone.png"))
+        screenshot(browser, shots / "phone.png")
     finally:
         browser.set_window_size(1280, 1000)
     # Every control has a label, or says what it is.

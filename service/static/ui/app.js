@@ -303,7 +303,9 @@
   }
 
   async function explain(fields) {
+    const started = performance.now();
     const body = await (await api("/explain", { method: "POST", body: formFor(fields) })).json();
+    state.lastMs = performance.now() - started;
     const result = body.results[0];
     return Promise.all(result.explanations.map(async (e) => ({ ...e, levels: await decodeLevels(e.heatmap) })));
   }
@@ -365,7 +367,8 @@
     state.shown = [{ canvas, levels: e.levels, width: e.heatmap.width, height: e.heatmap.height }];
     state.single = { label: e.label, method: e.method };
     $("overlay-caption").textContent =
-      `${e.label} (${(e.score * 100).toFixed(1)}%), ${e.method} on ${e.layer}, ${e.heatmap.width}x${e.heatmap.height}`;
+      `${e.label} (${(e.score * 100).toFixed(1)}%), ${e.method} on ${e.layer}, ${e.heatmap.width}x${e.heatmap.height}, ` +
+      `answered in ${Math.round(state.lastMs)} ms`;
     renderMetrics($("metrics"), e.metrics);
     $("download").disabled = false;
     blendAll();
