@@ -291,3 +291,74 @@ def test_api_docs_render_offline(browser, ui_server, shots, path):
     browser.get(f"{ui_server}{path}")
     WebDriverWait(browser, TIMEOUT).until(lambda d: "/explain" in d.find_element("tag name", "body").text)
     browser.save_screenshot(str(shots / f"{path.strip('/')}.png"))
+
+
+_ADD_METRICS = """
+    const real = window.fetch;
+    window.fetch = async (...args) => {
+        const response = await real(...args);
+        if (!String(args[0]).endsWith('/explain') || !response.ok) return response;
+        const body = await response.json();
+        for (const e of body.results[0].explanations) {
+            e.metrics = {confidence: {average_drop: 0.125, increase: false}, deletion: 0.0625, steps: 16};
+        }
+        return new Response(JSON.stringify(body), {status: response.status, headers: response.headers});
+    };"""
+
+
+def test_faithfulness_metrics_are_shown_when_present(browser, ui_server):
+    open_page(browser, ui_server)
+    pick_sample(browser, "circle")
+    assert not by_testid(browser, "metrics").is_displayed()  # this server sends none: nothing shown
+    browser.execute_script(_ADD_METRICS)  # as a server with the metrics of issue 12 would answer
+    select(browser, "method-select", "layercam")
+    shown = by_testid(browser, "metrics").text.split("\n")
+    assert shown == ["confidence.average_drop", "0.125", "confidence.increase", "no", "deletion", "0.063", "steps",
+                     "16"]
+
+
+def test_asking_for_metrics(browser, ui_server):
+    """Ticking the box sends ``metrics``; a server without them refuses it with a readable message."""
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, ui_server)
+    pick_sample(browser, "square")
+    browser.find_element(By.ID, "metrics-toggle").click()
+    wait_idle(browser)
+    assert "metrics=" in by_testid(browser, "curl").text
+    error = by_testid(browser, "error")
+    if error.is_displayed():
+        assert "metrics" in error.text and "422" in error.text
+    else:
+        assert by_testid(browser, "metrics").is_displayed()
+
+
+def test_the_network_block_is_real(browser):
+    """Control: FastAPI's own CDN-based /docs page renders nothing in this browser."""
+    import threading
+
+    import uvicorn
+    from fastapi import FastAPI
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.api.server import free_port
+
+    app = FastAPI()
+
+    @app.post("/explain")
+    async def explain() -> dict[str, str]:
+        return {}
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        WebDriverWait(browser, 30).until(lambda _: server.started)
+        browser.get(f"http://127.0.0.1:{port}/docs")
+        wait_idle_load = WebDriverWait(browser, 30)
+        wait_idle_load.until(lambda d: d.execute_script("return document.readyState") == "complete")
+        assert "/explain" not in browser.find_element("tag name", "body").text
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

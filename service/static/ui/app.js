@@ -291,8 +291,12 @@
 
   // ---- explanations -------------------------------------------------------------------------------------
 
+  // Faithfulness metrics are asked for only when ticked: they cost extra forward passes. A server that
+  // lists its metrics in /models is asked for those; otherwise for the families the API documents.
+  const DEFAULT_METRICS = ["confidence", "deletion", "insertion"];
+
   function explainFields(extra) {
-    return [
+    const fields = [
       ["model", state.model.name],
       ["top_k", String(Math.min(TOP_K, state.model.num_classes))],
       ["layer", $("layer-select").value],
@@ -300,6 +304,12 @@
       ["size", "original"],
       ...extra,
     ];
+    if ($("metrics-toggle").checked) {
+      const names = Array.isArray(state.model.metrics) && state.model.metrics.length ? state.model.metrics
+        : DEFAULT_METRICS;
+      fields.push(["metrics", names.join(",")]);
+    }
+    return fields;
   }
 
   async function explain(fields) {
@@ -416,15 +426,27 @@
   // Faithfulness metrics appear on explanations when the server computes them; absent otherwise.
   function renderMetrics(dl, metrics) {
     dl.replaceChildren();
-    const entries = metrics && typeof metrics === "object" ? Object.entries(metrics) : [];
+    const entries = flatten(metrics, "");
     for (const [name, value] of entries) {
       const dt = document.createElement("dt");
       dt.textContent = name;
       const dd = document.createElement("dd");
-      dd.textContent = typeof value === "number" ? value.toFixed(3) : JSON.stringify(value);
+      dd.textContent = formatValue(value);
       dl.append(dt, dd);
     }
     dl.hidden = entries.length === 0;
+  }
+
+  // {deletion: {auc: 0.2, steps: 16}} -> [["deletion.auc", 0.2], ["deletion.steps", 16]]
+  function flatten(value, prefix) {
+    if (!value || typeof value !== "object" || Array.isArray(value)) return prefix ? [[prefix, value]] : [];
+    return Object.entries(value).flatMap(([k, v]) => flatten(v, prefix ? `${prefix}.${k}` : k));
+  }
+
+  function formatValue(value) {
+    if (typeof value === "number") return Number.isInteger(value) ? String(value) : value.toFixed(3);
+    if (typeof value === "boolean") return value ? "yes" : "no";
+    return typeof value === "string" ? value : JSON.stringify(value);
   }
 
   // ---- blending -------------------------------------------------------------------------------------------
@@ -521,6 +543,7 @@
     });
     $("method-select").addEventListener("change", () => refreshView());
     $("layer-select").addEventListener("change", () => refreshView());
+    $("metrics-toggle").addEventListener("change", () => refreshView());
     $("colormap-select").addEventListener("change", blendAll);
     $("opacity").addEventListener("input", () => {
       $("opacity-value").textContent = Number($("opacity").value).toFixed(2);
