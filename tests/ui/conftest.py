@@ -49,9 +49,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def _serve(env: dict[str, str]) -> Iterator[str]:
+def _serve(env: dict[str, str], config: Path | None = None) -> Iterator[str]:
     port = free_port()
-    proc = start_server(port, env=env)
+    proc = start_server(port, env=env, config=config)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -72,9 +72,15 @@ def ui_server() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def keyed_server() -> Iterator[str]:
-    """A real uvicorn that needs an API key."""
-    yield from _serve({"SERVICE_API_KEYS": API_KEY})
+def keyed_server(tmp_path_factory) -> Iterator[str]:
+    """A real uvicorn that needs an API key, serving shapes and a second, tiny model."""
+    folder = tmp_path_factory.mktemp("keyed")
+    (folder / "labels.txt").write_text("a\nb\nc\nd\n")
+    config = folder / "models.toml"
+    config.write_text('[models.shapes]\nsource = "builtin:shapes"\n\n'
+                      f'[models.tiny]\nsource = "python:tests.api.models:tiny"\nlabels = "{folder}/labels.txt"\n'
+                      "[models.tiny.preprocess]\nresize = [32, 32]\n")
+    yield from _serve({"SERVICE_API_KEYS": API_KEY}, config)
 
 
 @pytest.fixture(scope="session")

@@ -283,6 +283,16 @@ def test_api_keys(browser, keyed_server, tmp_curl_dir):
     assert browser.execute_script("return sessionStorage.getItem('camserve-api-key')") == API_KEY
     assert browser.execute_script("return localStorage.length + document.cookie.length") == 0
 
+    # Another model: its own classes and layers, the same image predicted and explained again.
+    select(browser, "model-select", "tiny")
+    assert sorted(top_labels(browser)) == ["a", "b", "c", "d"]
+    layers = [o.get_attribute("value") for o in by_testid(browser, "layer-select").find_elements(By.TAG_NAME, "option")]
+    tiny = httpx.get(f"{keyed_server}/models", headers={"X-API-Key": API_KEY}).json()["models"][1]
+    assert layers == tiny["layers"]
+    assert "'model=tiny'" in by_testid(browser, "curl").text
+    assert canvas_pixels(browser).shape == (64, 64, 3)
+    assert not error.is_displayed()
+
 
 @pytest.mark.parametrize("path", ["/docs", "/redoc"])
 def test_api_docs_render_offline(browser, ui_server, shots, path):
