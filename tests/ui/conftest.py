@@ -51,7 +51,8 @@ def pytest_collection_modifyitems(config, items):
 
 def _serve(env: dict[str, str], config: Path | None = None) -> Iterator[str]:
     port = free_port()
-    proc = start_server(port, env=env, config=config)
+    # Generous: on a busy shared machine two models' start-up has taken over 90 s.
+    proc = start_server(port, env=env, config=config, ready_timeout_s=300)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

@@ -182,7 +182,7 @@ def test_curl_command_reproduces_the_page(browser, ui_server, tmp_curl_dir):
         "value")
 
 
-def test_uploaded_file_and_bad_file(browser, ui_server, tmp_path):
+def test_uploaded_file_and_bad_file(browser, ui_server, tmp_path, shots):
     good = tmp_path / "my circle.png"
     good.write_bytes(png_bytes(scene("circle", seed=5)[0]))
     open_page(browser, ui_server)
@@ -202,6 +202,7 @@ def test_uploaded_file_and_bad_file(browser, ui_server, tmp_path):
     assert expected.json()["error"]["message"] in error.text
     assert "invalid_image" in error.text and "request id" in error.text
     assert top_labels(browser) == []
+    screenshot(browser, shots / "error.png")
 
 
 def test_compare_and_classes_views(browser, ui_server, shots):
@@ -260,7 +261,7 @@ def test_phone_width_and_labels(browser, ui_server, shots):
     assert unlabelled == []
 
 
-def test_api_keys(browser, keyed_server, tmp_curl_dir):
+def test_api_keys(browser, keyed_server, tmp_curl_dir, shots):
     from selenium.webdriver.common.by import By
 
     open_page(browser, keyed_server)
@@ -268,6 +269,7 @@ def test_api_keys(browser, keyed_server, tmp_curl_dir):
     assert error.is_displayed() and "401" in error.text and "unauthorized" in error.text
     key_input = by_testid(browser, "api-key")
     assert key_input.is_displayed()
+    screenshot(browser, shots / "api-key.png")
 
     key_input.send_keys(API_KEY)
     browser.find_element(By.CSS_SELECTOR, "#key-form button[type=submit]").click()
