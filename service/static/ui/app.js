@@ -223,6 +223,7 @@
       $("original-caption").textContent = `${image.name}, ${c.width}x${c.height}`;
     } catch (_) {
       // The browser cannot show it (e.g. TIFF), but the server may still read it: let it decide.
+      img.hidden = true;
       $("original-caption").textContent = `${image.name} (this browser cannot display it)`;
     }
     await predict();
@@ -341,6 +342,7 @@
     const overlay = $("overlay");
     overlay.width = 1;
     overlay.height = 1;
+    overlay.hidden = true;
     $("overlay-caption").textContent = "Pick an image to see where the model looked.";
     $("metrics").hidden = true;
     $("metrics").replaceChildren();
@@ -374,6 +376,7 @@
     const [e] = await explain(fields);
     if (!stillCurrent()) return;
     const canvas = $("overlay");
+    canvas.hidden = false;
     state.shown = [{ canvas, levels: e.levels, width: e.heatmap.width, height: e.heatmap.height }];
     state.single = { label: e.label, method: e.method };
     $("overlay-caption").textContent =
