@@ -19,6 +19,7 @@ from starlette.types import Scope
 from service import __version__
 from service.api import errors as api_errors
 from service.api import openapi as api_openapi
+from service.api import ui
 from service.api.middleware import ApiKeyAuth, BodyLimit, HttpEdges, RequestContext, request_notes
 from service.api.routes import router
 from service.config import Settings
@@ -72,15 +73,19 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
         summary="Image classification with Grad-CAM explanations over HTTP.",
         version=__version__,
         lifespan=lifespan,
+        docs_url=None, redoc_url=None,  # served offline by service.api.ui
     )
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.repository = repository
     app.state.dataplane = dataplane
     app.include_router(router)
+    ui.install(app, settings.enable_ui)
     api_errors.install(app)
     keys = settings.all_api_keys()
     api_openapi.install(app, api_keys=bool(keys), open_paths=settings.open_paths)
+    # HttpEdges serves `/predict/` as `/predict`; the router must never answer with a bodyless 307.
+    app.router.redirect_slashes = False
 
     def on_response(scope: Scope, status: int, seconds: float) -> None:
         # The matched route's template ("/models/{name}"), so label values stay few whatever the paths.
@@ -95,8 +100,9 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
         app.add_middleware(ApiKeyAuth, keys=keys, open_paths=settings.open_paths)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["*"], expose_headers=["X-Request-ID", "X-Class-Index", "X-Class-Label", "X-Class-Label*",
-                                                                "X-Class-Score", "Retry-After"])
+                           allow_headers=["*"], expose_headers=[
+                               "X-Request-ID", "X-Class-Index", "X-Class-Label", "X-Class-Label*", "X-Class-Score",
+                               "Retry-After"])
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(HttpEdges)
     app.add_middleware(RequestContext, on_response=on_response)

@@ -46,11 +46,14 @@ class Settings:
     max_render_pixels: int = 100_000_000  # heatmap pixels one request renders (images x targets x size)
     api_keys: tuple[str, ...] = ()
     api_keys_file: str | None = None
-    open_paths: tuple[str, ...] = ("/healthz", "/readyz", "/metrics", "/docs", "/redoc", "/openapi.json")
+    # Each also opens the paths below it. The page, its files and the API docs hold no data.
+    open_paths: tuple[str, ...] = ("/healthz", "/readyz", "/metrics", "/", "/ui", "/docs-assets", "/docs", "/redoc",
+                                   "/openapi.json")
     cors_origins: tuple[str, ...] = ()
     log_format: str = "text"
     log_level: str = "info"
     drain_timeout_s: float = 30.0
+    enable_ui: bool = True
     default_model: str | None = None
     models: tuple[ModelSpec, ...] = field(default=DEFAULT_MODELS)
 

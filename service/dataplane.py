@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from service.cam import METHODS, CamQuery
 from service.errors import InvalidArgument, NotReady, PayloadTooLarge, RequestTimeout
@@ -74,7 +75,7 @@ class Limits:
     timeout_s: float | None = 30.0
 
 
-def _collect(task: asyncio.Future[object]) -> None:
+def _collect(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()
 

@@ -122,15 +122,17 @@ class _Levels:
 
     def _float_band(self, top: int, bottom: int) -> np.ndarray:
         a, b, wa, wb = (t[top:bottom] for t in self._taps)
-        band = self._cols[a] * wa[:, None]
+        band: np.ndarray = self._cols[a] * wa[:, None]
         band += self._cols[b] * wb[:, None]
-        return np.clip(band, 0.0, 1.0, out=band)
+        np.clip(band, 0.0, 1.0, out=band)
+        return band
 
     def band(self, top: int, bottom: int) -> np.ndarray:
         """``(bottom - top, W)`` uint8 levels."""
         band = self._float_band(top, bottom)
         band *= self._scale
-        return np.rint(band, out=band).astype(np.uint8)
+        np.rint(band, out=band)
+        return band.astype(np.uint8)
 
 
 @functools.lru_cache(maxsize=64)

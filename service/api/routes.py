@@ -17,8 +17,8 @@ from service.api.deps import DataPlaneDep, MetricsDep, RepositoryDep, SettingsDe
 from service.api.encoding import heavy, inference_json
 from service.api.errors import ClientGone, openapi_responses
 from service.api.middleware import note_request
-from service.api.openapi import query_parameters
 from service.api.negotiation import choose, parse_accept, quality
+from service.api.openapi import query_parameters
 from service.api.parsing import parse_request
 from service.api.schemas import (
     ExplainBody,

@@ -16,10 +16,12 @@ from tests.api.server import free_port, start_server
 @pytest.mark.slow
 def test_requests_cut_by_the_drain_timeout_get_a_json_503(tmp_path):
     cfg = tmp_path / "slow.toml"
-    cfg.write_text('[models.slow]\nsource = "python:tests.api.models:slow"\n[models.slow.preprocess]\nresize = [32, 32]\n')
+    cfg.write_text('[models.slow]\nsource = "python:tests.api.models:slow"\n'
+                   "[models.slow.preprocess]\nresize = [32, 32]\n")
     log = tmp_path / "server.log"
     port = free_port()
-    proc = start_server(port, {"SLOW_MODEL_S": "4", "SERVICE_DRAIN_TIMEOUT_S": "0.5"}, cfg, log=log)
+    env = {"SLOW_MODEL_S": "4", "SERVICE_DRAIN_TIMEOUT_S": "0.5"}
+    proc = start_server(port, env, cfg, ready_timeout_s=300, log=log)
     results: list[httpx.Response] = []
     image = b64(png_bytes(scene("circle")[0]))
 

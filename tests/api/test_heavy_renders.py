@@ -18,7 +18,7 @@ def test_two_heavy_overlays_leave_small_predicts_flowing_within_the_memory_bound
     image = photo_jpeg(width, height)
     targets = HEAVY_PATH.rsplit("targets=", 1)[1].count(",") + 1
     port = free_port()
-    proc = start_server(port, {"SERVICE_REQUEST_TIMEOUT_S": "600"})
+    proc = start_server(port, {"SERVICE_REQUEST_TIMEOUT_S": "600"}, ready_timeout_s=300)
     try:
         res = run_load(f"http://127.0.0.1:{port}", proc.pid, image, heavy=2)
     finally:

@@ -220,3 +220,11 @@ def test_debug_logging_leaves_out_pil_chunk_lines():
 def test_default_open_paths_include_the_docs():
     assert {"/docs", "/redoc", "/openapi.json"} <= set(Settings().open_paths)
     create_app(Settings())  # builds with them
+
+
+def test_no_path_is_answered_with_a_bodyless_redirect(client):
+    for path in ("/ui/static/", "/docs-assets/", "/nope/", "/models/"):
+        r = client.get(path, follow_redirects=False)
+        assert r.status_code != 307, path
+        if r.status_code >= 400:
+            assert r.headers["content-type"] == "application/json", path
