@@ -52,6 +52,16 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         raise InvalidImage(f"the image data is corrupt or truncated: {exc}") from None
 
 
+def header_pixels(data: bytes) -> int:
+    """Pixels the image header announces, read without decoding (0 when there is no readable header):
+    enough to route a large upload's decoding away from the pool small requests share."""
+    try:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as im:
+            return int(im.size[0]) * int(im.size[1])
+    except Exception:  # decode_image reports it properly; here it only means "not known to be large"
+        return 0
+
+
 def _to_rgb(im: Image.Image) -> np.ndarray:
     if im.mode in _WIDE_MODES:
         arr = np.asarray(im, dtype=np.float32)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from service.cam import CamMaps, CamQuery
 from service.errors import CamserveError, InvalidInput, OutOfMemory, PayloadTooLarge
-from service.imaging import decode_image
+from service.imaging import decode_image, header_pixels
 from service.preprocess import Geometry
 from service.registry import LoadedModel
 from service.rendering import HeatmapSpec, output_size, render
@@ -32,6 +32,8 @@ MAX_RENDER_PIXELS = 100_000_000
 # every small request needs for decoding and rendering. 4 M is a 2000x2000 upload with one target:
 # about 0.1 s of rendering here.
 HEAVY_RENDER_PIXELS = 4_000_000
+# Uploads larger than this (by their header) decode on the render pool as well.
+HEAVY_DECODE_PIXELS = 2_000_000
 
 ImageInput = bytes | Tensor
 
@@ -197,8 +199,12 @@ class Pipeline:
         ``submit`` hands the jobs to a batcher; without it they are computed here as one batch.
         ``max_render_pixels`` bounds the heatmap pixels one request renders (the memory its answer takes)."""
         loop = asyncio.get_running_loop()
-        prepared = await asyncio.gather(*(loop.run_in_executor(self.cpu_pool, self._prepare_nth, i, d, max_pixels)
-                                          for i, d in enumerate(images)))
+        # Large uploads decode on the render pool too: two of them decoding at once would otherwise hold
+        # both threads of the shared pool for a second, and every small request would wait behind them.
+        pools = [self.render_pool if isinstance(d, bytes) and header_pixels(d) > HEAVY_DECODE_PIXELS
+                 else self.cpu_pool for d in images]
+        prepared = await asyncio.gather(*(loop.run_in_executor(pool, self._prepare_nth, i, d, max_pixels)
+                                          for pool, (i, d) in zip(pools, enumerate(images), strict=True)))
         total = self.render_pixels(prepared, query, spec)
         if total > max_render_pixels:
             raise PayloadTooLarge(f"{total} heatmap pixels asked for, over the limit of {max_render_pixels}; "
