@@ -34,7 +34,8 @@ _ENDPOINTS = {"/predict", "/explain", "/models", "/healthz", "/readyz", "/metric
 
 def batch_settings(settings: Settings) -> BatchSettings:
     return BatchSettings(max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000,
-                         max_queue=settings.max_queue, timeout_s=settings.request_timeout_s)
+                         policy=settings.batch_policy, max_queue=settings.max_queue,
+                         timeout_s=settings.request_timeout_s)
 
 
 async def _warm_up(runtime: ModelRuntime, settings: Settings) -> None:

@@ -30,6 +30,7 @@ class Settings:
     port: int = 8000
     max_batch_size: int = 32
     max_wait_ms: float = 5.0
+    batch_policy: str = "adaptive"
     max_queue: int = 256
     request_timeout_s: float = 30.0
     max_images_per_request: int = 64
@@ -49,6 +50,8 @@ class Settings:
         for name in ("max_batch_size", "max_queue", "max_images_per_request", "max_body_bytes", "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"`{name}` must be at least 1, got {getattr(self, name)}")
+        if self.batch_policy not in ("adaptive", "fixed"):
+            raise ConfigError(f"`batch_policy` must be adaptive or fixed, got {self.batch_policy!r}")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"`log_format` must be text or json, got {self.log_format!r}")
 

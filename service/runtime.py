@@ -72,6 +72,7 @@ class JobResult:
 class BatchSettings:
     max_batch_size: int = 32
     max_wait_s: float = 0.005
+    policy: str = "adaptive"
     max_queue: int = 256
     timeout_s: float | None = 30.0
 
@@ -104,7 +105,7 @@ class ModelRuntime:
         self.cpu_pool = cpu_pool
         self.batcher: Batcher[Job, JobResult] = Batcher(
             self.run_batch, max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_s,
-            max_queue=settings.max_queue, name=model.name, on_batch=on_batch)
+            max_queue=settings.max_queue, name=model.name, policy=settings.policy, on_batch=on_batch)
 
     # -- validation, before any work -------------------------------------------------------------
     def class_index(self, target: int | str) -> int:
@@ -211,8 +212,9 @@ class ModelRuntime:
 
         ``bounded=False`` waits as long as it takes (the start-up warm-up of a slow model)."""
         loop = asyncio.get_running_loop()
-        prepared = await asyncio.gather(*(loop.run_in_executor(self.cpu_pool, self._prepare_nth, i, d, max_pixels)
-                                          for i, d in enumerate(images)))
+        with self.batcher.expect(len(images)):  # a batch about to start may wait for these
+            prepared = await asyncio.gather(*(loop.run_in_executor(self.cpu_pool, self._prepare_nth, i, d, max_pixels)
+                                              for i, d in enumerate(images)))
         if query is not None and spec is not None and spec.size == "original":
             per_image = max(len(query.classes), query.top)
             total = per_image * sum(p.geometry.original[0] * p.geometry.original[1] for p in prepared)
