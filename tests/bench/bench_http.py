@@ -208,17 +208,17 @@ def engine_ms(config: Path, image: bytes, device: str, repeats: int = 200) -> fl
     """Median time of the model thread's own work for one image (stack, normalise, forward, CAM)."""
     from service.cam import CamQuery
     from service.config import load_settings
+    from service.pipeline import Job, Pipeline
     from service.registry import load_model
-    from service.runtime import BatchSettings, Job, ModelRuntime
 
-    rt = ModelRuntime(load_model(load_settings(config).models[0]), BatchSettings())
-    job = Job(rt.prepare(image, 10**8).pixels, CamQuery())
+    pipeline = Pipeline(load_model(load_settings(config).models[0]))
+    job = Job(pipeline.prepare(image, 10**8).pixels, CamQuery())
     for _ in range(20):
-        rt.run_batch([job])
+        pipeline.compute([job])
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        rt.run_batch([job])
+        pipeline.compute([job])
         times.append((time.perf_counter() - t0) * 1000)
     return statistics.median(times)
 
