@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from service.models.scenes import make_scene
-from tests.api.server import ROOT, free_port, start_server
+from tests.api.server import ROOT, free_port
 
 CONCURRENCY = (1, 8, 32)
 
@@ -117,40 +117,40 @@ class Server:
     proc: subprocess.Popen[bytes]
 
 
-def _wait_http(port: int, path: str) -> None:
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(f"http://127.0.0.1:{port}{path}", timeout=1)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    raise RuntimeError(f"nothing answered on port {port} within 90 s")
+def _ready(port: int, path: str) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
-def start_camserve(name: str, config: Path, env: dict[str, str], cwd: Path = ROOT) -> Server:
+def launch_camserve(name: str, config: Path, env: dict[str, str], cwd: Path = ROOT) -> Server:
+    """Start without waiting (servers start side by side: on a busy machine each takes a minute).
+    From ``cwd``, ``python -m service`` imports the copy of the code there."""
     port = free_port()
-    base = {**env, "SERVICE_LOG_LEVEL": "warning"}
-    if cwd == ROOT:
-        return Server(name, port, start_server(port, base, config))
-    # Older code exported elsewhere: `python -m service` from there imports that copy first.
     proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--port", str(port), "--config", str(config)],
-                            cwd=cwd, env={**os.environ, **base}, stdout=subprocess.DEVNULL)
-    _wait_http(port, "/readyz")
-    deadline = time.monotonic() + 90
-    while httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code != 200:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{name} did not become ready")
-        time.sleep(0.3)
+                            cwd=cwd, env={**os.environ, **env, "SERVICE_LOG_LEVEL": "warning"},
+                            stdout=subprocess.DEVNULL)
     return Server(name, port, proc)
 
 
-def start_baseline(device: str) -> Server:
+def launch_baseline(device: str) -> Server:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "tests.bench.baseline_app:app", "--port", str(port),
                              "--log-level", "warning"], cwd=ROOT, env={**os.environ, "BASELINE_DEVICE": device})
-    _wait_http(port, "/docs")
     return Server("resnet18 baseline", port, proc)
+
+
+def wait_ready(servers: list[Server], timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    for s in servers:
+        path = "/docs" if s.name == "resnet18 baseline" else "/readyz"
+        while not _ready(s.port, path):
+            if s.proc.poll() is not None:
+                raise RuntimeError(f"{s.name} exited with {s.proc.returncode}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{s.name} was not ready within {timeout_s:g} s")
+            time.sleep(0.5)
 
 
 def export_commit(ref: str) -> Path:
@@ -259,8 +259,9 @@ def main() -> None:
     servers: dict[str, Server] = {}
     try:
         for name, cfg, env, cwd in specs:
-            servers[name] = start_camserve(name, cfg, env, cwd)
-        servers["resnet18 baseline"] = start_baseline(args.device)
+            servers[name] = launch_camserve(name, cfg, env, cwd)
+        servers["resnet18 baseline"] = launch_baseline(args.device)
+        wait_ready(list(servers.values()))
         run_all(args, servers, images, engine)
     finally:
         for s in servers.values():
