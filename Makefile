@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint bench bench-http bench-gpu train-shapes docker clean
+.PHONY: help install run test lint bench bench-http bench-stages bench-gpu train-shapes docker clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -32,8 +32,11 @@ lint: $(STAMP) ## ruff and mypy
 bench: $(STAMP) ## engine benchmark: predict vs explain vs pytorch-grad-cam vs captum (resnet50)
 	$(BIN)/python -m tests.bench.bench_engine
 
-bench-http: $(STAMP) ## HTTP throughput benchmark: batching on/off, resnet18 vs a per-request baseline
-	$(BIN)/python -m tests.bench.bench_http
+bench-http: $(STAMP) ## HTTP benchmark: batch policies, batching off, resnet18 vs a baseline (BENCH_ARGS=--before REF --table)
+	$(BIN)/python -m tests.bench.bench_http $(BENCH_ARGS)
+
+bench-stages: $(STAMP) ## where one request's time goes, stage by stage, in-process
+	$(BIN)/python -m tests.bench.bench_stages $(BENCH_ARGS)
 
 bench-gpu: $(STAMP) ## both benchmarks on CUDA, where a GPU exists
 	$(BIN)/python -m tests.bench.bench_engine --device cuda
