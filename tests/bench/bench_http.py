@@ -186,7 +186,8 @@ class Cell:
         return statistics.median(r[2] for r in self.results)
 
 
-def measure(cells: list[Cell], servers: dict[str, Server], images: dict[str, bytes], rounds: int) -> None:
+def measure(cells: list[Cell], servers: dict[str, Server], images: dict[str, bytes], rounds: int,
+            after_round: Callable[[int], None] | None = None) -> None:
     for r in range(rounds):
         shift = r % len(cells)
         for cell in cells[shift:] + cells[:shift]:
@@ -198,6 +199,8 @@ def measure(cells: list[Cell], servers: dict[str, Server], images: dict[str, byt
             except RuntimeError as exc:
                 raise RuntimeError(f"{cell.key}: {exc}") from None
         print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+        if after_round is not None:
+            after_round(r + 1)
 
 
 def per_round_ratio(a: Cell, b: Cell, pick: Callable[[tuple[float, float, float]], float]) -> float:
@@ -280,7 +283,7 @@ def run_all(args: argparse.Namespace, servers: dict[str, Server], images: dict[s
 
     def cell(server: str, path: str, c: int, image: str = "shapes", body: str = "multipart") -> Cell:
         requests = nr if image == "photo" else n
-        new = Cell(server, path, c, image, requests if c == 1 else max(requests, 10 * c), body)
+        new = Cell(server, path, c, image, requests if c == 1 else max(requests, 4 * c), body)
         return cells.setdefault(new.key, new)
 
     t1 = [(model, path, cell(f"{model} default", path, 1, img), cell(f"{model} max_batch_size=1", path, 1, img))
@@ -299,12 +302,20 @@ def run_all(args: argparse.Namespace, servers: dict[str, Server], images: dict[s
                     cell(name, path, c, img)
     todo = list(cells.values())
     print(f"{len(todo)} cells x {args.rounds} rounds", file=sys.stderr, flush=True)
-    measure(todo, servers, images, args.rounds)
+    measure(todo, servers, images, args.rounds,
+            lambda done: report(args, cells, t1, t2, t3, t4, engine, done))
 
+
+def report(args: argparse.Namespace, cells: dict[tuple[str, str, int, str, str], Cell],
+           t1: list[tuple[str, str, Cell, Cell]], t2: list[tuple[str, Cell, Cell]], t3: dict[str, Cell],
+           t4: dict[tuple[str, str], Cell], engine: float, done: int) -> None:
+    """The tables from the rounds done so far (printed after every round: a slow machine may not
+    let the last one finish)."""
     p50: Callable[[tuple[float, float, float]], float] = lambda r: r[0]  # noqa: E731
     ips: Callable[[tuple[float, float, float]], float] = lambda r: r[2]  # noqa: E731
     print(f"# HTTP benchmark on {platform.machine()}, {os.cpu_count()} cores ({platform.processor() or 'cpu'}), "
-          f"device {args.device}; load generator on the same machine; {args.rounds} interleaved rounds, medians")
+          f"device {args.device}; load generator on the same machine; {done} of {args.rounds} interleaved rounds, "
+          "medians", flush=True)
     print("\n## Concurrency 1: default vs batching off (p50 ms; target ratio <= 1.05)\n")
     print("| model | endpoint | default | max_batch_size=1 | ratio |")
     print("|---|---|---|---|---|")
@@ -334,6 +345,7 @@ def run_all(args: argparse.Namespace, servers: dict[str, Server], images: dict[s
         print("|---|---|---|---|---|---|")
         for c in sorted((c for c in cells.values() if c.body == "multipart"), key=lambda c: c.key):
             print(f"| {c.server} | {c.path} | {c.concurrency} | {c.p50():.1f} | {c.p95():.1f} | {c.ips():.1f} |")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
