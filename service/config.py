@@ -42,12 +42,15 @@ class Settings:
     log_format: str = "text"
     log_level: str = "info"
     drain_timeout_s: float = 30.0
+    # Decode/render threads; None sizes them to the machine. A Ray Serve replica sets its own CPU share.
+    cpu_threads: int | None = None
     default_model: str | None = None
     models: tuple[ModelSpec, ...] = field(default=DEFAULT_MODELS)
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_queue", "max_images_per_request", "max_body_bytes", "max_image_pixels"):
-            if getattr(self, name) < 1:
+        for name in ("max_batch_size", "max_queue", "max_images_per_request", "max_body_bytes", "max_image_pixels",
+                     "cpu_threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"`{name}` must be at least 1, got {getattr(self, name)}")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"`log_format` must be text or json, got {self.log_format!r}")
