@@ -215,7 +215,9 @@ def deploy(app: Any, *, name: str = APP_NAME, route_prefix: str = "/", timeout_s
     while time.monotonic() < deadline:
         status = serve.status().applications.get(name)
         if status is not None:
-            message = status.message
+            # The application's message is generic; the replicas' own errors are in the deployments'.
+            message = "; ".join([status.message, *(f"{name}: {d.message}" for name, d in status.deployments.items()
+                                                   if d.message)])
             if status.status == "RUNNING":
                 return
             if status.status == "DEPLOY_FAILED":
