@@ -204,11 +204,13 @@ def build_app(args: dict[str, Any]) -> Any:
     return build(load_settings(args.get("config")), ReplicaOptions.from_args(args))
 
 
-def deploy(app: Any, *, name: str = APP_NAME, route_prefix: str = "/", timeout_s: float = 600.0) -> None:
+def deploy(app: Any, *, name: str = APP_NAME, route_prefix: str = "/", timeout_s: float = 600.0,
+           logging_config: Mapping[str, Any] | None = None) -> None:
     """Deploy ``app`` and wait, at most ``timeout_s``, until it runs. Raises :class:`DeployFailed`
     with Serve's message when a replica cannot start (Serve gives up after a few constructor
     failures) or when it is still not running by then (for example no node has the resources)."""
-    target = serve.RunTarget(target=app, name=name, route_prefix=route_prefix)
+    target = serve.RunTarget(target=app, name=name, route_prefix=route_prefix,
+                             logging_config=dict(logging_config) if logging_config else None)
     serve.run_many([target], wait_for_applications_running=False)
     deadline = time.monotonic() + timeout_s
     message = ""
