@@ -264,3 +264,12 @@ def serve_forever(settings: Settings, options: ReplicaOptions, *, timeout_s: flo
         else:
             serve.delete(APP_NAME)  # someone else's cluster: remove only our application
         ray.shutdown()
+
+
+def __getattr__(name: str) -> Any:
+    # `serve build` wants an application object, not a builder: `serve build service.rayserve:app`
+    # writes a config for the default application (built-in model, one replica), built on demand so
+    # importing this module loads nothing.
+    if name == "app":
+        return build_app({})
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
