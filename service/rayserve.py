@@ -52,11 +52,8 @@ class DeployFailed(RuntimeError):
 
 
 def models_ready(app: FastAPI) -> bool:
-    """Whether this replica should take traffic: every model loaded and warm, and not draining.
-
-    The one place that knows where the app keeps its readiness."""
-    registry = getattr(app.state, "registry", None)
-    return registry is not None and bool(registry.ready) and not getattr(app.state, "draining", False)
+    """Whether this replica should take traffic: every model loaded and warm, and not draining."""
+    return bool(app.state.repository.ready)
 
 
 def replica_threads(num_cpus: float) -> int:

@@ -21,6 +21,7 @@ from ray import serve
 from service.app import create_app
 from service.config import ConfigError, Settings, load_settings
 from service.models.scenes import make_scene
+from service.modelspec import ModelSpec
 from service.rayserve import (
     APP_NAME,
     REPLICA_HEADER,
@@ -33,7 +34,7 @@ from service.rayserve import (
     deployment_options,
     models_ready,
 )
-from service.registry import ModelSpec
+from service.repository import ModelState
 from tests.api.conftest import png_bytes
 from tests.api.server import free_port
 
@@ -84,12 +85,14 @@ def test_health_follows_model_readiness():
         # The health check as Serve calls it, on a stand-in (a real replica needs a cluster: below).
         replica = SimpleNamespace(_app=app)
         CamServe.check_health(replica)
-        app.state.draining = True
+        repository = app.state.repository
+        repository.begin_drain()
         assert not models_ready(app)
         with pytest.raises(RuntimeError, match="not ready"):
             CamServe.check_health(replica)
-        app.state.draining = False
-        next(iter(app.state.registry)).ready = False
+        repository.draining = False
+        CamServe.check_health(replica)
+        next(iter(repository)).state = ModelState.LOADING
         with pytest.raises(RuntimeError, match="not ready"):
             CamServe.check_health(replica)
     replica._app = None
