@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 from ray import serve
 
 from service.app import create_app
+from service.cli import main
 from service.config import ConfigError, Settings, load_settings
 from service.models.scenes import make_scene
 from service.modelspec import ModelSpec
@@ -76,6 +77,17 @@ def test_bad_replica_options_name_the_argument(args, message):
 def test_builder_refuses_unknown_arguments():
     with pytest.raises(ConfigError, match="unknown camserve arguments"):
         build_app({"replica": "2"})
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--replicas", "2"], "need --ray"),
+    (["--ray", "--autoscale", "3,2"], "min_replicas <= max_replicas"),
+    (["--ray", "--autoscale", "1,x"], "`max_replicas` must be int, got 'x'"),
+    (["--ray", "--num-cpus", "0"], "`num_cpus` must be positive"),
+])
+def test_cli_refuses_bad_ray_options_before_starting_ray(argv, message, capsys):
+    assert main(["serve", *argv]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_health_follows_model_readiness():
