@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install browser run test lint bench bench-http bench-gpu train-shapes docker clean
+.PHONY: help install browser run test lint bench bench-http bench-ray bench-gpu train-shapes docker clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -42,6 +42,9 @@ bench: $(STAMP) ## engine benchmark: predict vs explain vs pytorch-grad-cam vs c
 
 bench-http: $(STAMP) ## HTTP throughput benchmark: batching on/off, resnet18 vs a per-request baseline
 	$(BIN)/python -m tests.bench.bench_http
+
+bench-ray: $(STAMP) ## Ray Serve (one and two replicas) vs a plain server: resnet18 and shapes at concurrency 8
+	$(BIN)/python -m tests.bench.bench_ray
 
 bench-gpu: $(STAMP) ## both benchmarks on CUDA, where a GPU exists
 	$(BIN)/python -m tests.bench.bench_engine --device cuda

@@ -47,7 +47,8 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
     settings = settings or Settings()
     metrics = Metrics()
     repository = ModelRepository(batch_settings(settings), settings.default_model,
-                                 on_batch=lambda name: partial(metrics.on_batch, name))
+                                 on_batch=lambda name: partial(metrics.on_batch, name),
+                                 cpu_threads=settings.cpu_threads)
     dataplane = DataPlane(repository, limits(settings))
     sources: Sequence[LoadedModel | ModelSpec] = models if models is not None else settings.models
     for source in sources:

@@ -52,6 +52,8 @@ class Settings:
     log_level: str = "info"
     drain_timeout_s: float = 30.0
     enable_ui: bool = True
+    # Decode/render threads; None sizes them to the machine. A Ray Serve replica sets its own CPU share.
+    cpu_threads: int | None = None
     default_model: str | None = None
     models: tuple[ModelSpec, ...] = field(default=DEFAULT_MODELS)
 
@@ -62,9 +64,11 @@ class Settings:
 
     def problems(self) -> list[str]:
         out = []
-        for name in ("max_batch_size", "max_queue", "max_images_per_request", "max_body_bytes", "max_image_pixels"):
-            if getattr(self, name) < 1:
-                out.append(f"setting `{name}` must be at least 1, got {getattr(self, name)}")
+        for name in ("max_batch_size", "max_queue", "max_images_per_request", "max_body_bytes", "max_image_pixels",
+                     "cpu_threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                out.append(f"setting `{name}` must be at least 1, got {value}")
         if not 0 <= self.port <= 65535:
             out.append(f"setting `port` must be in 0..65535, got {self.port}")
         for name in ("max_wait_ms", "request_timeout_s", "drain_timeout_s"):
