@@ -1,8 +1,9 @@
 #!/bin/sh
 # Install camserve's Python packages during an image build (both Dockerfiles):
-#   sh pip-install.sh deps|package|requirements EXTRAS TORCH_INDEX
+#   sh pip-install.sh requirements|deps|package EXTRAS TORCH_INDEX
 # "requirements" prints what pyproject.toml declares (plus the comma-separated EXTRAS' lines; the host's
-# wheelhouse script reads it too), "deps" installs that, "package" then installs camserve itself. Offline from /wheels when the wheelhouse holds wheels; otherwise
+# wheelhouse script reads it too), "deps" installs requirements.txt (that output), "package" then
+# installs camserve itself. Offline from /wheels when the wheelhouse holds wheels; otherwise
 # from the package index, with TORCH_INDEX (if set) as an extra index for PyTorch's own builds.
 set -eu
 STEP=$1
@@ -39,8 +40,7 @@ requirements)
     requirements
     ;;
 deps)
-    requirements > /tmp/requirements.txt
-    pip install "$@" -r /tmp/requirements.txt
+    pip install "$@" -r requirements.txt
     ;;
 package)
     # The venv's own setuptools builds it, so no build dependency has to be fetched.

@@ -76,7 +76,8 @@ def scene_png(label: str, seed: int = 0) -> bytes:
 class Container:
     """One detached run of the image, on a free loopback port; removed on exit."""
 
-    def __init__(self, image: str, name: str, args: list[str], volumes: list[str] | None = None) -> None:
+    def __init__(self, image: str, name: str, args: list[str], volumes: list[str] | None = None,
+                 options: list[str] | None = None) -> None:
         self.port = free_port()
         self.name = name
         self.url = f"http://127.0.0.1:{self.port}"
@@ -85,6 +86,7 @@ class Container:
         cmd = ["run", "-d", "--name", name, "-p", f"127.0.0.1:{self.port}:8000"]
         for v in volumes or []:
             cmd += ["-v", v]
+        cmd += options or []
         self.started = time.monotonic()
         self.id = docker(*cmd, image, *args)
 
@@ -246,9 +248,11 @@ def main() -> int:
                       "torch.version.cuda or 'cpu-only')")
     print(f"image {args.image}: {size / 1e9:.2f} GB ({size / 2**30:.2f} GiB); torch, torchvision, CUDA: {versions}")
     try:
-        with Container(args.image, f"camserve-check-{os.getpid()}", []) as c:
+        # Locked down as docker/k8s/camserve.yaml runs it: read-only root, a writable /tmp, no capabilities.
+        locked = ["--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL", "--security-opt", "no-new-privileges"]
+        with Container(args.image, f"camserve-check-{os.getpid()}", [], options=locked) as c:
             ready_s = c.wait_ready()
-            print(f"  ready (/readyz 200) {ready_s:.1f} s after docker run")
+            print(f"  ready (/readyz 200) {ready_s:.1f} s after docker run (read-only root, no capabilities)")
             check_requests(c, args.n)
             check_non_root(c)
             check_healthy(c)

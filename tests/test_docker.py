@@ -51,6 +51,15 @@ def test_copied_paths_exist(dockerfile):
         assert (ROOT / src).exists(), f"{dockerfile.name} copies {src}, which is not in the repository"
 
 
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerignore_lets_the_copied_paths_through(dockerfile):
+    """BuildKit reads docker/<Dockerfile>.dockerignore: all is ignored but what the Dockerfile copies."""
+    lines = [line for line in Path(f"{dockerfile}.dockerignore").read_text().splitlines() if not line.startswith("#")]
+    assert lines[0] == "*", "the ignore file should start by ignoring everything"
+    for src in _copy_sources(dockerfile):
+        assert f"!{src}" in lines, f"{dockerfile.name}.dockerignore does not let {src} through"
+
+
 def test_wheelhouse_folders_are_kept_but_not_their_wheels():
     # COPY needs the folder even when empty (a connected machine); wheels must never be committed.
     for flavour in ("cpu", "cuda"):

@@ -28,11 +28,14 @@ DRAIN_TIMEOUT_S = 30  # the images' SERVICE_DRAIN_TIMEOUT_S
 PRESTOP_S = 5
 # Arguments of service.rayserve:build_app (the Ray Serve application builder).
 BUILDER_ARGS = {"config", "replicas", "min_replicas", "max_replicas", "num_cpus", "num_gpus"}
-# Fields KServe adds to a predictor beside the pod spec it embeds (ComponentExtensionSpec, PredictorSpec).
-KSERVE_PREDICTOR_FIELDS = {
+# A predictor is a pod spec plus these KServe fields (the InferenceService CRD, serving.kserve.io/v1beta1);
+# the framework blocks are the alternative to a custom container.
+KSERVE_FRAMEWORKS = {"model", "sklearn", "xgboost", "lightgbm", "tensorflow", "pytorch", "triton", "onnx", "pmml",
+                     "paddle", "huggingface"}
+KSERVE_PREDICTOR_FIELDS = KSERVE_FRAMEWORKS | {
     "minReplicas", "maxReplicas", "scaleTarget", "scaleMetric", "scaleMetricType", "autoScaling",
     "containerConcurrency", "timeout", "canaryTrafficPercent", "logger", "batcher", "labels", "annotations",
-    "deploymentStrategy", "model", "workerSpec",
+    "deploymentStrategy", "workerSpec", "storageUris", "storageContainerName",
 }
 DNS_1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
@@ -135,7 +138,7 @@ def test_inferenceservice_required_fields():
     assert DNS_1123_LABEL.fullmatch(ISVC["metadata"]["name"])
     predictor = ISVC["spec"]["predictor"]
     # A custom predictor: containers, and no model/framework block beside them.
-    assert "model" not in predictor and "containers" in predictor
+    assert not KSERVE_FRAMEWORKS & set(predictor) and "containers" in predictor
     c = _container(predictor)
     assert c["name"] == "kserve-container" and c["image"]
     port = c["ports"][0]["containerPort"]
@@ -147,6 +150,8 @@ def test_inferenceservice_required_fields():
 
 
 def test_rayservice_required_fields():
+    """What the RayService CRD (ray.io/v1) requires: rayClusterConfig.headGroupSpec.template; per worker
+    group groupName, minReplicas, maxReplicas and template; rayStartParams as strings."""
     assert RAY["apiVersion"] == "ray.io/v1" and RAY["kind"] == "RayService"
     assert DNS_1123_LABEL.fullmatch(RAY["metadata"]["name"])
     spec = RAY["spec"]
