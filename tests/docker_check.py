@@ -226,11 +226,11 @@ def check_second_model(image: str, n: int) -> None:
         ready_s = c.wait_ready()
         listed = {m["name"] for m in ok_json(httpx.get(f"{c.url}/models", timeout=10), "/models")["models"]}
         check(set(names) <= listed, f"/models lists {sorted(listed)}, config names {names}")
-        png = scene_png("circle", 2)
+        upload = {"image": ("circle.png", scene_png("circle", 2))}
         with httpx.Client(base_url=c.url, timeout=60) as http:
-            p_ms, resp = timed(lambda: http.post("/predict", files={"image": ("c.png", png)}, data={"model": second}), n)
+            p_ms, resp = timed(lambda: http.post("/predict", files=upload, data={"model": second}), n)
             check(ok_json(resp, f"predict {second}")["model"] == second, "the answer names another model")
-            e_ms, resp = timed(lambda: http.post("/explain", files={"image": ("c.png", png)}, data={"model": second}), n)
+            e_ms, resp = timed(lambda: http.post("/explain", files=upload, data={"model": second}), n)
             ok_json(resp, f"explain {second}")
         print(f"  models.toml mounted: {sorted(listed)} ready {ready_s:.1f} s after start; {second!r}: "
               f"predict median {p_ms:.1f} ms, explain median {e_ms:.1f} ms over {n}")

@@ -128,7 +128,8 @@ def test_service_hpa_and_pdb_point_at_the_deployment():
     ref = PLAIN["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]
     assert (ref["kind"], ref["name"]) == ("Deployment", deployment["metadata"]["name"])
     # The PDB must leave room to evict a pod at the HPA's minimum, or node drains block forever.
-    assert PLAIN["PodDisruptionBudget"]["spec"]["minAvailable"] < PLAIN["HorizontalPodAutoscaler"]["spec"]["minReplicas"]
+    hpa, pdb = PLAIN["HorizontalPodAutoscaler"]["spec"], PLAIN["PodDisruptionBudget"]["spec"]
+    assert pdb["minAvailable"] < hpa["minReplicas"]
     models = PLAIN["ConfigMap"]["data"]["models.toml"]
     assert tomllib.loads(models)["models"], "the ConfigMap's models.toml names no model"
 
