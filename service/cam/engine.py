@@ -276,10 +276,14 @@ class CamEngine:
             head = linear_head(self.model, act, logits[idx])
             self._closed_form[layer] = head is not None
         x_rows = x[idx].detach()
+
+        def replay(a: Tensor, rows: Tensor) -> Tensor:
+            return self._replay(layer, a, x_rows[rows])
+
         return CamContext(
             activations=act, gradients=g, targets=torch.tensor(target_rows, device=act.device, dtype=torch.long),
             logits=logits[idx], inputs=x_rows, forward=self._extra_forward,
-            replay=lambda a, rows, _l=layer, _x=x_rows: self._replay(_l, a, _x[rows]),
+            replay=replay,
             head=head, chunk_rows=self.chunk_rows, smooth="eigen" if smooth == "eigen" else None,
             guided=lambda: guided_gradients(self.model, x_rows, torch.tensor(target_rows, device=act.device)),
         )

@@ -24,7 +24,8 @@ class _GuidedReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
         (active,) = ctx.saved_tensors
-        return grad.clamp(min=0) * active
+        passed: Tensor = grad.clamp(min=0) * active
+        return passed
 
 
 def has_relu_modules(model: nn.Module) -> bool:
@@ -42,7 +43,7 @@ def guided_gradients(model: nn.Module, x: Tensor, targets: Tensor) -> Tensor:
         with torch.enable_grad():
             leaf = x.detach().float().requires_grad_(True)
             logits = model(leaf.to(x.dtype))
-            t, n = targets.shape
+            t = targets.shape[0]
             onehot = torch.zeros((t, *logits.shape), dtype=logits.dtype, device=logits.device)
             onehot.scatter_(2, targets[:, :, None], 1.0)
             # One backward per target: vmap (is_grads_batched) does not run through a custom Function's backward.

@@ -328,7 +328,7 @@ class ScoreCAM(CamMethod):
 
     def run(self, ctx: CamContext) -> Work:
         a, x = ctx.activations, ctx.inputs
-        n, c, h, w = a.shape
+        n, c = a.shape[:2]
         size = (x.shape[2], x.shape[3])
 
         def masked(start: int, stop: int) -> Tensor:

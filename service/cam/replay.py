@@ -60,7 +60,7 @@ def tail_module(model: nn.Module, layer: str) -> nn.Module | None:
     try:
         with _TRACE_LOCK:
             graph = tracer.trace(model)
-    except Exception:  # noqa: BLE001 - any untraceable forward (data-dependent control flow) means: no tail
+    except Exception:
         return None
     nodes = list(graph.nodes)
     at = [n for n in nodes if n.op == "call_module" and n.target == layer]
