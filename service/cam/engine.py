@@ -35,7 +35,17 @@ from service.errors import InvalidArgument
 SMOOTHINGS = ("aug", "eigen")
 FUSIONS = ("mean", "max", "product")
 # pytorch-grad-cam's aug_smooth: horizontal flip x brightness, undone and averaged.
+# Elements of the activations replayed in one chunk (64 MB of float32).
+_REPLAY_ELEMENTS = 1 << 24
 _AUGMENTATIONS = tuple((flip, gain) for flip in (False, True) for gain in (1.0, 0.9, 1.1))
+
+
+def check_extra_forwards(cost: int, limit: int) -> None:
+    """Refuse a request whose extra forward images (perturbations, metrics) exceed ``limit``."""
+    if cost > limit:
+        raise InvalidArgument("method", f"this request needs {cost} extra forward images, over the limit of "
+                              f"{limit} (SERVICE_MAX_EXTRA_FORWARDS); ask for fewer images or targets, a layer with "
+                              "fewer channels, fewer metric steps or a gradient method")
 
 
 @dataclass(frozen=True)
@@ -269,12 +279,16 @@ class CamEngine:
             g = as_spatial(grads[:t_max, idx].float().flatten(0, 1)).reshape(t_max, n, c, h, w)
         target_rows = [[targets[r][min(t, len(targets[r]) - 1)] for r in idx] for t in range(t_max)]
         head: LinearHead | None = None
+        replay_rows = self.chunk_rows
         if method.needs.replay:
             if captured.dim() != 4:
                 raise InvalidArgument("method", f"`method` {method.name!r} needs a layer with a (N, C, H, W) output; "
                                       f"{layer!r} returns tokens")
             head = linear_head(self.model, act, logits[idx])
             self._closed_form[layer] = head is not None
+            if head is None and self._tail(layer) is not None:
+                # A tail replay costs one activation per row, far less than an input image's forward.
+                replay_rows = max(self.chunk_rows, _REPLAY_ELEMENTS // max(1, act[0].numel()))
         x_rows = x[idx].detach()
 
         def replay(a: Tensor, rows: Tensor) -> Tensor:
@@ -284,7 +298,8 @@ class CamEngine:
             activations=act, gradients=g, targets=torch.tensor(target_rows, device=act.device, dtype=torch.long),
             logits=logits[idx], inputs=x_rows, forward=self._extra_forward,
             replay=replay,
-            head=head, chunk_rows=self.chunk_rows, smooth="eigen" if smooth == "eigen" else None,
+            head=head, chunk_rows=self.chunk_rows, replay_rows=replay_rows,
+            smooth="eigen" if smooth == "eigen" else None,
             guided=lambda: guided_gradients(self.model, x_rows, torch.tensor(target_rows, device=act.device)),
         )
 
@@ -292,12 +307,15 @@ class CamEngine:
         with torch.inference_mode():
             return self._forward(x).float()
 
+    def _tail(self, layer: str) -> nn.Module | None:
+        if layer not in self._tails:
+            self._tails[layer] = tail_module(self.model, layer)
+        return self._tails[layer]
+
     def _replay(self, layer: str, activations: Tensor, inputs: Tensor) -> Tensor:
         """Logits with ``layer``'s output replaced by ``activations`` ``(B, C, h, w)``; ``inputs`` ``(B, 3, H, W)``
         are the images the rows came from, used only where the tail cannot be cut from the model."""
-        if layer not in self._tails:
-            self._tails[layer] = tail_module(self.model, layer)
-        tail = self._tails[layer]
+        tail = self._tail(layer)
         with torch.inference_mode():
             if tail is not None:
                 out = tail(activations)

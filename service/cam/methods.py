@@ -82,6 +82,7 @@ class CamContext:
     replay: Callable[[Tensor, Tensor], Tensor]
     head: LinearHead | None  # set when the replay has a closed form
     chunk_rows: int  # images per extra forward
+    replay_rows: int = 0  # activations per replay chunk; 0: chunk_rows
     smooth: str | None = None
     guided: Callable[[], Tensor] | None = None  # -> (T, n, 3, H, W) guided-backprop input gradients
 
@@ -364,15 +365,14 @@ class AblationCAM(CamMethod):
 
     def run(self, ctx: CamContext) -> Work:
         a = ctx.activations
-        n, c, h, w = a.shape
+        n, c = a.shape[:2]
         base = _gather_targets(ctx.logits[:, None, :], ctx.targets)[..., 0]  # (T, n)
         if ctx.head is not None:
             # (T, n, C): W[target, k] * mean(A_k)
             drop = ctx.head.weight.float()[ctx.targets] * a.mean(dim=(2, 3))[None]
             yield from ()
         else:
-            # Rows of a replay are the size of one activation, far smaller than an input image.
-            step = max(ctx.chunk_rows, (1 << 24) // max(1, c * h * w))
+            step = ctx.replay_rows or ctx.chunk_rows
             outs: list[Tensor] = []
             for start in range(0, n * c, step):
                 rows = torch.arange(start, min(n * c, start + step), device=a.device)
