@@ -20,10 +20,13 @@ _EXPORTS = {
     "load_settings": "service.config",
     "CamEngine": "service.cam",
     "CamQuery": "service.cam",
-    "ModelSpec": "service.registry",
+    "ModelSpec": "service.modelspec",
     "load_model": "service.registry",
     "serve_module": "service.registry",
-    "ModelRuntime": "service.runtime",
+    "ModelRepository": "service.repository",
+    "DataPlane": "service.dataplane",
+    "ExplainOptions": "service.dataplane",
+    "Pipeline": "service.pipeline",
 }
 
 __all__ = ["__version__", *_EXPORTS]

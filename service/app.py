@@ -1,107 +1,89 @@
-"""``create_app(settings)``: the FastAPI application, its middleware, and the lifespan that owns
-the models and their batchers. Nothing is loaded at import time."""
+"""``create_app(settings)``: the FastAPI application, its middleware, and the lifespan that loads the
+models into the repository. Nothing is loaded at import time.
+
+The application state holds exactly three long-lived objects: ``settings``, ``repository`` (the
+models and their lifecycle) and ``dataplane`` (what every front-end calls), plus ``metrics``.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
 from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import partial
 
-import numpy as np
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import Scope
 
+from service import __version__
 from service.api import errors as api_errors
-from service.api.middleware import ApiKeyAuth, BodyLimit, RequestContext
+from service.api.middleware import ApiKeyAuth, BodyLimit, RequestContext, request_notes
 from service.api.routes import router
-from service.cam import CamQuery
 from service.config import Settings
-from service.imaging import encode_png
+from service.dataplane import DataPlane, Limits
 from service.metrics import Metrics
-from service.registry import LoadedModel, ModelRegistry, load_model
-from service.rendering import HeatmapSpec
-from service.runtime import BatchSettings, ModelRuntime
+from service.modelspec import ModelSpec
+from service.registry import LoadedModel, ModelLoadError
+from service.repository import BatchSettings, ModelRepository
 
 log = logging.getLogger("camserve")
-
-_ENDPOINTS = {"/predict", "/explain", "/models", "/healthz", "/readyz", "/metrics"}
 
 
 def batch_settings(settings: Settings) -> BatchSettings:
     return BatchSettings(max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000,
-                         max_queue=settings.max_queue, timeout_s=settings.request_timeout_s)
+                         max_queue=settings.max_queue, max_image_pixels=settings.max_image_pixels)
 
 
-async def _warm_up(runtime: ModelRuntime, settings: Settings) -> None:
-    """Run the whole path once (decode, batch, explain, render) so the first client pays nothing extra;
-    on CUDA also at the largest batch size, which selects its kernels."""
-    h, w = runtime.model.preprocess.input_size
-    png = encode_png(np.full((h, w, 3), 127, dtype=np.uint8))
-    sizes = [1]
-    if runtime.model.device.type == "cuda" and settings.max_batch_size > 1:
-        sizes.append(min(settings.max_batch_size, settings.max_queue))
-    for n in sizes:
-        explainable = bool(runtime.model.engine.layers.candidates)
-        await runtime.infer([png] * n, top_k=1, query=CamQuery() if explainable else None, spec=HeatmapSpec(),
-                            max_pixels=settings.max_image_pixels, bounded=False)
+def limits(settings: Settings) -> Limits:
+    return Limits(max_images=settings.max_images_per_request, max_image_pixels=settings.max_image_pixels,
+                  timeout_s=settings.request_timeout_s or None)
 
 
 def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] | None = None) -> FastAPI:
-    """Build the app. ``models`` short-cuts loading with already-built models (tests, notebooks)."""
+    """Build the app. ``models`` short-cuts loading with already-built models (tests, notebooks, the
+    command line, which loads before it binds the port so that a bad model is one clear line)."""
     settings = settings or Settings()
     metrics = Metrics()
+    repository = ModelRepository(batch_settings(settings), settings.default_model,
+                                 on_batch=lambda name: partial(metrics.on_batch, name))
+    dataplane = DataPlane(repository, limits(settings))
+    sources: Sequence[LoadedModel | ModelSpec] = models if models is not None else settings.models
+    for source in sources:
+        repository.declare(source.name, source.spec if isinstance(source, LoadedModel) else source)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.draining = False  # an app may be started again after a shutdown (tests)
-        loaded = list(models) if models is not None else [
-            await asyncio.to_thread(load_model, spec) for spec in settings.models]
-        registry = ModelRegistry(loaded, settings.default_model)
-        # Decode and render threads, shared by all models. Sized to the machine: measured on 2 cores,
-        # 2 threads served 10-20% more images/s than asyncio's default of 6, which queue on the GIL.
-        cpu_pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="camserve-cpu")
-        runtimes = {m.name: ModelRuntime(m, batch_settings(settings), partial(metrics.on_batch, m.name), cpu_pool)
-                    for m in registry}
-        for rt in runtimes.values():
-            rt.batcher.start()
+        repository.start()
         try:
-            for rt in runtimes.values():
-                await _warm_up(rt, settings)
-                rt.model.ready = True
-                log.info("model %r ready on %s: %d classes, input %s, default layer %s", rt.model.name,
-                         rt.model.device, rt.model.num_classes, rt.model.preprocess.input_size,
-                         rt.model.engine.layers.default)
-            app.state.registry, app.state.runtimes = registry, runtimes
+            for source in sources:
+                try:
+                    await repository.load(source)
+                except ModelLoadError as exc:
+                    log.error("camserve: %s", exc)
+                    raise
             yield
         finally:
-            app.state.draining = True
-            for rt in runtimes.values():
-                await rt.batcher.stop()
-            await asyncio.to_thread(cpu_pool.shutdown, True)
-            if models is None:
-                registry.close()
+            await repository.close(close_models=models is None)
 
     app = FastAPI(
         title="camserve",
         summary="Image classification with Grad-CAM explanations over HTTP.",
-        version="0.1.0",
+        version=__version__,
         lifespan=lifespan,
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.draining = False
+    app.state.repository = repository
+    app.state.dataplane = dataplane
     app.include_router(router)
     api_errors.install(app)
 
     def on_response(scope: Scope, status: int, seconds: float) -> None:
-        path = scope["path"]
-        endpoint = path if path in _ENDPOINTS else "/models/{name}" if path.startswith("/models/") else "other"
-        model = scope.get("state", {}).get("log_extra", {}).get("model", "")
+        # The matched route's template ("/models/{name}"), so label values stay few whatever the paths.
+        route = scope.get("route")
+        endpoint = getattr(route, "path", None) or "other"
+        model = str(request_notes(scope).get("model", ""))
         metrics.requests.labels(endpoint, model, str(status)).inc()
         metrics.latency.labels(endpoint, model).observe(seconds)
 

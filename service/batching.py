@@ -83,6 +83,12 @@ class Batcher(Generic[T, R]):
         # Let a batch cut short finish in its thread without blocking the event loop meanwhile.
         await asyncio.to_thread(self._executor.shutdown, True)
 
+    async def drain(self) -> None:
+        """Wait until every queued image has been computed (callers stop submitting first)."""
+        while self._task is not None and (self._queue or self._running):
+            self._wakeup.set()
+            await asyncio.sleep(0.005)
+
     @property
     def queue_depth(self) -> int:
         return len(self._queue)

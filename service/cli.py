@@ -1,4 +1,4 @@
-"""``camserve serve | train-shapes | explain``: the command line."""
+"""camserve serve | train-shapes | eval-shapes | explain: the command line."""
 
 from __future__ import annotations
 
@@ -13,25 +13,46 @@ from typing import Any
 log = logging.getLogger("camserve")
 
 
+def _fail(message: str) -> int:
+    print(f"camserve: {message}", file=sys.stderr)
+    return 2
+
+
+def _settings(config: str | None, **overrides: Any) -> Any:
+    """Settings, or ``None`` after printing every problem, one line each."""
+    from service.config import ConfigError, load_settings
+
+    try:
+        return load_settings(config, **overrides)
+    except ConfigError as exc:
+        for line in exc.problems:
+            _fail(line)
+        return None
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.app import create_app
-    from service.config import ConfigError, load_settings
     from service.logs import setup_logging
+    from service.registry import ModelLoadError, load_model
 
-    try:
-        settings = load_settings(args.config, host=args.host, port=args.port)
-    except ConfigError as exc:
-        print(f"camserve: {exc}", file=sys.stderr)
+    settings = _settings(args.config, host=args.host, port=args.port)
+    if settings is None:
         return 2
     setup_logging(settings.log_format, settings.log_level)
-    app = create_app(settings)
+    # Models load before the port opens, so a model that cannot load is one line and exit code 2,
+    # not a traceback from inside the server after it has announced itself.
+    try:
+        models = [load_model(spec) for spec in settings.models]
+    except ModelLoadError as exc:
+        return _fail(str(exc))
+    app = create_app(settings, models)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
             # Readiness flips first, so a load balancer stops routing here while in-flight work drains.
-            app.state.draining = True
+            app.state.repository.begin_drain()
             super().handle_exit(sig, frame)
             # uvicorn re-raises captured signals once shut down, so the process would die by SIGTERM;
             # a drained, orderly stop is a success for process supervisors, so exit 0 instead.
@@ -40,7 +61,8 @@ def _serve(args: argparse.Namespace) -> int:
                 captured.pop()
 
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                            timeout_graceful_shutdown=int(settings.drain_timeout_s), access_log=False)
+                            timeout_graceful_shutdown=settings.drain_timeout_s,
+                            access_log=False)
     server = Server(config)
     log.info("camserve serving %s on http://%s:%d (docs at /docs)", ", ".join(m.name for m in settings.models),
              settings.host, settings.port)
@@ -66,44 +88,58 @@ def _eval_shapes(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    """Explain one image file offline, writing the heatmap PNG; no server involved."""
+    """Explain one image file offline, writing one heatmap PNG per target; no server involved."""
     import asyncio
+    import re
 
-    from service.app import batch_settings
-    from service.config import load_settings
-    from service.registry import load_model
-    from service.rendering import HeatmapSpec
-    from service.runtime import ModelRuntime
+    from service.app import batch_settings, limits
+    from service.dataplane import DataPlane, ExplainOptions
+    from service.errors import CamserveError
+    from service.registry import ModelLoadError
+    from service.repository import ModelRepository
 
-    settings = load_settings(args.config)
+    settings = _settings(args.config)
+    if settings is None:
+        return 2
     spec = next((m for m in settings.models if m.name == (args.model or m.name)), None)
     if spec is None:
-        print(f"camserve: unknown model {args.model!r}", file=sys.stderr)
-        return 2
-
-    data = Path(args.image).read_bytes()
+        return _fail(f"unknown model {args.model!r}; configured: {', '.join(m.name for m in settings.models)}")
+    try:
+        data = Path(args.image).read_bytes()
+    except OSError as exc:
+        return _fail(f"cannot read {args.image}: {exc.strerror}")
+    targets = tuple(dict.fromkeys(args.target or ()))  # a target asked twice is explained once
 
     async def run() -> Any:
-        rt = ModelRuntime(load_model(spec), batch_settings(settings))
-        rt.batcher.start()
+        repository = ModelRepository(batch_settings(settings))
+        repository.start()
         try:
-            query = rt.make_query(args.method, args.layer, args.target or None)
-            return await rt.infer([data], top_k=min(5, rt.model.num_classes),
-                                  query=query, spec=HeatmapSpec(args.output), max_pixels=settings.max_image_pixels)
+            await repository.load(spec)
+            dataplane = DataPlane(repository, limits(settings))
+            return await dataplane.infer(spec.name, [data], explain=ExplainOptions(
+                method=args.method, layer=args.layer, targets=targets, output=args.output))
         finally:
-            await rt.batcher.stop()
+            await repository.close()
 
-    result = asyncio.run(run())[0]
-    for e in result.explanations:
-        out = Path(args.out).with_suffix("") if len(result.explanations) > 1 else Path(args.out)
-        path = out if len(result.explanations) == 1 else out.with_name(f"{out.name}-{e.label}.png")
+    try:
+        result = asyncio.run(run()).results[0]
+    except (CamserveError, ModelLoadError) as exc:
+        return _fail(getattr(exc, "message", str(exc)))
+    explanations = result.explanations or []
+    out = Path(args.out)
+    for e in explanations:
+        path = out
+        if len(explanations) > 1:  # one file per target, named after it
+            safe = re.sub(r"[^\w.-]+", "_", e.label)
+            path = out.with_name(f"{out.stem}-{e.index}-{safe}{out.suffix or '.png'}")
         path.write_bytes(e.heatmap.data)
         print(f"{e.label} ({e.index}) score {e.score:.4f} -> {path}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="camserve", description=__doc__)
+    parser = argparse.ArgumentParser(prog="camserve", description="Serve image classifiers over HTTP and explain "
+                                     "their decisions with Grad-CAM.")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve the configured models over HTTP")
     serve.add_argument("--config", help="models.toml (default: the built-in shapes model)")
@@ -111,23 +147,25 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, help="port (default 8000)")
     serve.set_defaults(func=_serve)
     train = sub.add_parser("train-shapes", help="train the built-in shapes model")
-    train.add_argument("--out", default=str(Path(__file__).parent / "models" / "shapes.pt"))
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--out", default=str(Path(__file__).parent / "models" / "shapes.pt"),
+                       help="where to write the weights (default: the shipped file)")
+    train.add_argument("--seed", type=int, default=0, help="training seed (default 0, the shipped weights)")
     train.set_defaults(func=_train_shapes)
     ev = sub.add_parser("eval-shapes", help="accuracy and Grad-CAM pointing game of the shapes model")
-    ev.add_argument("--n", type=int, default=2000)
-    ev.add_argument("--seed", type=int, default=1234)
+    ev.add_argument("--n", type=int, default=2000, help="fresh scenes to score (default 2000)")
+    ev.add_argument("--seed", type=int, default=1234, help="scene seed (default 1234)")
     ev.add_argument("--weights", help="a shapes.pt other than the shipped one")
     ev.set_defaults(func=_eval_shapes)
     ex = sub.add_parser("explain", help="explain one image file without a server")
-    ex.add_argument("image")
-    ex.add_argument("--config")
-    ex.add_argument("--model")
-    ex.add_argument("--method", default="gradcam")
-    ex.add_argument("--layer")
-    ex.add_argument("--target", action="append", help="class index or label (repeatable)")
-    ex.add_argument("--output", default="overlay", choices=["png", "overlay"])
-    ex.add_argument("--out", default="heatmap.png")
+    ex.add_argument("image", help="an image file (PNG, JPEG, WebP, GIF, BMP, TIFF)")
+    ex.add_argument("--config", help="models.toml (default: the built-in shapes model)")
+    ex.add_argument("--model", help="which configured model (default: the first)")
+    ex.add_argument("--method", default="gradcam", help="CAM method (default gradcam)")
+    ex.add_argument("--layer", help="target layer (default: the model's)")
+    ex.add_argument("--target", action="append", help="class index or label (repeatable; default: the top class)")
+    ex.add_argument("--output", default="overlay", choices=["png", "overlay"], help="greyscale png or a colour overlay")
+    ex.add_argument("--out", default="heatmap.png", help="output file; with several targets, one file per target "
+                    "named <stem>-<index>-<label>.png")
     ex.set_defaults(func=_explain)
     args = parser.parse_args(argv)
     code: int = args.func(args)

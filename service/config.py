@@ -1,12 +1,14 @@
 """Settings: the ``[server]`` table of the config file, overridden by ``SERVICE_<NAME>`` variables.
 
 The same file holds the models (``[models.<name>]`` tables) and ``default_model``. With no file,
-the built-in ``shapes`` model is served.
+the built-in ``shapes`` model is served. The whole configuration is checked before anything loads,
+and every problem is reported, one line each, naming the key, the value and what was expected.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -15,13 +17,19 @@ from pathlib import Path
 from types import UnionType
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from service.registry import ModelLoadError, ModelSpec
+from service.modelspec import ModelSpec, SpecError
 
 DEFAULT_MODELS = (ModelSpec(name="shapes", source="builtin:shapes"),)
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 class ConfigError(ValueError):
-    """The configuration cannot be used; start-up stops with this message."""
+    """The configuration cannot be used; ``problems`` has one line each. Start-up stops with them."""
+
+    def __init__(self, problems: str | list[str]) -> None:
+        self.problems = [problems] if isinstance(problems, str) else problems
+        super().__init__("\n".join(self.problems))
 
 
 @dataclass(frozen=True)
@@ -31,7 +39,7 @@ class Settings:
     max_batch_size: int = 32
     max_wait_ms: float = 5.0
     max_queue: int = 256
-    request_timeout_s: float = 30.0
+    request_timeout_s: float = 30.0  # 0: no limit
     max_images_per_request: int = 64
     max_body_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 40_000_000
@@ -46,11 +54,35 @@ class Settings:
     models: tuple[ModelSpec, ...] = field(default=DEFAULT_MODELS)
 
     def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems)
+
+    def problems(self) -> list[str]:
+        out = []
         for name in ("max_batch_size", "max_queue", "max_images_per_request", "max_body_bytes", "max_image_pixels"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"`{name}` must be at least 1, got {getattr(self, name)}")
+                out.append(f"setting `{name}` must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.port <= 65535:
+            out.append(f"setting `port` must be in 0..65535, got {self.port}")
+        for name in ("max_wait_ms", "request_timeout_s", "drain_timeout_s"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                out.append(f"setting `{name}` must be a finite number of at least 0, got {value}")
         if self.log_format not in ("text", "json"):
-            raise ConfigError(f"`log_format` must be text or json, got {self.log_format!r}")
+            out.append(f"setting `log_format` must be text or json, got {self.log_format!r}")
+        if self.log_level.lower() not in LOG_LEVELS:
+            out.append(f"setting `log_level` must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if self.api_keys_file is not None and not Path(self.api_keys_file).is_file():
+            out.append(f"setting `api_keys_file`: no such file {self.api_keys_file!r}")
+        names = [m.name for m in self.models]
+        for dup in sorted({n for n in names if names.count(n) > 1}):
+            out.append(f"model {dup!r} is defined twice")
+        if not names:
+            out.append("no models configured")
+        if self.default_model is not None and self.default_model not in names:
+            out.append(f"`default_model` {self.default_model!r} is not among the models: {', '.join(names)}")
+        return out
 
     def all_api_keys(self) -> tuple[str, ...]:
         keys = list(self.api_keys)
@@ -63,30 +95,50 @@ class Settings:
 _SETTABLE = [f for f in dataclasses.fields(Settings) if f.name != "models"]
 
 
-def _coerce(name: str, kind: Any, value: Any) -> Any:
-    """Turn a TOML value or an environment string into the field's type, naming the bad value."""
+def _coerce(name: str, kind: Any, value: Any, from_env: bool) -> Any:
+    """A TOML value or an environment string as the field's type; raises ``ValueError`` with the
+    line to report. TOML values must already have the right type (``4.5`` is not an integer, ``true``
+    is not a number, ``"64"`` is not a size); environment strings are parsed."""
     optional = get_origin(kind) in (Union, UnionType)
     base = next(a for a in get_args(kind) if a is not type(None)) if optional else kind
     base = get_origin(base) or base
-    try:
-        if base is tuple:
-            if isinstance(value, str):
-                return tuple(v.strip() for v in value.split(",") if v.strip())
-            return tuple(str(v) for v in value)
+    source = f"setting `{name}` (from SERVICE_{name.upper()})" if from_env else f"setting `{name}`"
+    expected = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+                tuple: "a list of strings or a comma-separated string"}[base]
+    bad = ValueError(f"{source} must be {expected}, got {value!r}")
+    if from_env:
         if value == "" and optional:
             return None  # an empty variable clears an optional setting
-        if base is int and not isinstance(value, float):
-            return int(value)
-        if base is float:
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"setting `{name}` must be {getattr(base, '__name__', base)}, got {value!r}") from None
+        if base is tuple:
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+        if base is bool:
+            if value.lower() not in _TRUE + _FALSE:
+                raise bad
+            return value.lower() in _TRUE
+        try:
+            return base(value)
+        except ValueError:
+            raise bad from None
+    if base is tuple:
+        if isinstance(value, str):
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise bad
+    if base is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if base is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if base in (str, bool) and isinstance(value, base):
+        return value
+    raise bad
 
 
 def load_settings(config: str | Path | None = None, env: Mapping[str, str] | None = None,
                   **overrides: Any) -> Settings:
-    """Read the config file (if any), then ``SERVICE_*`` variables, then explicit ``overrides``."""
+    """Read the config file (if any), then ``SERVICE_*`` variables, then explicit ``overrides``.
+
+    Raises :class:`ConfigError` listing every problem found."""
     env = os.environ if env is None else env
     data: dict[str, Any] = {}
     if config is not None:
@@ -96,27 +148,46 @@ def load_settings(config: str | Path | None = None, env: Mapping[str, str] | Non
             raise ConfigError(f"config file not found: {config}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {config} is not valid TOML: {exc}") from None
-    unknown = set(data) - {"server", "models", "default_model"}
-    if unknown:
-        raise ConfigError(f"unknown top-level keys in {config}: {sorted(unknown)}")
+    problems: list[str] = []
+    for key in sorted(set(data) - {"server", "models", "default_model"}):
+        problems.append(f"unknown top-level key `{key}` in {config}; known: server, models, default_model")
     hints = get_type_hints(Settings)
     values: dict[str, Any] = {}
     server = data.get("server", {})
     known = {f.name for f in _SETTABLE}
-    if set(server) - known:
-        raise ConfigError(f"unknown [server] settings {sorted(set(server) - known)}; known: {sorted(known)}")
+    if not isinstance(server, dict):
+        problems.append(f"`server` must be a table ([server]), got {server!r}")
+        server = {}
+    for key in sorted(set(server) - known):
+        problems.append(f"unknown [server] setting `{key}`; known: {', '.join(sorted(known))}")
     for f in _SETTABLE:
-        if f.name in server:
-            values[f.name] = _coerce(f.name, hints[f.name], server[f.name])
-        env_value = env.get(f"SERVICE_{f.name.upper()}")
-        if env_value is not None:
-            values[f.name] = _coerce(f.name, hints[f.name], env_value)
+        for value, from_env in ((server.get(f.name), False), (env.get(f"SERVICE_{f.name.upper()}"), True)):
+            if value is None:
+                continue
+            try:
+                values[f.name] = _coerce(f.name, hints[f.name], value, from_env)
+            except ValueError as exc:
+                problems.append(str(exc))
     values.update({k: v for k, v in overrides.items() if v is not None})
     if "default_model" in data:
-        values.setdefault("default_model", str(data["default_model"]))
+        if isinstance(data["default_model"], str):
+            values.setdefault("default_model", data["default_model"])
+        else:
+            problems.append(f"`default_model` must be a model name, got {data['default_model']!r}")
     if "models" in data:
-        try:
-            values["models"] = tuple(ModelSpec.from_table(n, t) for n, t in data["models"].items())
-        except (ModelLoadError, TypeError) as exc:
-            raise ConfigError(str(exc)) from None
-    return Settings(**values)
+        if not isinstance(data["models"], dict):
+            problems.append(f"`models` must hold [models.<name>] tables, got {data['models']!r}")
+        else:
+            specs = []
+            for name, table in data["models"].items():
+                try:
+                    specs.append(ModelSpec.from_table(name, table))
+                except SpecError as exc:
+                    problems += exc.problems
+            values["models"] = tuple(specs)
+    if problems:
+        raise ConfigError(problems)
+    try:
+        return Settings(**values)
+    except ConfigError as exc:
+        raise ConfigError(exc.problems) from None

@@ -1,22 +1,24 @@
 """The domain errors of camserve, one tree.
 
-Everything below the HTTP layer raises these; ``service.api.errors`` maps each class to one HTTP
-status in a single table and renders ``{"error": {"code", "message"}}``. The codes:
+Everything below the HTTP layer raises these. Each class says what went wrong and carries a
+machine-readable ``code``; ``service.api.errors`` holds the one table from class to HTTP status,
+looked up along the class hierarchy, and the one renderer of error bodies. The tree:
 
-CamserveError                 base; ``code`` is the machine-readable name
-+-- InvalidInput              400 ``invalid_input``: the request body cannot be understood
-|   +-- InvalidImage          400 ``invalid_image``: bytes that are not a decodable image, bad base64
-+-- InvalidArgument           422 ``invalid_argument``: a well-formed option with a bad value
-+-- Unauthorized              401 ``unauthorized``: API keys are set and none valid was given
-+-- ModelNotFound             404 ``model_not_found``
-+-- PayloadTooLarge           413 ``payload_too_large``: body, image pixels or image count
-+-- NotAcceptable             406 ``not_acceptable``: ``Accept: image/png`` for more than one heatmap
-+-- UnsupportedMediaType      415 ``unsupported_media_type``
-+-- ModelError                500 ``model_error``: the model itself raised while computing a batch
-+-- NotReady                  503 ``not_ready``: models are still loading or the server is draining
-+-- Overloaded                503 ``overloaded``: the queue is full; carries ``retry_after`` seconds
-|   +-- OutOfMemory           503 ``out_of_memory``: one image alone does not fit on the device
-+-- RequestTimeout            504 ``timeout``: the request waited longer than the configured timeout
+CamserveError               base
++-- InvalidInput            the request body cannot be understood
+|   +-- InvalidImage        bytes that are not a decodable image, bad base64
++-- InvalidArgument         a well-formed option with a bad value; ``field`` names the option
++-- Unauthorized            API keys are set and none valid was given
++-- Forbidden               a valid key, but not one allowed to do this (operator actions)
++-- ModelNotFound           no model of that name
++-- PayloadTooLarge         body, image pixels, image count or output size over a limit
++-- NotAcceptable           nothing the client's ``Accept`` allows can be produced
++-- UnsupportedMediaType    a body that is neither JSON nor multipart
++-- ModelError              the model itself raised while computing a batch
++-- NotReady                a model is loading or unloading, or the server is draining
++-- Overloaded              the queue is full; carries ``retry_after`` seconds
+|   +-- OutOfMemory         one image alone does not fit on the device
++-- RequestTimeout          the request took longer than the configured timeout
 
 Messages name the argument and the bad value, and never contain paths, keys or image data.
 """
@@ -25,6 +27,8 @@ from __future__ import annotations
 
 
 class CamserveError(Exception):
+    """Base of every domain error. ``code`` is stable; ``message`` is for people."""
+
     code = "error"
 
     def __init__(self, message: str) -> None:
@@ -50,6 +54,10 @@ class InvalidArgument(CamserveError):
 
 class Unauthorized(CamserveError):
     code = "unauthorized"
+
+
+class Forbidden(CamserveError):
+    code = "forbidden"
 
 
 class ModelNotFound(CamserveError):

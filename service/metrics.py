@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from service.batching import BatchStats
-from service.runtime import ModelRuntime
+from service.repository import ModelRepository
 
 log = logging.getLogger("camserve.batch")
 
@@ -32,6 +31,7 @@ class Metrics:
                                     ["model"], buckets=_LATENCY_BUCKETS, registry=r)
         self.images = Counter("camserve_images", "Images through the model", ["model"], registry=r)
         self.queue_depth = Gauge("camserve_queue_depth", "Images waiting for a batch", ["model"], registry=r)
+        self.model_ready = Gauge("camserve_model_ready", "1 while the model takes requests", ["model"], registry=r)
         self.gpu_memory = Gauge("camserve_gpu_memory_bytes", "CUDA memory allocated", ["device"], registry=r)
 
     def on_batch(self, model: str, stats: BatchStats) -> None:
@@ -44,10 +44,11 @@ class Metrics:
         self.compute.labels(model).observe(stats.compute_s)
         self.queue_wait.labels(model).observe(stats.queued_s)
 
-    def refresh(self, runtimes: Iterable[ModelRuntime]) -> None:
+    def refresh(self, repository: ModelRepository) -> None:
         """Read the gauges that are sampled rather than counted."""
-        for rt in runtimes:
-            self.queue_depth.labels(rt.model.name).set(rt.batcher.queue_depth)
+        for served in repository:
+            self.queue_depth.labels(served.name).set(served.batcher.queue_depth if served.batcher else 0)
+            self.model_ready.labels(served.name).set(1 if served.ready else 0)
         if torch.cuda.is_available():
             for i in range(torch.cuda.device_count()):
                 self.gpu_memory.labels(f"cuda:{i}").set(torch.cuda.memory_allocated(i))

@@ -81,6 +81,12 @@ class Preprocess:
         std = torch.tensor(self.std, device=pixels.device).view(3, 1, 1) * 255
         return (pixels.float() - mean) / std
 
+    def denormalize(self, x: Tensor) -> Tensor:
+        """``(..., 3, h, w)`` normalised float -> uint8 pixels (clipped), the inverse of :meth:`normalize`."""
+        mean = torch.tensor(self.mean, device=x.device).view(3, 1, 1) * 255
+        std = torch.tensor(self.std, device=x.device).view(3, 1, 1) * 255
+        return (x.float() * std + mean).round().clamp(0, 255).to(torch.uint8)
+
 
 def _axis_weights(n_out: int, n_in: int, scale: float, offset: float, extent: float,
                   device: torch.device) -> Tensor:

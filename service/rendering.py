@@ -6,9 +6,8 @@ floats) are copied to the host, then PNG-encoded there.
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -22,10 +21,10 @@ from service.preprocess import Geometry, to_input_size, to_original
 
 Output = Literal["png", "overlay", "array"]
 Size = Literal["original", "input", "feature"]
-OUTPUTS: tuple[str, ...] = ("png", "overlay", "array")
+OUTPUTS: tuple[str, ...] = get_args(Output)
 # An array heatmap is JSON text, about 7 bytes a pixel: a 40-megapixel upload would be a 300 MB answer.
 MAX_ARRAY_PIXELS = 1 << 20
-SIZES: tuple[str, ...] = ("original", "input", "feature")
+SIZES: tuple[str, ...] = get_args(Size)
 
 
 @dataclass(frozen=True)
@@ -49,19 +48,17 @@ class HeatmapSpec:
 
 @dataclass(frozen=True)
 class Heatmap:
-    """``data``: PNG bytes for png/overlay, nested lists of floats in [0, 1] for array; ``wire_data``
-    is what JSON carries (base64 for PNGs), made here in the render thread, not on the event loop."""
+    """``data``: PNG bytes for png/overlay; for array, a ``(height, width)`` float32 array in [0, 1].
+    How either travels (base64, nested lists, binary tensors) is the front-end's business."""
 
     format: Output
     width: int
     height: int
-    data: bytes | list[list[float]]
-    wire_data: str | list[list[float]]
+    data: bytes | np.ndarray
 
 
 def _png(fmt: Output, pixels: np.ndarray) -> Heatmap:
-    png = encode_png(pixels)
-    return Heatmap(fmt, pixels.shape[1], pixels.shape[0], png, base64.b64encode(png).decode())
+    return Heatmap(fmt, pixels.shape[1], pixels.shape[0], encode_png(pixels))
 
 
 def resample(maps: Tensor, size: Size, geom: Geometry, input_size: tuple[int, int]) -> Tensor:
@@ -84,8 +81,8 @@ def render(maps: Tensor, spec: HeatmapSpec, geom: Geometry, input_size: tuple[in
     sized = resample(maps.float(), spec.size, geom, input_size)
     t = sized.shape[0]
     if spec.output == "array":
-        host = sized.cpu().numpy().round(4)
-        return [Heatmap("array", w, h, rows, rows) for rows in (host[i].tolist() for i in range(t))]
+        host = sized.cpu().numpy()
+        return [Heatmap("array", w, h, host[i]) for i in range(t)]
     levels = (sized * 255).round().to(torch.uint8)
     if spec.output == "png":
         host = levels.cpu().numpy()

@@ -9,9 +9,9 @@ import torch
 import torchvision
 
 from service.cam import CamQuery
-from service.config import ConfigError, load_settings
+from service.config import ConfigError, Settings, load_settings
 from service.errors import InvalidArgument
-from service.registry import ModelLoadError, ModelRegistry, ModelSpec, load_model
+from service.registry import ModelLoadError, ModelSpec, load_model
 from tests.api.models import Tiny
 
 
@@ -97,12 +97,12 @@ def test_load_errors_name_the_model_and_the_problem(spec, message):
         load_model(spec)
 
 
-def test_registry_refuses_duplicates_and_unknown_defaults():
-    shapes = load_model(ModelSpec("shapes", "builtin:shapes"))
-    with pytest.raises(ModelLoadError, match="twice"):
-        ModelRegistry([shapes, shapes])
-    with pytest.raises(ModelLoadError, match="default_model 'nope'"):
-        ModelRegistry([shapes], default="nope")
+def test_settings_refuse_duplicates_and_unknown_defaults():
+    shapes = ModelSpec("shapes", "builtin:shapes")
+    with pytest.raises(ConfigError, match="twice"):
+        Settings(models=(shapes, shapes))
+    with pytest.raises(ConfigError, match="`default_model` 'nope'"):
+        Settings(models=(shapes,), default_model="nope")
 
 
 def test_config_file_and_environment(tmp_path):

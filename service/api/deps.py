@@ -5,30 +5,14 @@ thread hop per dependency per request for what is an attribute lookup."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from service.config import Settings
-from service.errors import NotReady
+from service.dataplane import DataPlane
 from service.metrics import Metrics
-from service.registry import ModelRegistry
-from service.runtime import ModelRuntime
-
-
-class Runtimes:
-    """The served models' runtimes, looked up through the registry (unknown names -> 404)."""
-
-    def __init__(self, registry: ModelRegistry, runtimes: dict[str, ModelRuntime]) -> None:
-        self.registry = registry
-        self._runtimes = runtimes
-
-    def get(self, name: str | None) -> ModelRuntime:
-        return self._runtimes[self.registry.get(name).name]
-
-    def __iter__(self) -> Iterator[ModelRuntime]:
-        return iter(self._runtimes.values())
+from service.repository import ModelRepository
 
 
 async def get_settings(request: Request) -> Settings:
@@ -36,17 +20,14 @@ async def get_settings(request: Request) -> Settings:
     return settings
 
 
-async def get_registry(request: Request) -> ModelRegistry:
-    registry: ModelRegistry | None = getattr(request.app.state, "registry", None)
-    if registry is None:
-        raise NotReady("models are still loading")
-    return registry
+async def get_repository(request: Request) -> ModelRepository:
+    repository: ModelRepository = request.app.state.repository
+    return repository
 
 
-async def get_runtimes(request: Request) -> Runtimes:
-    if getattr(request.app.state, "draining", False):
-        raise NotReady("the server is shutting down")
-    return Runtimes(await get_registry(request), request.app.state.runtimes)
+async def get_dataplane(request: Request) -> DataPlane:
+    dataplane: DataPlane = request.app.state.dataplane
+    return dataplane
 
 
 async def get_metrics(request: Request) -> Metrics:
@@ -55,6 +36,6 @@ async def get_metrics(request: Request) -> Metrics:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
-RuntimesDep = Annotated[Runtimes, Depends(get_runtimes)]
+RepositoryDep = Annotated[ModelRepository, Depends(get_repository)]
+DataPlaneDep = Annotated[DataPlane, Depends(get_dataplane)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]

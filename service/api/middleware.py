@@ -7,7 +7,6 @@ limit is refused from its ``Content-Length`` before it is read.
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import re
 import time
@@ -16,17 +15,31 @@ from collections.abc import Callable, Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api import errors as api_errors
+from service.errors import CamserveError, PayloadTooLarge, Unauthorized
+
 log = logging.getLogger("camserve.access")
 
 _SAFE_ID = re.compile(r"^[\w.:@/+=-]{1,128}$")
 
 
-def _json_error(status: int, code: str, message: str, extra: list[tuple[bytes, bytes]] | None = None
-                ) -> tuple[Message, Message]:
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               *(extra or [])]
-    return ({"type": "http.response.start", "status": status, "headers": headers},
+def note_request(scope: Scope, **fields: object) -> None:
+    """Add fields to this request's access-log line and metrics labels (``model``, ``images``)."""
+    scope.setdefault("state", {}).setdefault("log_extra", {}).update(fields)
+
+
+def request_notes(scope: Scope) -> dict[str, object]:
+    extra: dict[str, object] = scope.get("state", {}).get("log_extra", {})
+    return extra
+
+
+def _error_messages(scope: Scope, exc: CamserveError, close: bool = False) -> tuple[Message, Message]:
+    status, headers, body = api_errors.render(scope["path"], exc)
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+           *((k.lower().encode(), v.encode()) for k, v in headers.items())]
+    if close:
+        raw.append((b"connection", b"close"))
+    return ({"type": "http.response.start", "status": status, "headers": raw},
             {"type": "http.response.body", "body": body})
 
 
@@ -62,10 +75,11 @@ class RequestContext:
         except Exception:
             log.exception("unhandled error", extra={"request_id": rid})
             if not response_started:
-                start, body = _json_error(500, "internal_error", "internal server error; see the server log "
-                                          f"for request {rid}")
-                await send_with_id(start)
-                await send(body)
+                body = api_errors.body(scope["path"], "internal_error",
+                                       f"internal server error; see the server log for request {rid}")
+                await send_with_id({"type": "http.response.start", "status": 500, "headers": [
+                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
         finally:
             if self.on_response is not None:
                 self.on_response(scope, status, time.perf_counter() - started)
@@ -73,7 +87,7 @@ class RequestContext:
                      (time.perf_counter() - started) * 1000,
                      extra={"request_id": rid, "status": status, "path": scope["path"],
                             "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-                            **scope["state"].get("log_extra", {})})
+                            **request_notes(scope)})
 
 
 class BodyLimit:
@@ -88,9 +102,9 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
-        message = f"request body is over the limit of {self.max_bytes} bytes"
+        too_large = PayloadTooLarge(f"request body is over the limit of {self.max_bytes} bytes")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            for m in _json_error(413, "payload_too_large", message, [(b"connection", b"close")]):
+            for m in _error_messages(scope, too_large, close=True):
                 await send(m)
             return
         received = 0
@@ -107,7 +121,7 @@ class BodyLimit:
         try:
             await self.app(scope, counted, send)
         except BodyTooLarge:
-            for m in _json_error(413, "payload_too_large", message, [(b"connection", b"close")]):
+            for m in _error_messages(scope, too_large, close=True):
                 await send(m)
 
 
@@ -115,8 +129,14 @@ class BodyTooLarge(Exception):
     """Raised from ``receive`` when a streamed body passes the limit; turned into a 413 above."""
 
 
+def is_open(path: str, open_paths: Iterable[str]) -> bool:
+    """``path`` is one of ``open_paths`` or below one (``/v2/health`` opens ``/v2/health/live``)."""
+    return any(path == p or path.startswith(p.rstrip("/") + "/") for p in open_paths)
+
+
 class ApiKeyAuth:
-    """Requires ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` except on ``open_paths``.
+    """Requires ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` except on ``open_paths`` and
+    below them.
 
     Every configured key is compared with ``hmac.compare_digest`` so the time taken does not reveal
     which key, or how much of one, matched.
@@ -125,7 +145,7 @@ class ApiKeyAuth:
     def __init__(self, app: ASGIApp, keys: Iterable[str], open_paths: Iterable[str]) -> None:
         self.app = app
         self.keys = [k.encode() for k in keys]
-        self.open_paths = set(open_paths)
+        self.open_paths = tuple(open_paths)
 
     def _authorized(self, scope: Scope) -> bool:
         headers = dict(scope["headers"])
@@ -139,9 +159,10 @@ class ApiKeyAuth:
         return ok
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.open_paths or self._authorized(scope):
+        if scope["type"] != "http" or is_open(scope["path"], self.open_paths) or self._authorized(scope):
             await self.app(scope, receive, send)
             return
-        for m in _json_error(401, "unauthorized", "a valid API key is required: send `Authorization: Bearer "
-                             "<key>` or `X-API-Key: <key>`", [(b"www-authenticate", b"Bearer")]):
+        refused = Unauthorized("a valid API key is required: send `Authorization: Bearer <key>` or "
+                               "`X-API-Key: <key>`")
+        for m in _error_messages(scope, refused):
             await send(m)

@@ -1,20 +1,24 @@
-"""The HTTP endpoints. Handlers only parse, delegate to a ``ModelRuntime`` and shape the response."""
+"""camserve's native HTTP endpoints. Handlers parse the wire format, hand the request to the data
+plane and encode its results; validation and scheduling live below."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
+from pathlib import PurePath
 from typing import Any, TypeVar
 from urllib.parse import quote
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from service.api.deps import MetricsDep, RegistryDep, RuntimesDep, SettingsDep
-from service.api.errors import ClientGone
+from service import errors
+from service.api.deps import DataPlaneDep, MetricsDep, RepositoryDep, SettingsDep
+from service.api.encoding import heavy, inference_json
+from service.api.errors import ClientGone, openapi_responses
+from service.api.middleware import note_request
 from service.api.parsing import parse_request
 from service.api.schemas import (
-    ErrorResponse,
     ExplainBody,
     ExplainOptions,
     InferenceResponse,
@@ -24,37 +28,25 @@ from service.api.schemas import (
     PredictOptions,
 )
 from service.cam import METHODS
+from service.dataplane import ExplainOptions as ExplainRequest
 from service.errors import NotAcceptable, NotReady
-from service.registry import LoadedModel
-from service.rendering import HeatmapSpec
-from service.runtime import ImageResult, ModelRuntime
+from service.repository import ServedModel
 
 router = APIRouter()
 T = TypeVar("T")
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": text}
-    for status, text in {
-        400: "Undecodable base64, or not an image", 401: "Missing or wrong API key", 404: "Unknown model",
-        406: "`Accept: image/png` for more than one heatmap", 413: "Body, image pixels or image count over the limits",
-        415: "Neither JSON nor multipart", 422: "Bad option value", 503: "Not ready, or overloaded (see Retry-After)",
-        504: "Timed out",
-    }.items()
-}
+_INFERENCE_ERRORS = openapi_responses(
+    errors.InvalidInput, errors.Unauthorized, errors.ModelNotFound, errors.PayloadTooLarge,
+    errors.UnsupportedMediaType, errors.InvalidArgument, errors.NotReady, errors.RequestTimeout)
 
 _MULTIPART_SCHEMA = {
     "type": "object",
     "required": ["image"],
     "properties": {
         "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
-        "model": {"type": "string"},
+        **{name: {"type": "string"} for name in ("model", "method", "layer", "output", "size", "colormap")},
         "top_k": {"type": "integer"},
         "targets": {"type": "string", "description": "Comma-separated class indices or labels"},
-        "method": {"type": "string"},
-        "layer": {"type": "string"},
-        "output": {"type": "string"},
-        "size": {"type": "string"},
-        "colormap": {"type": "string"},
         "alpha": {"type": "number"},
     },
 }
@@ -68,11 +60,22 @@ def _body_doc(body: type[PredictBody] | type[ExplainBody]) -> dict[str, Any]:
     }}}
 
 
-def _summary(m: LoadedModel) -> dict[str, Any]:
+def public_source(served: ServedModel) -> str:
+    """The source kind and name, never a server path: ``torchscript:/srv/m.pt`` shows as ``torchscript:m.pt``."""
+    if served.spec is None:
+        return "unknown"
+    kind, _, target = served.spec.source.partition(":")
+    return f"{kind}:{PurePath(target).name}" if kind == "torchscript" else served.spec.source
+
+
+def _summary(served: ServedModel) -> dict[str, Any]:
+    m = served.model
+    assert m is not None
     return {
-        "name": m.name, "source": m.spec.source, "device": str(m.device), "num_classes": m.num_classes,
-        "input_size": list(m.preprocess.input_size), "layers": list(m.engine.layers.candidates),
-        "methods": list(METHODS) if m.engine.layers.candidates else [], "precision": m.spec.precision,
+        "name": m.name, "source": public_source(served), "state": served.state.value, "device": str(m.device),
+        "num_classes": m.num_classes, "input_size": list(m.preprocess.input_size),
+        "layers": list(m.engine.layers.candidates), "methods": list(METHODS) if m.explainable else [],
+        "precision": m.spec.precision, "output": m.spec.output,
     }
 
 
@@ -82,28 +85,33 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["health"], responses={503: _ERRORS[503]})
-async def readyz(request: Request) -> dict[str, Any]:
-    """200 when every model is loaded and warm and the server is not draining."""
-    registry = getattr(request.app.state, "registry", None)
-    if registry is None or not registry.ready:
-        raise NotReady("models are still loading")
-    if getattr(request.app.state, "draining", False):
+@router.get("/readyz", tags=["health"], responses=openapi_responses(errors.NotReady))
+async def readyz(repository: RepositoryDep) -> dict[str, Any]:
+    """200 when every model is loaded and warm and the server is not draining; the body shows each
+    model's state."""
+    states = {m.name: m.state.value for m in repository}
+    if repository.draining:
         raise NotReady("the server is shutting down")
-    return {"status": "ready", "models": [m.name for m in registry]}
+    if not repository.ready:
+        waiting = [f"{name} ({state})" for name, state in states.items() if state != "ready"]
+        raise NotReady(f"models not ready: {', '.join(waiting) or 'none configured yet'}")
+    return {"status": "ready", "models": [name for name, state in states.items() if state == "ready"]}
 
 
 @router.get("/models", tags=["models"], response_model=ModelList)
-async def list_models(registry: RegistryDep) -> dict[str, Any]:
+async def list_models(repository: RepositoryDep) -> dict[str, Any]:
     """The served models; ``layers`` lists the default target layer first."""
-    return {"default": registry.default, "models": [_summary(m) for m in registry]}
+    served = [m for m in repository if m.model is not None]
+    return {"default": repository.default, "models": [_summary(m) for m in served]}
 
 
-@router.get("/models/{name}", tags=["models"], response_model=ModelDetail, responses={404: _ERRORS[404]})
-async def get_model(name: str, registry: RegistryDep) -> dict[str, Any]:
+@router.get("/models/{name}", tags=["models"], response_model=ModelDetail,
+            responses=openapi_responses(errors.ModelNotFound, errors.NotReady))
+async def get_model(name: str, repository: RepositoryDep) -> dict[str, Any]:
     """One model, with its labels."""
-    m = registry.get(name)
-    return {**_summary(m), "labels": m.labels}
+    served = repository.get(name)
+    assert served.model is not None
+    return {**_summary(served), "labels": served.model.labels}
 
 
 async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
@@ -130,75 +138,55 @@ async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -
         watcher.cancel()
 
 
-def _response(model: str, results: list[ImageResult]) -> dict[str, Any]:
-    out = []
-    for r in results:
-        item: dict[str, Any] = {"predictions": [vars(p) for p in r.predictions]}
-        if r.explanations is not None:
-            item["explanations"] = [
-                {"index": e.index, "label": e.label, "score": e.score, "method": e.method, "layer": e.layer,
-                 "heatmap": {"format": e.heatmap.format, "width": e.heatmap.width, "height": e.heatmap.height,
-                             "data": e.heatmap.wire_data}}
-                for e in r.explanations
-            ]
-        out.append(item)
-    return {"model": model, "results": out}
-
-
 def _wants_png(request: Request) -> bool:
     accept = request.headers.get("accept", "").lower()
     return "image/png" in accept and "application/json" not in accept
 
 
 @router.post("/predict", tags=["inference"], response_model=InferenceResponse, response_model_exclude_none=True,
-             responses=_ERRORS, openapi_extra=_body_doc(PredictBody))
-async def predict(request: Request, runtimes: RuntimesDep, settings: SettingsDep) -> dict[str, Any]:
+             responses=_INFERENCE_ERRORS, openapi_extra=_body_doc(PredictBody))
+async def predict(request: Request, dataplane: DataPlaneDep, settings: SettingsDep) -> dict[str, Any]:
     """Class scores for one or more images (JSON base64 or multipart ``image`` parts)."""
     images, opts = await parse_request(request, PredictOptions, settings.max_images_per_request)
-    runtime = runtimes.get(opts.model)
-    _note(request, runtime, len(images))
-    results = await _unless_disconnected(request, runtime.infer(
-        images, top_k=runtime.check_top_k(opts.top_k), query=None, spec=None, max_pixels=settings.max_image_pixels))
-    return _response(runtime.model.name, results)
+    plan = dataplane.plan(opts.model, len(images), top_k=opts.top_k)
+    note_request(request.scope, model=plan.model_name, images=len(images))
+    result = await _unless_disconnected(request, dataplane.run(plan, images))
+    return inference_json(result)
 
 
 @router.post("/explain", tags=["inference"], response_model=InferenceResponse, responses={
-    **_ERRORS, 200: {"content": {"image/png": {}}, "description": "JSON results, or with `Accept: image/png` the "
-                     "PNG itself, with X-Class-Index, X-Class-Label and X-Class-Score headers."}},
+    **_INFERENCE_ERRORS, **openapi_responses(errors.NotAcceptable),
+    200: {"content": {"image/png": {}}, "description": "JSON results, or with `Accept: image/png` the "
+          "PNG itself, with X-Class-Index, X-Class-Label and X-Class-Score headers."}},
              openapi_extra=_body_doc(ExplainBody))
-async def explain(request: Request, runtimes: RuntimesDep, settings: SettingsDep) -> Any:
+async def explain(request: Request, dataplane: DataPlaneDep, settings: SettingsDep) -> Any:
     """Class scores plus a Grad-CAM (or other CAM) heatmap per image and target class."""
     images, opts = await parse_request(request, ExplainOptions, settings.max_images_per_request)
-    runtime = runtimes.get(opts.model)
-    _note(request, runtime, len(images))
-    top_k = runtime.check_top_k(opts.top_k)
-    query = runtime.make_query(opts.method, opts.layer, opts.targets)
-    spec = HeatmapSpec(opts.output, opts.size, opts.colormap, opts.alpha)
+    plan = dataplane.plan(opts.model, len(images), top_k=opts.top_k, explain=ExplainRequest(
+        method=opts.method, layer=opts.layer, targets=tuple(opts.targets or ()), output=opts.output,  # type: ignore[arg-type]
+        size=opts.size, colormap=opts.colormap, alpha=opts.alpha))  # type: ignore[arg-type]
+    note_request(request.scope, model=plan.model_name, images=len(images))
     png = _wants_png(request)
-    if png and (len(images) != 1 or len(query.classes) > 1 or opts.output == "array"):
+    assert plan.query is not None
+    if png and (len(images) != 1 or len(plan.query.classes) > 1 or opts.output == "array"):
         raise NotAcceptable("`Accept: image/png` needs exactly one image, one target and output png or overlay; "
-                            f"got {len(images)} image(s), {max(1, len(query.classes))} target(s), output "
+                            f"got {len(images)} image(s), {max(1, len(plan.query.classes))} target(s), output "
                             f"{opts.output!r}")
-    results = await _unless_disconnected(request, runtime.infer(
-        images, top_k=top_k, query=query, spec=spec, max_pixels=settings.max_image_pixels))
+    result = await _unless_disconnected(request, dataplane.run(plan, images))
     if png:
-        e = results[0].explanations[0]  # type: ignore[index]
+        e = result.results[0].explanations[0]  # type: ignore[index]
         assert isinstance(e.heatmap.data, bytes)
         return Response(e.heatmap.data, media_type="image/png", headers={
             "X-Class-Index": str(e.index), "X-Class-Label": quote(e.label), "X-Class-Score": f"{e.score:.6f}"})
-    body = _response(runtime.model.name, results)
-    if opts.output == "array":
-        # Up to millions of floats: serialising them would stall every other request on the loop.
-        return await asyncio.get_running_loop().run_in_executor(runtime.cpu_pool, JSONResponse, body)
-    return JSONResponse(body)
-
-
-def _note(request: Request, runtime: ModelRuntime, n_images: int) -> None:
-    request.state.log_extra = {"model": runtime.model.name, "images": n_images}
+    if heavy(result):
+        # Megabytes of base64 or floats: encoding them on the loop would stall every other request.
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(dataplane.repository.cpu_pool, lambda: JSONResponse(inference_json(result)))
+    return JSONResponse(inference_json(result))
 
 
 @router.get("/metrics", tags=["health"], response_class=Response)
-async def metrics(metrics: MetricsDep, runtimes: RuntimesDep) -> Response:
+async def metrics(metrics: MetricsDep, repository: RepositoryDep) -> Response:
     """Prometheus text format."""
-    metrics.refresh(runtimes)
+    metrics.refresh(repository)
     return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-Method = Literal["gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam"]
+from service.cam import METHODS
+from service.colormaps import COLORMAPS
+from service.rendering import OUTPUTS, SIZES
+
+
+def _enum(names: tuple[str, ...] | list[str], default: str, description: str) -> Any:
+    """A string option whose allowed values come from the table that defines them (methods,
+    outputs, sizes, colormaps); the data plane checks the value and names the valid ones."""
+    return Field(default, description=description, json_schema_extra={"enum": list(names)})
 
 
 def _no_bools(value: object) -> object:
@@ -30,11 +38,11 @@ class PredictOptions(BaseModel):
 class ExplainOptions(PredictOptions):
     targets: list[int | str] | None = Field(
         None, description="Classes to explain for every image, as indices or labels; default: each image's top-1.")
-    method: Method = "gradcam"
+    method: str = _enum(list(METHODS), "gradcam", "CAM method.")
     layer: str | None = Field(None, description="Dotted module name; the model's default layer when omitted.")
-    output: Literal["png", "overlay", "array"] = "png"
-    size: Literal["original", "input", "feature"] = "original"
-    colormap: Literal["jet", "turbo", "viridis", "inferno"] = "jet"
+    output: str = _enum(OUTPUTS, "png", "png: greyscale heatmap; overlay: coloured on the image; array: floats.")
+    size: str = _enum(SIZES, "original", "Heatmap size: the upload's, the model input's, or the layer's grid.")
+    colormap: str = _enum(COLORMAPS, "jet", "Colormap for overlays.")
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="Heatmap opacity for overlays.")
 
     _check_targets = field_validator("targets", mode="before")(_no_bools)
@@ -67,7 +75,7 @@ class PredictionOut(BaseModel):
 
 
 class HeatmapOut(BaseModel):
-    format: Literal["png", "overlay", "array"]
+    format: str = _enum(OUTPUTS, "png", "The output asked for.")
     width: int
     height: int
     data: str | list[list[float]] = Field(description="Base64 PNG for png/overlay; rows of floats in [0, 1] for array.")
@@ -91,13 +99,16 @@ class InferenceResponse(BaseModel):
 
 class ModelSummary(BaseModel):
     name: str
-    source: str
+    source: str = Field(description="The source kind and name, e.g. `torchvision:resnet50` or `python:pkg.mod:make`;"
+                        " never a server file path.")
+    state: str = Field(description="loading, ready, draining, failed or unloaded.")
     device: str
     num_classes: int
     input_size: tuple[int, int]
     layers: list[str] = Field(description="Target layers; the default first.")
     methods: list[str]
     precision: str
+    output: str = Field(description="Score activation: softmax, sigmoid or none.")
 
 
 class ModelDetail(ModelSummary):

@@ -1,7 +1,8 @@
 """The built-in "shapes" demo classifier: a small CNN trained on synthetic scenes.
 
 The network ends in global average pooling over a 16x16 feature grid followed by one linear layer,
-so Grad-CAM at `model.features[-1]` gives a usefully fine map for 64x64 inputs.
+so Grad-CAM at `model.features` (the served default layer, whose output is that grid) gives a usefully
+fine map for 64x64 inputs.
 """
 
 from __future__ import annotations

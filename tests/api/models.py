@@ -41,3 +41,24 @@ def tiny_model(name: str = "tiny", **kwargs: float | bool) -> LoadedModel:
 def slow() -> nn.Module:
     """Factory for a real server: a model that takes ``SLOW_MODEL_S`` seconds per batch."""
     return Tiny(delay_s=float(os.environ.get("SLOW_MODEL_S", "0.5")))
+
+
+class Binary(nn.Module):
+    """One output logit: a binary head, meant to be scored with a sigmoid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1))
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.features(x)).mean(dim=(2, 3)))
+
+
+def binary() -> nn.Module:
+    return Binary()
+
+
+def tiny() -> nn.Module:
+    return Tiny()

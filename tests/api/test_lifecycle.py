@@ -40,7 +40,7 @@ def test_a_bad_config_is_named(tmp_path):
 def test_draining_turns_readiness_off():
     with tiny_client() as c:
         assert c.get("/readyz").status_code == 200
-        c.app.state.draining = True
+        c.app.state.repository.begin_drain()
         r = c.get("/readyz")
         assert r.status_code == 503
         assert r.json()["error"]["code"] == "not_ready"
@@ -57,16 +57,17 @@ def slow_server(tmp_path, seconds: float, server_table: str = "", **env: str):
 
 @pytest.mark.slow
 def test_sigterm_finishes_in_flight_requests_then_exits_zero(tmp_path):
-    proc, port = slow_server(tmp_path, 1.5, SERVICE_DRAIN_TIMEOUT_S="20")
+    proc, port = slow_server(tmp_path, 3.0, SERVICE_DRAIN_TIMEOUT_S="20")
     result: dict[str, httpx.Response] = {}
 
+    image = b64(png_bytes(scene("circle")[0]))
+
     def call() -> None:
-        image = b64(png_bytes(scene("circle")[0]))
         result["r"] = httpx.post(f"http://127.0.0.1:{port}/predict", json={"image": image}, timeout=30)
 
     t = threading.Thread(target=call)
     t.start()
-    time.sleep(0.5)  # the request is inside the model now
+    time.sleep(1.2)  # the request is inside the model now (margins for a busy machine)
     proc.send_signal(signal.SIGTERM)
     t.join(30)
     assert proc.wait(timeout=30) == 0
@@ -75,7 +76,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits_zero(tmp_path):
 
 @pytest.mark.slow
 def test_a_client_that_disconnects_is_dropped_from_the_queue(tmp_path):
-    proc, port = slow_server(tmp_path, 0.6, "[server]\nmax_batch_size = 1\n")
+    proc, port = slow_server(tmp_path, 1.2, "[server]\nmax_batch_size = 1\n")
     body = json.dumps({"image": b64(png_bytes(scene("circle")[0]))}).encode()
     request = (f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
@@ -85,7 +86,7 @@ def test_a_client_that_disconnects_is_dropped_from_the_queue(tmp_path):
             httpx.post(f"http://127.0.0.1:{port}/predict", content=body, timeout=30,
                        headers={"content-type": "application/json"}).status_code))
         first.start()
-        time.sleep(0.2)  # the first request holds the model
+        time.sleep(0.5)  # the first request holds the model (margins for a busy machine)
         with socket.create_connection(("127.0.0.1", port)) as gone:
             gone.sendall(request)
             time.sleep(0.1)  # queued behind the first, then the client leaves
@@ -97,5 +98,5 @@ def test_a_client_that_disconnects_is_dropped_from_the_queue(tmp_path):
         proc.wait(30)
     assert results == [200]
     images = next(line for line in metrics.splitlines() if line.startswith('camserve_images_total{model="slow"}'))
-    assert images.endswith(" 2.0"), images  # the warm-up and the first request: the one that left never ran
+    assert images.endswith(" 1.0"), images  # only the first request: the one that left never ran
     assert 'status="499"' in metrics

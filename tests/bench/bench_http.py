@@ -105,24 +105,24 @@ def run_rows(name: str, port: int, image: bytes, requests: int) -> dict[tuple[st
 
 def in_process_ms(config: Path | None, image: bytes, device: str) -> float:
     """Median time of the same single-image explain done in-process: decode, batcher, engine, PNG."""
-    from service.app import batch_settings
-    from service.cam import CamQuery
+    from service.app import batch_settings, limits
     from service.config import load_settings
-    from service.registry import load_model
-    from service.rendering import HeatmapSpec
-    from service.runtime import ModelRuntime
+    from service.dataplane import DataPlane, ExplainOptions
+    from service.repository import ModelRepository
 
     settings = load_settings(config)
 
     async def go() -> float:
-        rt = ModelRuntime(load_model(settings.models[0]), batch_settings(settings))
-        rt.batcher.start()
+        repository = ModelRepository(batch_settings(settings))
+        repository.start()
+        await repository.load(settings.models[0])
+        dataplane = DataPlane(repository, limits(settings))
         times = []
         for _ in range(60):
             t0 = time.perf_counter()
-            await rt.infer([image], top_k=5, query=CamQuery(), spec=HeatmapSpec(), max_pixels=10**8)
+            await dataplane.infer(None, [image], explain=ExplainOptions())
             times.append((time.perf_counter() - t0) * 1000)
-        await rt.batcher.stop()
+        await repository.close()
         return statistics.median(times[10:])
 
     return asyncio.run(go())

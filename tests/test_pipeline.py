@@ -1,4 +1,5 @@
-"""ModelRuntime: the GPU-oriented paths (OOM splitting, autocast precision) exercised on CPU."""
+"""Pipeline: the GPU-oriented paths (OOM splitting, autocast precision) exercised on CPU, and running
+with or without a batcher."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import torch
 from service.cam import CamQuery
 from service.errors import InvalidArgument, OutOfMemory
 from service.imaging import encode_png
+from service.labels import class_index
+from service.pipeline import Job, Pipeline
 from service.registry import ModelSpec, serve_module
 from service.rendering import HeatmapSpec
-from service.runtime import BatchSettings, Job, ModelRuntime
 from tests.api.models import TINY_PRE, Tiny, tiny_model
 
 IMAGES = [encode_png(np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)) for i in range(6)]
@@ -34,28 +36,27 @@ class OomAbove(Tiny):
         return super().forward(x)
 
 
-def _runtime(module: torch.nn.Module, **spec: str) -> ModelRuntime:
-    return ModelRuntime(serve_module(module, ModelSpec(name="m", source="python:x:y", **spec), None, TINY_PRE),
-                        BatchSettings(max_batch_size=8))
+def _pipeline(module: torch.nn.Module, **spec: str) -> Pipeline:
+    return Pipeline(serve_module(module, ModelSpec(name="m", source="python:x:y", **spec), None, TINY_PRE))
 
 
 def test_out_of_memory_splits_the_batch_and_retries():
-    rt = _runtime(OomAbove(limit=2))
+    rt = _pipeline(OomAbove(limit=2))
     jobs = [Job(rt.prepare(img, 10**6).pixels, CamQuery()) for img in IMAGES[:5]]
     rt.model.module.sizes.clear()
-    results = rt.run_batch(jobs)
+    results = rt.compute(jobs)
     assert all(not isinstance(r, BaseException) for r in results)
     assert rt.model.module.sizes == [5, 2, 3, 1, 2]  # 5 fails -> 2 runs, 3 fails -> 1 + 2 run
-    single = rt.run_batch(jobs[:1])
+    single = rt.compute(jobs[:1])
     for a, b in zip([results[0]], single, strict=True):
         torch.testing.assert_close(a.cam.maps, b.cam.maps)
 
 
 def test_one_image_that_does_not_fit_fails_alone_with_503():
-    rt = _runtime(OomAbove(limit=1))
+    rt = _pipeline(OomAbove(limit=1))
     rt.model.module.limit = 0  # after loading: nothing fits any more
     jobs = [Job(rt.prepare(img, 10**6).pixels, None) for img in IMAGES[:2]]
-    results = rt.run_batch(jobs)
+    results = rt.compute(jobs)
     assert all(isinstance(r, OutOfMemory) for r in results)
     assert "does not fit" in results[0].message
 
@@ -64,16 +65,12 @@ def test_one_image_that_does_not_fit_fails_alone_with_503():
 def test_reduced_precision_keeps_the_maps(precision):
     if precision == "fp16" and not torch.cuda.is_available():
         pytest.skip("fp16 autocast is a CUDA feature")
-    fp32 = _runtime(Tiny())
-    low = _runtime(Tiny(), precision=precision)
+    fp32 = _pipeline(Tiny())
+    low = _pipeline(Tiny(), precision=precision)
 
-    async def run(rt: ModelRuntime):
-        rt.batcher.start()
-        try:
-            return await rt.infer(IMAGES, top_k=2, query=CamQuery(classes=(1,)),
-                                  spec=HeatmapSpec("array", "feature"), max_pixels=10**6)
-        finally:
-            await rt.batcher.stop()
+    async def run(rt: Pipeline):
+        return await rt.run(IMAGES, top_k=2, query=CamQuery(classes=(1,)), spec=HeatmapSpec("array", "feature"),
+                            max_pixels=10**6)
 
     a, b = asyncio.run(run(fp32)), asyncio.run(run(low))
     for x, y in zip(a, b, strict=True):
@@ -85,7 +82,7 @@ def test_reduced_precision_keeps_the_maps(precision):
 def test_cuda_matches_cpu():
     cpu = tiny_model()
     gpu = serve_module(Tiny(), ModelSpec(name="g", source="python:x:y", device="cuda"), None, TINY_PRE)
-    x = torch.stack([ModelRuntime(cpu, BatchSettings()).prepare(i, 10**6).pixels for i in IMAGES])
+    x = torch.stack([Pipeline(cpu).prepare(i, 10**6).pixels for i in IMAGES])
     q = [CamQuery(top=2)] * len(IMAGES)
     out_cpu = cpu.engine.explain(cpu.preprocess.normalize(x), q)
     out_gpu = gpu.engine.explain(gpu.preprocess.normalize(x.cuda()), q)
@@ -94,11 +91,27 @@ def test_cuda_matches_cpu():
 
 
 def test_a_label_wins_over_an_index_and_odd_strings_are_refused():
-    rt = ModelRuntime(serve_module(Tiny(), ModelSpec("m", "python:x:y"), ["1", "0", "3", "cat"], TINY_PRE),
-                      BatchSettings())
-    assert rt.class_index("1") == 0  # the label "1", not index 1
-    assert rt.class_index("2") == 2  # no such label: an index
-    assert rt.class_index(3) == 3
-    for bad in ("²", "9" * 5000, "dog", True):
+    labels = ["1", "0", "3", "cat"]
+    assert class_index(labels, "1") == 0  # the label "1", not index 1
+    assert class_index(labels, "2") == 2  # no such label: an index
+    assert class_index(labels, 3) == 3
+    for bad in ("²", "9" * 5000, "dog", True, 4, -1):
         with pytest.raises(InvalidArgument):
-            rt.class_index(bad)
+            class_index(labels, bad)
+
+
+def test_a_pixel_tensor_input_gives_the_same_result_as_its_image():
+    """Clients that preprocess themselves (OIP `pixels`) get what the image would have given."""
+    rt = _pipeline(Tiny())
+    prepared = rt.prepare(IMAGES[0], 10**6)
+    normalized = rt.model.preprocess.normalize(prepared.pixels)
+    query, spec = CamQuery(classes=(2,)), HeatmapSpec("array", "input")
+
+    async def run(inputs):
+        return await rt.run(inputs, top_k=4, query=query, spec=spec, max_pixels=10**6)
+
+    from_png, from_uint8, from_float = (asyncio.run(run([x])) for x in (IMAGES[0], prepared.pixels, normalized))
+    for other in (from_uint8, from_float):
+        assert other[0].scores == pytest.approx(from_png[0].scores, abs=1e-5)
+        np.testing.assert_allclose(other[0].explanations[0].heatmap.data, from_png[0].explanations[0].heatmap.data,
+                                   atol=1e-5)

@@ -1,0 +1,109 @@
+"""The protocol-neutral data plane: every front-end (the native routes, KServe V1, the Open Inference
+Protocol, the debugging page) turns its wire format into these calls and their results back.
+
+It validates options against the model, resolves the model in the repository, bounds the request
+(images, targets, time) and runs the model's pipeline through its batcher. Nothing here knows HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from service.cam import CamQuery, get_method
+from service.errors import InvalidArgument, NotReady, PayloadTooLarge, RequestTimeout
+from service.labels import class_index
+from service.pipeline import ImageInput
+from service.rendering import HeatmapSpec, Output, Size
+from service.repository import ModelRepository, ServedModel
+from service.results import InferenceResult
+
+MAX_TARGETS = 16
+
+
+@dataclass(frozen=True)
+class ExplainOptions:
+    """What to explain and how to render it; the defaults are the native API's."""
+
+    method: str = "gradcam"
+    layer: str | None = None
+    targets: Sequence[int | str] = field(default_factory=tuple)
+    output: Output = "png"
+    size: Size = "original"
+    colormap: str = "jet"
+    alpha: float = 0.5
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated request, ready to run: which model, how many predictions, what to explain."""
+
+    served: ServedModel
+    top_k: int
+    query: CamQuery | None
+    spec: HeatmapSpec | None
+
+    @property
+    def model_name(self) -> str:
+        return self.served.name
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_images: int = 64
+    max_image_pixels: int = 40_000_000
+    timeout_s: float | None = 30.0
+
+
+class DataPlane:
+    def __init__(self, repository: ModelRepository, limits: Limits) -> None:
+        self.repository = repository
+        self.limits = limits
+
+    def plan(self, model: str | None, n_images: int, *, top_k: int | None = None,
+             explain: ExplainOptions | None = None) -> Plan:
+        """Check everything that can be checked before any image is read; raises domain errors."""
+        served = self.repository.get(model)
+        loaded = served.model
+        assert loaded is not None  # a ready model is loaded
+        if n_images > self.limits.max_images:
+            raise PayloadTooLarge(f"{n_images} images in one request, over the limit of {self.limits.max_images}")
+        queue = self.repository.settings.max_queue
+        if n_images > queue:  # could never be queued whole: a retry cannot help, so not a 503
+            raise PayloadTooLarge(f"{n_images} images in one request, more than the model's queue holds ({queue}); "
+                                  "send them in smaller requests")
+        k = loaded.num_classes
+        if top_k is None:
+            top_k = min(5, k)
+        elif not 1 <= top_k <= k:
+            raise InvalidArgument("top_k", f"`top_k` must be between 1 and {k}, got {top_k}")
+        if explain is None:
+            return Plan(served, top_k, None, None)
+        get_method(explain.method)
+        if len(explain.targets) > MAX_TARGETS:
+            raise InvalidArgument("targets", f"at most {MAX_TARGETS} targets per request, got {len(explain.targets)}")
+        layer = loaded.engine.layers.resolve(explain.layer)
+        classes = tuple(class_index(loaded.labels, t) for t in explain.targets)
+        spec = HeatmapSpec(explain.output, explain.size, explain.colormap, explain.alpha)
+        return Plan(served, top_k, CamQuery(method=explain.method, layer=layer, classes=classes), spec)
+
+    async def run(self, plan: Plan, images: Sequence[ImageInput]) -> InferenceResult:
+        """Run a planned request; the whole of it (decode, queue, compute, render) is bounded by the
+        request timeout."""
+        pipeline = plan.served.pipeline
+        if pipeline is None:  # unloaded between plan and run
+            raise NotReady(f"model {plan.model_name!r} is {plan.served.state.value}")
+        work = pipeline.run(images, top_k=plan.top_k, query=plan.query, spec=plan.spec,
+                            max_pixels=self.limits.max_image_pixels, submit=plan.served.submit)
+        timeout = self.limits.timeout_s
+        try:
+            results = await asyncio.wait_for(work, timeout)
+        except TimeoutError:
+            raise RequestTimeout(f"request took longer than the {timeout:g} s timeout") from None
+        return InferenceResult(plan.model_name, results)
+
+    async def infer(self, model: str | None, images: Sequence[ImageInput], *, top_k: int | None = None,
+                    explain: ExplainOptions | None = None) -> InferenceResult:
+        """Plan and run in one call."""
+        return await self.run(self.plan(model, len(images), top_k=top_k, explain=explain), images)

@@ -1,0 +1,178 @@
+"""Where models come from: a name -> loader table, one entry per source kind.
+
+A ``source`` in a model table is ``<kind>:<target>``. Each kind registers a loader with
+:func:`source`, which refuses duplicates; the config check, ``/models`` and the error for an unknown
+kind all read this table, so adding a kind is one decorated function.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from service.modelspec import ModelSpec
+from service.preprocess import Preprocess
+
+log = logging.getLogger("camserve.registry")
+
+
+class ModelLoadError(Exception):
+    """A model could not be loaded; start-up (or a load request) stops with this message."""
+
+
+@dataclass(frozen=True)
+class Built:
+    """What a source gives: the module, the labels it brings (if any) and its preprocessing."""
+
+    module: nn.Module
+    labels: list[str] | None = None
+    preprocess: Preprocess = field(default_factory=Preprocess)
+
+
+Loader = Callable[[ModelSpec, str, int | None], Built]
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str
+    usage: str
+    load: Loader
+
+
+SOURCES: dict[str, Source] = {}
+
+
+def source(kind: str, usage: str) -> Callable[[Loader], Loader]:
+    """Register ``fn(spec, target, num_labels)`` as the loader of ``<kind>:<target>`` sources.
+
+    ``num_labels`` is the length of the spec's labels file, when it has one, for loaders that size
+    the head from it."""
+    def register(fn: Loader) -> Loader:
+        if kind in SOURCES:
+            raise ValueError(f"model source {kind!r} is registered twice")
+        SOURCES[kind] = Source(kind, usage, fn)
+        return fn
+
+    return register
+
+
+def build(spec: ModelSpec, num_labels: int | None) -> Built:
+    kind, _, target = spec.source.partition(":")
+    entry = SOURCES.get(kind)
+    if entry is None:
+        known = ", ".join(s.usage for s in SOURCES.values())
+        raise ModelLoadError(f"model {spec.name!r}: unknown source {spec.source!r}; expected {known}")
+    return entry.load(spec, target, num_labels)
+
+
+def load_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Read a state_dict from .pth/.pt (weights only, never pickled code) or .safetensors."""
+    if not Path(path).is_file():
+        raise ModelLoadError(f"weights file not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        loaded: dict[str, torch.Tensor] = load_file(path)
+        return loaded
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"{path!r} does not hold a state_dict")
+    return state
+
+
+def _head_size(state: Mapping[str, torch.Tensor]) -> int | None:
+    """The class count of a classifier state_dict: rows of its last 2-D weight (the head)."""
+    heads = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
+    return int(heads[-1].shape[0]) if heads else None
+
+
+@source("builtin", "builtin:shapes")
+def _builtin(spec: ModelSpec, target: str, num_labels: int | None) -> Built:
+    if target != "shapes":
+        raise ModelLoadError(f"model {spec.name!r}: the only builtin model is builtin:shapes, got {spec.source!r}")
+    from service.models import shapes
+
+    model, labels = shapes.load_shapes(Path(spec.weights) if spec.weights else None)
+    pre = Preprocess(resize=shapes.INPUT_SIZE, crop=(shapes.INPUT_SIZE, shapes.INPUT_SIZE),
+                     mean=shapes.MEAN, std=shapes.STD)
+    return Built(model, labels, pre)
+
+
+@source("torchvision", "torchvision:<builder>")
+def _torchvision(spec: ModelSpec, builder: str, num_labels: int | None) -> Built:
+    available = torchvision.models.list_models(module=torchvision.models)
+    if builder not in available:
+        raise ModelLoadError(f"model {spec.name!r}: unknown torchvision classifier {builder!r}; known: "
+                             f"{', '.join(available)}")
+    weights = spec.weights
+    if weights is None or weights.lower() == "none":
+        log.warning("model %r: no weights given, using random initialisation", spec.name)
+        kwargs = {"num_classes": num_labels} if num_labels else {}
+        return Built(torchvision.models.get_model(builder, weights=None, **kwargs))
+    if Path(weights).suffix in (".pth", ".pt", ".safetensors"):
+        state = load_state_dict(weights)
+        model = torchvision.models.get_model(builder, weights=None,
+                                             num_classes=num_labels or _head_size(state) or 1000)
+        model.load_state_dict(state)
+        return Built(model)
+    # A torchvision weights name: the enum brings its categories and its own preprocessing sizes.
+    enum = torchvision.models.get_model_weights(builder)
+    try:
+        w = enum[weights]
+    except KeyError:
+        known = ", ".join(m.name for m in enum)
+        raise ModelLoadError(f"model {spec.name!r}: unknown weights {weights!r} for {builder}; known: {known}, "
+                             "a state_dict file, or none") from None
+    model = torchvision.models.get_model(builder, weights=w)
+    tf = w.transforms()
+    crop = tuple(getattr(tf, "crop_size", [224, 224]))
+    resize = getattr(tf, "resize_size", [256])
+    pre = Preprocess(resize=int(resize[0]), crop=(int(crop[0]), int(crop[-1])), mean=tuple(tf.mean),
+                     std=tuple(tf.std))
+    return Built(model, list(w.meta["categories"]), pre)
+
+
+@source("torchscript", "torchscript:<path>")
+def _torchscript(spec: ModelSpec, path: str, num_labels: int | None) -> Built:
+    if not Path(path).is_file():
+        raise ModelLoadError(f"model {spec.name!r}: TorchScript file not found: {path}")
+    scripted: nn.Module = torch.jit.load(path, map_location="cpu")  # type: ignore[no-untyped-call]
+    return Built(scripted)
+
+
+@source("python", "python:<module>:<factory>")
+def _python(spec: ModelSpec, target: str, num_labels: int | None) -> Built:
+    module_name, _, attr = target.partition(":")
+    if not module_name or not attr:
+        raise ModelLoadError(f"model {spec.name!r}: python source must be 'python:module:factory', got "
+                             f"{spec.source!r}")
+    # Factories are imported from the current directory first, then the installed packages, whether
+    # the server was started as `camserve` (whose sys.path lacks the cwd) or `python -m service`.
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        factory: Callable[[], nn.Module] = getattr(importlib.import_module(module_name), attr)
+    except ModuleNotFoundError as exc:
+        raise ModelLoadError(f"model {spec.name!r}: cannot import module {exc.name!r} for {spec.source!r} "
+                             f"(looked in {cwd} and the installed packages)") from None
+    except AttributeError:
+        raise ModelLoadError(f"model {spec.name!r}: module {module_name!r} has no {attr!r}") from None
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"model {spec.name!r}: {spec.source!r} returned {type(model).__name__}, "
+                             "not a torch.nn.Module")
+    if spec.weights:
+        model.load_state_dict(load_state_dict(spec.weights))
+    return Built(model)
