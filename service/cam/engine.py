@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 
 import torch
@@ -29,6 +29,7 @@ from torch.utils.hooks import RemovableHandle
 from service.cam.guided import guided_gradients, has_relu_modules
 from service.cam.layers import LayerInfo, as_spatial, find_layers
 from service.cam.methods import CamContext, CamMethod, LinearHead, get_method
+from service.cam.metrics import DEFAULT_STEPS, check_metrics, metric_forwards, metrics_work
 from service.cam.replay import linear_head, tail_module
 from service.errors import InvalidArgument
 
@@ -62,6 +63,8 @@ class CamQuery:
     top: int = 1
     smooth: str | None = None
     fuse: str = "mean"
+    metrics: tuple[str, ...] = ()  # faithfulness metrics of each map (service.cam.metrics.METRICS)
+    metric_steps: int = DEFAULT_STEPS
 
     @property
     def layers(self) -> tuple[str | None, ...]:
@@ -84,6 +87,8 @@ class CamMaps:
     layer: str
     maps: Tensor
     raw_max: Tensor
+    metrics: dict[str, Tensor] | None = None  # figure -> (T,), when the query asked for metrics
+    metric_steps: int | None = None  # the steps of the deletion/insertion curves, when computed
 
 
 @dataclass(frozen=True)
@@ -173,12 +178,18 @@ class CamEngine:
         layers = tuple(dict.fromkeys(self.layers.resolve(name) for name in query.layers))
         if not layers:
             raise InvalidArgument("layer", "`layer` must name at least one layer")
+        metrics = check_metrics(query.metrics, query.metric_steps) if query.metrics else ()
         if method.needs.input_gradients and not self._has_relu:
             raise InvalidArgument("method", f"`method` {method.name!r} needs the model's ReLUs to be modules "
                                   "(nn.ReLU); this model applies them as functions, so guided backpropagation "
                                   "cannot reach them")
         return CamQuery(method=query.method, layer=layers[0] if len(layers) == 1 else layers, classes=query.classes,
-                        top=query.top, smooth=query.smooth, fuse=query.fuse)
+                        top=query.top, smooth=query.smooth, fuse=query.fuse, metrics=metrics,
+                        metric_steps=query.metric_steps)
+
+    def deferred(self, query: CamQuery) -> bool:
+        """Whether ``query`` has work beyond the shared pass (run in chunks by :class:`ExplainJob`)."""
+        return get_method(query.method).needs.deferred or bool(query.metrics)
 
     def extra_forwards(self, query: CamQuery) -> int:
         """Extra forward (or replay) images one image of ``query`` costs beyond the shared pass."""
@@ -191,7 +202,8 @@ class CamEngine:
             total += method.extra_forwards(channels, self._closed_form.get(layer, self._may_be_closed(channels)))
         if method.needs.input_gradients:
             total += 1
-        return total * variants
+        targets = max(len(query.classes), query.top)
+        return total * variants + targets * metric_forwards(query.metrics, query.metric_steps)
 
     def _may_be_closed(self, channels: int) -> bool:
         return any(isinstance(m, nn.Linear) and m.in_features == channels for m in self.model.modules())
@@ -390,8 +402,9 @@ def _expand(x: Tensor, queries: list[CamQuery | None]) -> _Rows:
 @dataclass
 class _Pending:
     layer: str
-    rows: list[int]
-    work: Generator[None, None, Tensor]
+    rows: list[int]  # for maps; for metrics, [image]
+    work: Generator[None, None, Tensor] | Generator[None, None, dict[str, Tensor]]
+    metrics: bool = False
 
 
 @dataclass
@@ -405,6 +418,8 @@ class ExplainJob:
     targets: list[tuple[int, ...]] = field(default_factory=list)
     pending: list[_Pending] = field(default_factory=list)
     _row_maps: dict[tuple[int, str], tuple[Tensor, Tensor]] = field(default_factory=dict)
+    _maps_done: bool = False
+    _steps: dict[int, int] = field(default_factory=dict)
     _cancelled: bool = False
 
     @property
@@ -421,7 +436,13 @@ class ExplainJob:
                 next(current.work)
             except StopIteration as stop:
                 self.pending.pop(0)
-                self.finish_group(current.layer, current.rows, stop.value)
+                if current.metrics:
+                    cam = self.cams[current.rows[0]]
+                    assert cam is not None
+                    steps = self._steps.get(current.rows[0])
+                    self.cams[current.rows[0]] = replace(cam, metrics=stop.value, metric_steps=steps)
+                else:
+                    self.finish_group(current.layer, current.rows, stop.value)
         self.finish_if_done()
         return bool(self.pending)
 
@@ -449,8 +470,9 @@ class ExplainJob:
             self._row_maps[(r, layer)] = (m.flip(-1) if self.rows.flipped[r] else m, peaks[:t, j])
 
     def finish_if_done(self) -> None:
-        if self.pending or self.rows is None:
+        if self.pending or self.rows is None or self._maps_done:
             return
+        self._maps_done = True
         rows = self.rows
         for image, first in enumerate(rows.identity):
             q = rows.queries[first]
@@ -466,7 +488,21 @@ class ExplainJob:
                     per_layer.append(normalize_by_peak(stacked.mean(dim=0)))
             maps, peaks = per_layer[0] if len(per_layer) == 1 else _fuse([m for m, _ in per_layer], q.fuse)
             self.cams[image] = CamMaps(self.targets[first], q.method, "+".join(rows.layers[first]), maps, peaks)
+            if q.metrics:
+                self.pending.append(self._metrics(image, first, maps, q))
         self._row_maps.clear()
+
+    def _metrics(self, image: int, row: int, maps: Tensor, q: CamQuery) -> _Pending:
+        """The faithfulness metrics of one image's maps, as more chunks of this job."""
+        assert self.rows is not None
+        classes = torch.tensor(self.targets[row], device=maps.device, dtype=torch.long)
+        x = self.rows.x[row : row + 1].expand(len(classes), *self.rows.x.shape[1:])
+        base = self.logits[image].softmax(dim=0)[classes]
+        if {"deletion", "insertion"} & set(q.metrics):
+            self._steps[image] = q.metric_steps
+        work = metrics_work(self.engine._extra_forward, x, maps, classes, q.metrics, steps=q.metric_steps,
+                            base=base, chunk_rows=self.engine.chunk_rows)
+        return _Pending("", [image], work, metrics=True)
 
 
 def _drain(work: Generator[None, None, Tensor]) -> Tensor:
