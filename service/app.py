@@ -18,6 +18,7 @@ from starlette.types import Scope
 
 from service import __version__
 from service.api import errors as api_errors
+from service.api import ui
 from service.api.middleware import ApiKeyAuth, BodyLimit, RequestContext, request_notes
 from service.api.routes import router
 from service.config import Settings
@@ -71,12 +72,14 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
         summary="Image classification with Grad-CAM explanations over HTTP.",
         version=__version__,
         lifespan=lifespan,
+        docs_url=None, redoc_url=None,  # served offline by service.api.ui
     )
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.repository = repository
     app.state.dataplane = dataplane
     app.include_router(router)
+    ui.install(app, settings.enable_ui)
     api_errors.install(app)
 
     def on_response(scope: Scope, status: int, seconds: float) -> None:

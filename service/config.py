@@ -48,11 +48,13 @@ class Settings:
     max_extra_forwards: int = 4096
     api_keys: tuple[str, ...] = ()
     api_keys_file: str | None = None
-    open_paths: tuple[str, ...] = ("/healthz", "/readyz", "/metrics")
+    # Each also opens the paths below it. The page and its files hold no data.
+    open_paths: tuple[str, ...] = ("/healthz", "/readyz", "/metrics", "/", "/ui", "/docs-assets")
     cors_origins: tuple[str, ...] = ()
     log_format: str = "text"
     log_level: str = "info"
     drain_timeout_s: float = 30.0
+    enable_ui: bool = True
     default_model: str | None = None
     models: tuple[ModelSpec, ...] = field(default=DEFAULT_MODELS)
 
