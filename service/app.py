@@ -38,7 +38,7 @@ def batch_settings(settings: Settings) -> BatchSettings:
 
 def limits(settings: Settings) -> Limits:
     return Limits(max_images=settings.max_images_per_request, max_image_pixels=settings.max_image_pixels,
-                  timeout_s=settings.request_timeout_s or None)
+                  timeout_s=settings.request_timeout_s or None, max_extra_forwards=settings.max_extra_forwards)
 
 
 def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] | None = None) -> FastAPI:

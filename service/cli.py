@@ -162,6 +162,30 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    """Faithfulness of each method on one configured model; the work is in ``service.evaluation``."""
+    from service.cam import METHODS
+    from service.errors import CamserveError
+    from service.evaluation import evaluate, folder_samples, progress_bar, shapes_samples, table
+    from service.registry import ModelLoadError, load_model
+
+    settings = _settings(args.config)
+    spec = next((m for m in settings.models if m.name == (args.model or m.name)), None)
+    if spec is None:
+        return _fail(f"unknown model {args.model!r}; configured: {', '.join(m.name for m in settings.models)}")
+    try:
+        model = load_model(spec)
+        samples = folder_samples(Path(args.images), model) if args.images else shapes_samples(args.shapes, args.seed)
+        methods = args.methods or list(METHODS)
+        reports = evaluate(model, samples, methods, steps=args.steps, progress=progress_bar)
+    except (ModelLoadError, CamserveError, ValueError, OSError) as exc:
+        return _fail(str(exc))
+    source = f"{args.images}" if args.images else f"{args.shapes} shapes scenes (seed {args.seed})"
+    print(f"# {spec.name}: {len(samples)} images from {source}, metric steps {args.steps}")
+    print(table(reports))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="camserve", description="Serve image classifiers over HTTP and explain "
                                      "their decisions with Grad-CAM.")
@@ -200,6 +224,16 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--out", default="heatmap.png", help="output file; with several targets, one file per target "
                     "named <stem>-<index>-<label>.png")
     ex.set_defaults(func=_explain)
+    ev2 = sub.add_parser("evaluate", help="pointing game, confidence, deletion and insertion of each CAM method")
+    ev2.add_argument("--config", help="models.toml (default: the built-in shapes model)")
+    ev2.add_argument("--model", help="which configured model (default: the first)")
+    source = ev2.add_mutually_exclusive_group()
+    source.add_argument("--images", help="a folder of images (explains each one's top class; no pointing game)")
+    source.add_argument("--shapes", type=int, default=200, help="fresh shapes scenes, with their boxes (default 200)")
+    ev2.add_argument("--seed", type=int, default=4321, help="scene seed (default 4321)")
+    ev2.add_argument("--methods", nargs="+", help="methods to compare (default: all)")
+    ev2.add_argument("--steps", type=int, default=16, help="deletion/insertion steps (default 16)")
+    ev2.set_defaults(func=_evaluate)
     args = parser.parse_args(argv)
     code: int = args.func(args)
     return code

@@ -43,6 +43,9 @@ class Settings:
     max_images_per_request: int = 64
     max_body_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    # Extra forward images one request may cost (ScoreCAM/AblationCAM perturbations, faithfulness metrics):
+    # resnet50 ScoreCAM at its 2048-channel layer4 is 2048 per image.
+    max_extra_forwards: int = 4096
     api_keys: tuple[str, ...] = ()
     api_keys_file: str | None = None
     # Each also opens the paths below it. The page and its files hold no data.
@@ -65,7 +68,7 @@ class Settings:
     def problems(self) -> list[str]:
         out = []
         for name in ("max_batch_size", "max_queue", "max_images_per_request", "max_body_bytes", "max_image_pixels",
-                     "cpu_threads"):
+                     "cpu_threads", "max_extra_forwards"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 out.append(f"setting `{name}` must be at least 1, got {value}")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from service.cam import CamMaps, CamQuery
+from service.cam import CamMaps, CamQuery, ExplainJob
 from service.errors import CamserveError, InvalidInput, OutOfMemory, PayloadTooLarge
 from service.imaging import decode_image
 from service.preprocess import Geometry
@@ -29,6 +29,7 @@ from service.results import Explanation, ImageResult, Prediction
 MAX_OUTPUT_PIXELS = 200_000_000
 
 ImageInput = bytes | Tensor
+_NO_PIXELS = torch.empty(0)
 
 
 @dataclass(frozen=True)
@@ -48,17 +49,21 @@ class PreparedImage:
 
 @dataclass(frozen=True)
 class Job:
-    """One image's share of a batch."""
+    """One image's share of a batch, or (``resume``) the next chunk of an explanation already started."""
 
     pixels: Tensor
     query: CamQuery | None
     normalized: bool = False
+    resume: ExplainJob | None = None
 
 
 @dataclass(frozen=True)
 class JobResult:
+    """``pending``: an explanation with chunks left (ScoreCAM, AblationCAM, metrics); ``cam`` comes once it ends."""
+
     logits: Tensor  # (K,)
     cam: CamMaps | None
+    pending: ExplainJob | None = None
 
 
 Submit = Callable[[list[Job]], Awaitable[list[JobResult]]]
@@ -136,16 +141,44 @@ class Pipeline:
             return [*self.compute(jobs[:half]), *self.compute(jobs[half:])]
 
     def _compute(self, jobs: list[Job]) -> list[JobResult | BaseException]:
+        """The batch's new images share one forward and backward; an image whose explanation needs more
+        (perturbations, metrics) gets its own job, returned pending, and each ``resume`` job runs one
+        chunk. Between chunks the batcher serves other batches, so nothing waits behind more than one."""
         m = self.model
-        pre = m.preprocess
+        engine = m.engine
+        results: list[JobResult | BaseException | None] = [None] * len(jobs)
+        fresh = [i for i, j in enumerate(jobs) if j.resume is None]
+        deferred = {i for i in fresh if jobs[i].query is not None and engine.deferred(jobs[i].query)}  # type: ignore[arg-type]
+        with torch.autocast(m.device.type, dtype=m.precision or torch.float32, enabled=m.precision is not None):
+            for i, job in enumerate(jobs):
+                if job.resume is not None:
+                    results[i] = self._advance(job.resume)
+            now = [i for i in fresh if i not in deferred]
+            if now:
+                x = self._inputs([jobs[i] for i in now])
+                out = engine.explain(x, [jobs[i].query for i in now])
+                for k, i in enumerate(now):
+                    results[i] = JobResult(out.logits[k], out.cams[k])
+            for i in sorted(deferred):
+                results[i] = self._advance(engine.begin(self._inputs([jobs[i]]), [jobs[i].query]), step=False)
+        return [r for r in results if r is not None]
+
+    def _inputs(self, jobs: list[Job]) -> Tensor:
+        pre = self.model.preprocess
         if any(j.normalized for j in jobs):
             x = torch.stack([j.pixels if j.normalized else pre.normalize(j.pixels) for j in jobs])
         else:
             x = pre.normalize(torch.stack([j.pixels for j in jobs]))
-        x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(m.device.type, dtype=m.precision or torch.float32, enabled=m.precision is not None):
-            out = m.engine.explain(x, [j.query for j in jobs])
-        return [JobResult(out.logits[i], out.cams[i]) for i in range(len(jobs))]
+        return x.contiguous(memory_format=torch.channels_last)
+
+    @staticmethod
+    def _advance(job: ExplainJob, step: bool = True) -> JobResult:
+        if step:
+            job.step()
+        if job.done:
+            out = job.result()
+            return JobResult(out.logits[0], out.cams[0])
+        return JobResult(job.logits[0], None, pending=job)
 
     # -- stage 3: CPU pool -----------------------------------------------------------------------
     def finish(self, prepared: PreparedImage, result: JobResult, top_k: int, spec: HeatmapSpec | None) -> ImageResult:
@@ -162,11 +195,29 @@ class Pipeline:
         if spec.output == "overlay":
             base = prepared.image if spec.size == "original" else prepared.input_image()
         heatmaps = render(cam.maps, spec, prepared.geometry, self.model.preprocess.input_size, base)
-        explanations = [Explanation(c, labels[c], all_scores[c], cam.method, cam.layer, h)
-                        for c, h in zip(cam.classes, heatmaps, strict=True)]
+        explanations = [Explanation(c, labels[c], all_scores[c], cam.method, cam.layer, h, self._metrics(cam, t))
+                        for t, (c, h) in enumerate(zip(cam.classes, heatmaps, strict=True))]
         return ImageResult(preds, all_scores, explanations)
 
+    @staticmethod
+    def _metrics(cam: CamMaps, target: int) -> dict[str, float] | None:
+        if cam.metrics is None:
+            return None
+        out = {name: round(float(values[target]), 6) for name, values in cam.metrics.items()}
+        if cam.metric_steps is not None:
+            out["steps"] = cam.metric_steps  # the curves' resolution, named so replies can be compared
+        return out
+
     # -- the whole request -----------------------------------------------------------------------
+    async def _submit(self, jobs: list[Job], submit: Submit | None) -> list[JobResult]:
+        if submit is not None:
+            return await submit(jobs)
+        computed = await asyncio.get_running_loop().run_in_executor(None, self.compute, jobs)
+        for r in computed:
+            if isinstance(r, BaseException):
+                raise r
+        return [r for r in computed if isinstance(r, JobResult)]
+
     async def run(self, images: Sequence[ImageInput], *, top_k: int, query: CamQuery | None,
                   spec: HeatmapSpec | None, max_pixels: int, submit: Submit | None = None) -> list[ImageResult]:
         """Predict (``query`` None) or explain every image of one request, in order.
@@ -182,13 +233,12 @@ class Pipeline:
                 raise PayloadTooLarge(f"{total} heatmap pixels asked for, over the limit of {MAX_OUTPUT_PIXELS}; "
                                       "ask for fewer targets or images, or `size=input`")
         jobs = [Job(p.pixels, query, p.normalized) for p in prepared]
-        if submit is not None:
-            results = await submit(jobs)
-        else:
-            computed = await loop.run_in_executor(None, self.compute, jobs)
-            for r in computed:
-                if isinstance(r, BaseException):
-                    raise r
-            results = [r for r in computed if isinstance(r, JobResult)]
+        results = await self._submit(jobs, submit)
+        for i, r in enumerate(results):
+            # One chunk per submission: other requests' batches queue between our chunks. A cancelled
+            # request stops here, and its remaining chunks are never run.
+            while r.pending is not None:
+                (r,) = await self._submit([Job(_NO_PIXELS, None, resume=r.pending)], submit)
+            results[i] = r
         return await asyncio.gather(*(loop.run_in_executor(self.cpu_pool, self.finish, p, r, top_k, spec)
                                       for p, r in zip(prepared, results, strict=True)))

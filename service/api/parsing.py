@@ -18,7 +18,7 @@ from service.errors import InvalidArgument, InvalidImage, InvalidInput, PayloadT
 OptionsT = TypeVar("OptionsT", bound=BaseModel)
 
 _DATA_URI = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.IGNORECASE)
-_LIST_OPTIONS = {"targets"}
+_LIST_OPTIONS = {"targets", "metrics", "layer"}
 
 
 def decode_base64(text: str, index: int) -> bytes:
@@ -52,11 +52,11 @@ def _query_options(request: Request) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in request.query_params:
         values = request.query_params.getlist(key)
-        out[key] = _list_option(values) if key in _LIST_OPTIONS else values[-1]
+        out[key] = _list_option(values, key) if key in _LIST_OPTIONS else values[-1]
     return out
 
 
-def _list_option(values: list[str]) -> list[str]:
+def _list_option(values: list[str], key: str = "targets") -> list[str]:
     """``targets=3&targets=cat``, ``targets=3,cat`` or ``targets=[3, "cat"]`` -> ``["3", "cat"]``."""
     items: list[str] = []
     for v in values:
@@ -65,7 +65,7 @@ def _list_option(values: list[str]) -> list[str]:
             try:
                 parsed = json.loads(v)
             except (ValueError, RecursionError):  # also int digit limits and absurd nesting
-                raise InvalidArgument("targets", f"`targets` is not a valid JSON list, got {v!r}") from None
+                raise InvalidArgument(key, f"`{key}` is not a valid JSON list, got {v!r}") from None
             items += [str(x) for x in parsed] if isinstance(parsed, list) else [str(parsed)]
         else:
             items += [p.strip() for p in v.split(",") if p.strip()]
@@ -131,7 +131,7 @@ async def _from_form(request: Request, max_images: int) -> tuple[list[bytes], di
             elif key == "image":
                 images.append(decode_base64(value, len(images)))
             elif key in _LIST_OPTIONS:
-                fields[key] = [*fields.get(key, []), *_list_option([value])]
+                fields[key] = [*fields.get(key, []), *_list_option([value], key)]
             else:
                 fields[key] = value
     finally:
