@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install browser run test lint bench bench-http bench-ray bench-gpu train-shapes docker clean \
+.PHONY: help install browser run test lint bench bench-http bench-stages bench-ray bench-gpu train-shapes docker clean \
 	docker-base docker-wheels docker-wheels-cuda docker-cpu docker-cuda docker-test
 
 help: ## list the targets
@@ -41,8 +41,11 @@ lint: $(STAMP) ## ruff and mypy
 bench: $(STAMP) ## engine benchmark: predict vs explain vs pytorch-grad-cam vs captum (resnet50)
 	$(BIN)/python -m tests.bench.bench_engine
 
-bench-http: $(STAMP) ## HTTP throughput benchmark: batching on/off, resnet18 vs a per-request baseline
-	$(BIN)/python -m tests.bench.bench_http
+bench-http: $(STAMP) ## HTTP benchmark: batch policies, batching off, resnet18 vs a baseline (BENCH_ARGS=--before REF --table)
+	$(BIN)/python -m tests.bench.bench_http $(BENCH_ARGS)
+
+bench-stages: $(STAMP) ## where one request's time goes, stage by stage, in-process
+	$(BIN)/python -m tests.bench.bench_stages $(BENCH_ARGS)
 
 bench-ray: $(STAMP) ## Ray Serve (one and two replicas) vs a plain server: resnet18 and shapes at concurrency 8
 	$(BIN)/python -m tests.bench.bench_ray

@@ -33,7 +33,8 @@ log = logging.getLogger("camserve")
 
 def batch_settings(settings: Settings) -> BatchSettings:
     return BatchSettings(max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000,
-                         max_queue=settings.max_queue, max_image_pixels=settings.max_image_pixels)
+                         policy=settings.batch_policy, max_queue=settings.max_queue,
+                         max_image_pixels=settings.max_image_pixels)
 
 
 def limits(settings: Settings) -> Limits:

@@ -38,6 +38,7 @@ class Settings:
     port: int = 8000
     max_batch_size: int = 32
     max_wait_ms: float = 5.0
+    batch_policy: str = "adaptive"
     max_queue: int = 256
     request_timeout_s: float = 30.0  # 0: no limit
     max_images_per_request: int = 64
@@ -78,6 +79,8 @@ class Settings:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 out.append(f"setting `{name}` must be a finite number of at least 0, got {value}")
+        if self.batch_policy not in ("adaptive", "fixed"):
+            out.append(f"setting `batch_policy` must be adaptive or fixed, got {self.batch_policy!r}")
         if self.log_format not in ("text", "json"):
             out.append(f"setting `log_format` must be text or json, got {self.log_format!r}")
         if self.log_level.lower() not in LOG_LEVELS:

@@ -108,7 +108,8 @@ class DataPlane:
         if pipeline is None:  # unloaded between plan and run
             raise NotReady(f"model {plan.model_name!r} is {plan.served.state.value}")
         work = pipeline.run(images, top_k=plan.top_k, query=plan.query, spec=plan.spec,
-                            max_pixels=self.limits.max_image_pixels, submit=plan.served.submit)
+                            max_pixels=self.limits.max_image_pixels, submit=plan.served.submit,
+                            expect=plan.served.expect)
         timeout = self.limits.timeout_s
         try:
             results = await asyncio.wait_for(work, timeout)

@@ -25,6 +25,11 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     Raises :class:`InvalidImage` for anything that is not a complete image in a supported format
     and :class:`PayloadTooLarge` when its header announces more than ``max_pixels`` pixels.
     """
+    return load_rgb(open_image(data, max_pixels))
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Read and check only the header (cheap: no pixel is decoded); :func:`load_rgb` decodes."""
     if not data:
         raise InvalidImage("the image is empty (0 bytes)")
     try:
@@ -40,6 +45,11 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         raise PayloadTooLarge(f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
     if w == 0 or h == 0:
         raise InvalidImage(f"image has no pixels ({w}x{h})")
+    return im
+
+
+def load_rgb(im: Image.Image) -> np.ndarray:
+    """Decode an image opened by :func:`open_image` into ``(H, W, 3)`` uint8 RGB."""
     try:
         im.seek(0)  # GIF, TIFF, MPO: the first frame
         im.load()

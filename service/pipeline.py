@@ -1,9 +1,15 @@
 """One model's work for one request, in three stages, with or without a batcher.
 
 The stages run in different places on purpose. Decoding and resizing (``prepare``) and rendering
-(``finish``) run in the shared CPU pool, one call per image, so they overlap with the model; only the
-forward/backward (``compute``) runs in the model's own thread, fed by a batcher when there is one.
-Without one (the start-up warm-up, a notebook), ``run`` computes the request's images as one batch.
+(``finish``) of large images run in the shared CPU pool, one call per image, so they overlap with the
+model; only the forward/backward (``compute``) runs in the model's own thread, fed by a batcher when
+there is one. Without one (the start-up warm-up, a notebook), ``run`` computes the request's images
+as one batch.
+
+Small work stays on the event loop: a trip to the pool costs two thread switches, and on a busy
+machine the wait for the pool thread to be scheduled, which is more than decoding a thumbnail or
+encoding its heatmap (see README, "Where the time goes"). Each request may do at most
+``INLINE_PIXELS`` of such work on the loop, so no request can stall the others for long.
 """
 
 from __future__ import annotations
@@ -11,25 +17,32 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from service.cam import CamMaps, CamQuery, ExplainJob
 from service.errors import CamserveError, InvalidInput, OutOfMemory, PayloadTooLarge
-from service.imaging import decode_image
+from service.imaging import decode_image, load_rgb, open_image
 from service.preprocess import Geometry
 from service.registry import LoadedModel
 from service.rendering import HeatmapSpec, render
 from service.results import Explanation, ImageResult, Prediction
 
+# Pixels of decoding plus rendering one request may do on the event loop (a 64x64 image decodes and
+# preprocesses in about 0.4 ms, and renders a heatmap in about as much).
+INLINE_PIXELS = 128 * 128
 # Rendered heatmap pixels one request may ask for (images x targets x output size) at `size=original`.
 MAX_OUTPUT_PIXELS = 200_000_000
 
 ImageInput = bytes | Tensor
 _NO_PIXELS = torch.empty(0)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -67,6 +80,7 @@ class JobResult:
 
 
 Submit = Callable[[list[Job]], Awaitable[list[JobResult]]]
+Expect = Callable[[int], AbstractContextManager[object]]
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -116,13 +130,6 @@ class Pipeline:
             raise InvalidInput("a pixel tensor holds NaN or infinite values")
         image = self.model.preprocess.denormalize(pixels).permute(1, 2, 0)
         return PreparedImage(image, pixels, geom, normalized=True)
-
-    def _prepare_nth(self, index: int, data: ImageInput, max_pixels: int) -> PreparedImage:
-        try:
-            return self.prepare(data, max_pixels)
-        except CamserveError as exc:
-            exc.message = f"image {index}: {exc.message}"  # which of several images was bad
-            raise
 
     # -- stage 2: the model thread ---------------------------------------------------------------
     def compute(self, jobs: list[Job]) -> list[JobResult | BaseException]:
@@ -219,13 +226,14 @@ class Pipeline:
         return [r for r in computed if isinstance(r, JobResult)]
 
     async def run(self, images: Sequence[ImageInput], *, top_k: int, query: CamQuery | None,
-                  spec: HeatmapSpec | None, max_pixels: int, submit: Submit | None = None) -> list[ImageResult]:
+                  spec: HeatmapSpec | None, max_pixels: int, submit: Submit | None = None,
+                  expect: Expect | None = None) -> list[ImageResult]:
         """Predict (``query`` None) or explain every image of one request, in order.
 
-        ``submit`` hands the jobs to a batcher; without it they are computed here as one batch."""
-        loop = asyncio.get_running_loop()
-        prepared = await asyncio.gather(*(loop.run_in_executor(self.cpu_pool, self._prepare_nth, i, d, max_pixels)
-                                          for i, d in enumerate(images)))
+        ``submit`` hands the jobs to a batcher; without it they are computed here as one batch.
+        ``expect`` (the batcher's) announces the images while they are decoded."""
+        with expect(len(images)) if expect is not None else nullcontext():
+            prepared = await self._prepare_all(images, max_pixels)
         if query is not None and spec is not None and spec.size == "original":
             per_image = max(len(query.classes), query.top)
             total = per_image * sum(p.geometry.original[0] * p.geometry.original[1] for p in prepared)
@@ -240,5 +248,65 @@ class Pipeline:
             while r.pending is not None:
                 (r,) = await self._submit([Job(_NO_PIXELS, None, resume=r.pending)], submit)
             results[i] = r
-        return await asyncio.gather(*(loop.run_in_executor(self.cpu_pool, self.finish, p, r, top_k, spec)
-                                      for p, r in zip(prepared, results, strict=True)))
+        return await self._finish_all(prepared, results, top_k, spec)
+
+    async def _prepare_all(self, images: Sequence[ImageInput], max_pixels: int) -> list[PreparedImage]:
+        """Headers are read here (no pixel decoded); small images are decoded here too, the rest in the
+        pool, concurrently."""
+        loop = asyncio.get_running_loop()
+        budget = INLINE_PIXELS
+        out: list[PreparedImage | asyncio.Future[PreparedImage]] = []
+        for i, data in enumerate(images):
+            if isinstance(data, Tensor):
+                out.append(self._nth(i, self.prepare_tensor, data))
+                continue
+            im = self._nth(i, open_image, data, max_pixels)
+            w, h = im.size
+            rh, rw = self.model.preprocess.geometry(h, w).resized
+            work = max(w * h, rh * rw)
+            if work <= budget:
+                budget -= work
+                out.append(self._nth(i, self._prepare_opened, im, max_pixels))
+            else:
+                # (Reopened there: reading a header again costs microseconds.)
+                out.append(loop.run_in_executor(self.cpu_pool, self._nth, i, self.prepare, data, max_pixels))
+        futures = [p for p in out if isinstance(p, asyncio.Future)]
+        if futures:
+            await asyncio.gather(*futures)
+        return [p.result() if isinstance(p, asyncio.Future) else p for p in out]
+
+    def _prepare_opened(self, im: Image.Image, max_pixels: int) -> PreparedImage:
+        return self.prepare_array(load_rgb(im), max_pixels)
+
+    async def _finish_all(self, prepared: list[PreparedImage], results: list[JobResult], top_k: int,
+                          spec: HeatmapSpec | None) -> list[ImageResult]:
+        """Predictions and small heatmaps are finished here; larger heatmaps in the pool, concurrently."""
+        loop = asyncio.get_running_loop()
+        budget = INLINE_PIXELS
+        out: list[ImageResult | asyncio.Future[ImageResult]] = []
+        for p, r in zip(prepared, results, strict=True):
+            work = 0 if spec is None or r.cam is None else self._render_pixels(p, r.cam, spec)
+            if work <= budget:
+                budget -= work
+                out.append(self.finish(p, r, top_k, spec))
+            else:
+                out.append(loop.run_in_executor(self.cpu_pool, self.finish, p, r, top_k, spec))
+        futures = [f for f in out if isinstance(f, asyncio.Future)]
+        if futures:
+            await asyncio.gather(*futures)
+        return [f.result() if isinstance(f, asyncio.Future) else f for f in out]
+
+    def _render_pixels(self, prepared: PreparedImage, cam: CamMaps, spec: HeatmapSpec) -> int:
+        h, w = {"original": prepared.geometry.original, "input": self.model.preprocess.input_size}.get(
+            spec.size, tuple(cam.maps.shape[-2:]))
+        per_map = h * w * (3 if spec.output == "overlay" else 1)  # overlays blend three channels
+        return len(cam.classes) * per_map
+
+    @staticmethod
+    def _nth(index: int, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)``, naming which of several images was bad in its error."""
+        try:
+            return fn(*args)
+        except CamserveError as exc:
+            exc.message = f"image {index}: {exc.message}"
+            raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import re
 from typing import Any, TypeVar
@@ -23,6 +24,11 @@ _LIST_OPTIONS = {"targets", "metrics", "layer"}
 
 def decode_base64(text: str, index: int) -> bytes:
     """Plain or URL-safe base64, or a ``data:image/...;base64,`` URI -> bytes."""
+    if not text.startswith("data:"):
+        # Most clients send plain padded base64: decode it as is, without the copies and the regex
+        # scan below (a third of a millisecond for a small image).
+        with contextlib.suppress(binascii.Error, ValueError):
+            return base64.b64decode(text, validate=True)
     body = _DATA_URI.sub("", text.strip(), count=1)
     body = re.sub(r"\s+", "", body).replace("-", "+").replace("_", "/")
     body += "=" * (-len(body) % 4)
