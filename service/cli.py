@@ -59,7 +59,7 @@ def _serve(args: argparse.Namespace) -> int:
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
             # Readiness flips first, so a load balancer stops routing here while in-flight work drains.
-            app.state.repository.begin_drain()
+            app.state.repository.begin_drain(settings.drain_timeout_s)
             super().handle_exit(sig, frame)
             # uvicorn re-raises captured signals once shut down, so the process would die by SIGTERM;
             # a drained, orderly stop is a success for process supervisors, so exit 0 instead.

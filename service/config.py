@@ -47,10 +47,12 @@ class Settings:
     # Extra forward images one request may cost (ScoreCAM/AblationCAM perturbations, faithfulness metrics):
     # resnet50 ScoreCAM at its 2048-channel layer4 is 2048 per image.
     max_extra_forwards: int = 4096
+    max_render_pixels: int = 100_000_000  # heatmap pixels one request renders (images x targets x size)
     api_keys: tuple[str, ...] = ()
     api_keys_file: str | None = None
-    # Each also opens the paths below it. The page and its files hold no data.
-    open_paths: tuple[str, ...] = ("/healthz", "/readyz", "/metrics", "/", "/ui", "/docs-assets")
+    # Each also opens the paths below it. The page, its files and the API docs hold no data.
+    open_paths: tuple[str, ...] = ("/healthz", "/readyz", "/metrics", "/", "/ui", "/docs-assets", "/docs", "/redoc",
+                                   "/openapi.json")
     cors_origins: tuple[str, ...] = ()
     log_format: str = "text"
     log_level: str = "info"
@@ -69,7 +71,7 @@ class Settings:
     def problems(self) -> list[str]:
         out = []
         for name in ("max_batch_size", "max_queue", "max_images_per_request", "max_body_bytes", "max_image_pixels",
-                     "cpu_threads", "max_extra_forwards"):
+                     "cpu_threads", "max_extra_forwards", "max_render_pixels"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 out.append(f"setting `{name}` must be at least 1, got {value}")

@@ -31,14 +31,19 @@ from service.errors import CamserveError, InvalidInput, OutOfMemory, PayloadTooL
 from service.imaging import decode_image, load_rgb, open_image
 from service.preprocess import Geometry
 from service.registry import LoadedModel
-from service.rendering import HeatmapSpec, render
+from service.rendering import HeatmapSpec, output_size, render
 from service.results import Explanation, ImageResult, Prediction
 
 # Pixels of decoding plus rendering one request may do on the event loop (a 64x64 image decodes and
 # preprocesses in about 0.4 ms, and renders a heatmap in about as much).
 INLINE_PIXELS = 128 * 128
-# Rendered heatmap pixels one request may ask for (images x targets x output size) at `size=original`.
-MAX_OUTPUT_PIXELS = 200_000_000
+# Rendered heatmap pixels (images x targets x output size) one request may ask for, by default.
+MAX_RENDER_PIXELS = 100_000_000
+# A request rendering more pixels than this is heavy: its renders go to the render pool, one thread
+# for the whole server, so heavy renders run one at a time and never fill the shared CPU pool that
+# every small request needs for decoding and rendering. 4 M is a 2000x2000 upload with one target:
+# about 0.1 s of rendering here.
+HEAVY_RENDER_PIXELS = 4_000_000
 
 ImageInput = bytes | Tensor
 _NO_PIXELS = torch.empty(0)
@@ -90,10 +95,13 @@ def _is_oom(exc: BaseException) -> bool:
 class Pipeline:
     """``prepare`` -> ``compute`` -> ``finish`` for one loaded model."""
 
-    def __init__(self, model: LoadedModel, cpu_pool: Executor | None = None) -> None:
-        """``cpu_pool`` runs decoding and rendering; ``None`` uses the event loop's default executor."""
+    def __init__(self, model: LoadedModel, cpu_pool: Executor | None = None,
+                 render_pool: Executor | None = None) -> None:
+        """``cpu_pool`` runs decoding and rendering; ``None`` uses the event loop's default executor.
+        ``render_pool`` renders heavy requests (see ``HEAVY_RENDER_PIXELS``); ``None``: the CPU pool."""
         self.model = model
         self.cpu_pool = cpu_pool
+        self.render_pool = render_pool or cpu_pool
 
     # -- stage 1: CPU pool -----------------------------------------------------------------------
     def prepare(self, data: ImageInput, max_pixels: int) -> PreparedImage:
@@ -216,6 +224,20 @@ class Pipeline:
         return out
 
     # -- the whole request -----------------------------------------------------------------------
+    def render_pixels(self, prepared: Sequence[PreparedImage], query: CamQuery | None,
+                      spec: HeatmapSpec | None) -> int:
+        """Heatmap pixels this request renders (images x targets x output size); 0 when it only predicts.
+        ``size=feature`` counts as the model input, an upper bound of the layer's grid."""
+        if query is None or spec is None:
+            return 0
+        per_image = max(len(query.classes), query.top)
+        input_size = self.model.preprocess.input_size
+        total = 0
+        for p in prepared:
+            h, w = output_size(spec, p.geometry, input_size, input_size)
+            total += h * w
+        return per_image * total
+
     async def _submit(self, jobs: list[Job], submit: Submit | None) -> list[JobResult]:
         if submit is not None:
             return await submit(jobs)
@@ -227,19 +249,18 @@ class Pipeline:
 
     async def run(self, images: Sequence[ImageInput], *, top_k: int, query: CamQuery | None,
                   spec: HeatmapSpec | None, max_pixels: int, submit: Submit | None = None,
-                  expect: Expect | None = None) -> list[ImageResult]:
+                  expect: Expect | None = None, max_render_pixels: int = MAX_RENDER_PIXELS) -> list[ImageResult]:
         """Predict (``query`` None) or explain every image of one request, in order.
 
         ``submit`` hands the jobs to a batcher; without it they are computed here as one batch.
-        ``expect`` (the batcher's) announces the images while they are decoded."""
+        ``expect`` (the batcher's) announces the images while they are decoded. ``max_render_pixels``
+        bounds the heatmap pixels one request renders (the memory its answer takes)."""
         with expect(len(images)) if expect is not None else nullcontext():
             prepared = await self._prepare_all(images, max_pixels)
-        if query is not None and spec is not None and spec.size == "original":
-            per_image = max(len(query.classes), query.top)
-            total = per_image * sum(p.geometry.original[0] * p.geometry.original[1] for p in prepared)
-            if total > MAX_OUTPUT_PIXELS:
-                raise PayloadTooLarge(f"{total} heatmap pixels asked for, over the limit of {MAX_OUTPUT_PIXELS}; "
-                                      "ask for fewer targets or images, or `size=input`")
+        total = self.render_pixels(prepared, query, spec)
+        if total > max_render_pixels:
+            raise PayloadTooLarge(f"{total} heatmap pixels asked for, over the limit of {max_render_pixels}; "
+                                  "ask for fewer targets or images, or `size=input`")
         jobs = [Job(p.pixels, query, p.normalized) for p in prepared]
         results = await self._submit(jobs, submit)
         for i, r in enumerate(results):
@@ -248,6 +269,10 @@ class Pipeline:
             while r.pending is not None:
                 (r,) = await self._submit([Job(_NO_PIXELS, None, resume=r.pending)], submit)
             results[i] = r
+        if total > HEAVY_RENDER_PIXELS:  # one heavy render at a time, in its own pool
+            loop = asyncio.get_running_loop()
+            return await asyncio.gather(*(loop.run_in_executor(self.render_pool, self.finish, p, r, top_k, spec)
+                                          for p, r in zip(prepared, results, strict=True)))
         return await self._finish_all(prepared, results, top_k, spec)
 
     async def _prepare_all(self, images: Sequence[ImageInput], max_pixels: int) -> list[PreparedImage]:
