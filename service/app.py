@@ -18,7 +18,9 @@ from starlette.types import Scope
 
 from service import __version__
 from service.api import errors as api_errors
-from service.api.middleware import ApiKeyAuth, BodyLimit, RequestContext, request_notes
+from service.api import openapi as api_openapi
+from service.api import ui
+from service.api.middleware import ApiKeyAuth, BodyLimit, HttpEdges, RequestContext, request_notes
 from service.api.routes import router
 from service.config import Settings
 from service.dataplane import DataPlane, Limits
@@ -38,7 +40,8 @@ def batch_settings(settings: Settings) -> BatchSettings:
 
 def limits(settings: Settings) -> Limits:
     return Limits(max_images=settings.max_images_per_request, max_image_pixels=settings.max_image_pixels,
-                  timeout_s=settings.request_timeout_s or None)
+                  max_render_pixels=settings.max_render_pixels, timeout_s=settings.request_timeout_s or None,
+                  max_extra_forwards=settings.max_extra_forwards)
 
 
 def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] | None = None) -> FastAPI:
@@ -47,7 +50,8 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
     settings = settings or Settings()
     metrics = Metrics()
     repository = ModelRepository(batch_settings(settings), settings.default_model,
-                                 on_batch=lambda name: partial(metrics.on_batch, name))
+                                 on_batch=lambda name: partial(metrics.on_batch, name),
+                                 cpu_threads=settings.cpu_threads)
     dataplane = DataPlane(repository, limits(settings))
     sources: Sequence[LoadedModel | ModelSpec] = models if models is not None else settings.models
     for source in sources:
@@ -72,13 +76,19 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
         summary="Image classification with Grad-CAM explanations over HTTP.",
         version=__version__,
         lifespan=lifespan,
+        docs_url=None, redoc_url=None,  # served offline by service.api.ui
     )
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.repository = repository
     app.state.dataplane = dataplane
     app.include_router(router)
+    ui.install(app, settings.enable_ui)
     api_errors.install(app)
+    keys = settings.all_api_keys()
+    api_openapi.install(app, api_keys=bool(keys), open_paths=settings.open_paths)
+    # HttpEdges serves `/predict/` as `/predict`; the router must never answer with a bodyless 307.
+    app.router.redirect_slashes = False
 
     def on_response(scope: Scope, status: int, seconds: float) -> None:
         # The matched route's template ("/models/{name}"), so label values stay few whatever the paths.
@@ -89,13 +99,14 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
         metrics.latency.labels(endpoint, model).observe(seconds)
 
     # Added innermost first: the request id wraps everything, so even a 401 or 413 carries one.
-    keys = settings.all_api_keys()
     if keys:
         app.add_middleware(ApiKeyAuth, keys=keys, open_paths=settings.open_paths)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["*"], expose_headers=["X-Request-ID", "X-Class-Index", "X-Class-Label",
-                                                                "X-Class-Score", "Retry-After"])
+                           allow_headers=["*"], expose_headers=[
+                               "X-Request-ID", "X-Class-Index", "X-Class-Label", "X-Class-Label*", "X-Class-Score",
+                               "Retry-After"])
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(HttpEdges)
     app.add_middleware(RequestContext, on_response=on_response)
     return app

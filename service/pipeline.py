@@ -26,21 +26,27 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from service.cam import CamMaps, CamQuery
+from service.cam import CamMaps, CamQuery, ExplainJob
 from service.errors import CamserveError, InvalidInput, OutOfMemory, PayloadTooLarge
 from service.imaging import decode_image, load_rgb, open_image
 from service.preprocess import Geometry
 from service.registry import LoadedModel
-from service.rendering import HeatmapSpec, render
+from service.rendering import HeatmapSpec, output_size, render
 from service.results import Explanation, ImageResult, Prediction
 
 # Pixels of decoding plus rendering one request may do on the event loop (a 64x64 image decodes and
 # preprocesses in about 0.4 ms, and renders a heatmap in about as much).
 INLINE_PIXELS = 128 * 128
-# Rendered heatmap pixels one request may ask for (images x targets x output size) at `size=original`.
-MAX_OUTPUT_PIXELS = 200_000_000
+# Rendered heatmap pixels (images x targets x output size) one request may ask for, by default.
+MAX_RENDER_PIXELS = 100_000_000
+# A request rendering more pixels than this is heavy: its renders go to the render pool, one thread
+# for the whole server, so heavy renders run one at a time and never fill the shared CPU pool that
+# every small request needs for decoding and rendering. 4 M is a 2000x2000 upload with one target:
+# about 0.1 s of rendering here.
+HEAVY_RENDER_PIXELS = 4_000_000
 
 ImageInput = bytes | Tensor
+_NO_PIXELS = torch.empty(0)
 T = TypeVar("T")
 
 
@@ -61,17 +67,21 @@ class PreparedImage:
 
 @dataclass(frozen=True)
 class Job:
-    """One image's share of a batch."""
+    """One image's share of a batch, or (``resume``) the next chunk of an explanation already started."""
 
     pixels: Tensor
     query: CamQuery | None
     normalized: bool = False
+    resume: ExplainJob | None = None
 
 
 @dataclass(frozen=True)
 class JobResult:
+    """``pending``: an explanation with chunks left (ScoreCAM, AblationCAM, metrics); ``cam`` comes once it ends."""
+
     logits: Tensor  # (K,)
     cam: CamMaps | None
+    pending: ExplainJob | None = None
 
 
 Submit = Callable[[list[Job]], Awaitable[list[JobResult]]]
@@ -85,10 +95,13 @@ def _is_oom(exc: BaseException) -> bool:
 class Pipeline:
     """``prepare`` -> ``compute`` -> ``finish`` for one loaded model."""
 
-    def __init__(self, model: LoadedModel, cpu_pool: Executor | None = None) -> None:
-        """``cpu_pool`` runs decoding and rendering; ``None`` uses the event loop's default executor."""
+    def __init__(self, model: LoadedModel, cpu_pool: Executor | None = None,
+                 render_pool: Executor | None = None) -> None:
+        """``cpu_pool`` runs decoding and rendering; ``None`` uses the event loop's default executor.
+        ``render_pool`` renders heavy requests (see ``HEAVY_RENDER_PIXELS``); ``None``: the CPU pool."""
         self.model = model
         self.cpu_pool = cpu_pool
+        self.render_pool = render_pool or cpu_pool
 
     # -- stage 1: CPU pool -----------------------------------------------------------------------
     def prepare(self, data: ImageInput, max_pixels: int) -> PreparedImage:
@@ -143,16 +156,44 @@ class Pipeline:
             return [*self.compute(jobs[:half]), *self.compute(jobs[half:])]
 
     def _compute(self, jobs: list[Job]) -> list[JobResult | BaseException]:
+        """The batch's new images share one forward and backward; an image whose explanation needs more
+        (perturbations, metrics) gets its own job, returned pending, and each ``resume`` job runs one
+        chunk. Between chunks the batcher serves other batches, so nothing waits behind more than one."""
         m = self.model
-        pre = m.preprocess
+        engine = m.engine
+        results: list[JobResult | BaseException | None] = [None] * len(jobs)
+        fresh = [i for i, j in enumerate(jobs) if j.resume is None]
+        deferred = {i for i in fresh if jobs[i].query is not None and engine.deferred(jobs[i].query)}  # type: ignore[arg-type]
+        with torch.autocast(m.device.type, dtype=m.precision or torch.float32, enabled=m.precision is not None):
+            for i, job in enumerate(jobs):
+                if job.resume is not None:
+                    results[i] = self._advance(job.resume)
+            now = [i for i in fresh if i not in deferred]
+            if now:
+                x = self._inputs([jobs[i] for i in now])
+                out = engine.explain(x, [jobs[i].query for i in now])
+                for k, i in enumerate(now):
+                    results[i] = JobResult(out.logits[k], out.cams[k])
+            for i in sorted(deferred):
+                results[i] = self._advance(engine.begin(self._inputs([jobs[i]]), [jobs[i].query]), step=False)
+        return [r for r in results if r is not None]
+
+    def _inputs(self, jobs: list[Job]) -> Tensor:
+        pre = self.model.preprocess
         if any(j.normalized for j in jobs):
             x = torch.stack([j.pixels if j.normalized else pre.normalize(j.pixels) for j in jobs])
         else:
             x = pre.normalize(torch.stack([j.pixels for j in jobs]))
-        x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(m.device.type, dtype=m.precision or torch.float32, enabled=m.precision is not None):
-            out = m.engine.explain(x, [j.query for j in jobs])
-        return [JobResult(out.logits[i], out.cams[i]) for i in range(len(jobs))]
+        return x.contiguous(memory_format=torch.channels_last)
+
+    @staticmethod
+    def _advance(job: ExplainJob, step: bool = True) -> JobResult:
+        if step:
+            job.step()
+        if job.done:
+            out = job.result()
+            return JobResult(out.logits[0], out.cams[0])
+        return JobResult(job.logits[0], None, pending=job)
 
     # -- stage 3: CPU pool -----------------------------------------------------------------------
     def finish(self, prepared: PreparedImage, result: JobResult, top_k: int, spec: HeatmapSpec | None) -> ImageResult:
@@ -169,36 +210,69 @@ class Pipeline:
         if spec.output == "overlay":
             base = prepared.image if spec.size == "original" else prepared.input_image()
         heatmaps = render(cam.maps, spec, prepared.geometry, self.model.preprocess.input_size, base)
-        explanations = [Explanation(c, labels[c], all_scores[c], cam.method, cam.layer, h)
-                        for c, h in zip(cam.classes, heatmaps, strict=True)]
+        explanations = [Explanation(c, labels[c], all_scores[c], cam.method, cam.layer, h, self._metrics(cam, t))
+                        for t, (c, h) in enumerate(zip(cam.classes, heatmaps, strict=True))]
         return ImageResult(preds, all_scores, explanations)
 
+    @staticmethod
+    def _metrics(cam: CamMaps, target: int) -> dict[str, float] | None:
+        if cam.metrics is None:
+            return None
+        out = {name: round(float(values[target]), 6) for name, values in cam.metrics.items()}
+        if cam.metric_steps is not None:
+            out["steps"] = cam.metric_steps  # the curves' resolution, named so replies can be compared
+        return out
+
     # -- the whole request -----------------------------------------------------------------------
+    def render_pixels(self, prepared: Sequence[PreparedImage], query: CamQuery | None,
+                      spec: HeatmapSpec | None) -> int:
+        """Heatmap pixels this request renders (images x targets x output size); 0 when it only predicts.
+        ``size=feature`` counts as the model input, an upper bound of the layer's grid."""
+        if query is None or spec is None:
+            return 0
+        per_image = max(len(query.classes), query.top)
+        input_size = self.model.preprocess.input_size
+        total = 0
+        for p in prepared:
+            h, w = output_size(spec, p.geometry, input_size, input_size)
+            total += h * w
+        return per_image * total
+
+    async def _submit(self, jobs: list[Job], submit: Submit | None) -> list[JobResult]:
+        if submit is not None:
+            return await submit(jobs)
+        computed = await asyncio.get_running_loop().run_in_executor(None, self.compute, jobs)
+        for r in computed:
+            if isinstance(r, BaseException):
+                raise r
+        return [r for r in computed if isinstance(r, JobResult)]
+
     async def run(self, images: Sequence[ImageInput], *, top_k: int, query: CamQuery | None,
                   spec: HeatmapSpec | None, max_pixels: int, submit: Submit | None = None,
-                  expect: Expect | None = None) -> list[ImageResult]:
+                  expect: Expect | None = None, max_render_pixels: int = MAX_RENDER_PIXELS) -> list[ImageResult]:
         """Predict (``query`` None) or explain every image of one request, in order.
 
         ``submit`` hands the jobs to a batcher; without it they are computed here as one batch.
-        ``expect`` (the batcher's) announces the images while they are decoded."""
-        loop = asyncio.get_running_loop()
+        ``expect`` (the batcher's) announces the images while they are decoded. ``max_render_pixels``
+        bounds the heatmap pixels one request renders (the memory its answer takes)."""
         with expect(len(images)) if expect is not None else nullcontext():
             prepared = await self._prepare_all(images, max_pixels)
-        if query is not None and spec is not None and spec.size == "original":
-            per_image = max(len(query.classes), query.top)
-            total = per_image * sum(p.geometry.original[0] * p.geometry.original[1] for p in prepared)
-            if total > MAX_OUTPUT_PIXELS:
-                raise PayloadTooLarge(f"{total} heatmap pixels asked for, over the limit of {MAX_OUTPUT_PIXELS}; "
-                                      "ask for fewer targets or images, or `size=input`")
+        total = self.render_pixels(prepared, query, spec)
+        if total > max_render_pixels:
+            raise PayloadTooLarge(f"{total} heatmap pixels asked for, over the limit of {max_render_pixels}; "
+                                  "ask for fewer targets or images, or `size=input`")
         jobs = [Job(p.pixels, query, p.normalized) for p in prepared]
-        if submit is not None:
-            results = await submit(jobs)
-        else:
-            computed = await loop.run_in_executor(None, self.compute, jobs)
-            for r in computed:
-                if isinstance(r, BaseException):
-                    raise r
-            results = [r for r in computed if isinstance(r, JobResult)]
+        results = await self._submit(jobs, submit)
+        for i, r in enumerate(results):
+            # One chunk per submission: other requests' batches queue between our chunks. A cancelled
+            # request stops here, and its remaining chunks are never run.
+            while r.pending is not None:
+                (r,) = await self._submit([Job(_NO_PIXELS, None, resume=r.pending)], submit)
+            results[i] = r
+        if total > HEAVY_RENDER_PIXELS:  # one heavy render at a time, in its own pool
+            loop = asyncio.get_running_loop()
+            return await asyncio.gather(*(loop.run_in_executor(self.render_pool, self.finish, p, r, top_k, spec)
+                                          for p, r in zip(prepared, results, strict=True)))
         return await self._finish_all(prepared, results, top_k, spec)
 
     async def _prepare_all(self, images: Sequence[ImageInput], max_pixels: int) -> list[PreparedImage]:

@@ -100,7 +100,12 @@ class ModelRepository:
         self._cpu_threads = cpu_threads
         self._models: dict[str, ServedModel] = {}
         self.cpu_pool: ThreadPoolExecutor | None = None
+        self.render_pool: ThreadPoolExecutor | None = None
         self.draining = False
+        # Set when a drain's deadline passes: requests still in flight then answer 503 (the data plane
+        # waits on it), before the server cancels their tasks into bare 500s.
+        self.stopping = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lookups ---------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[ServedModel]:
@@ -145,7 +150,16 @@ class ModelRepository:
             # 2 threads served 10-20% more images/s than asyncio's default of 6, which queue on the GIL.
             threads = self._cpu_threads or max(2, os.cpu_count() or 2)
             self.cpu_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="camserve-cpu")
+        if self.render_pool is None:
+            # Heavy renders (pipeline.HEAVY_RENDER_PIXELS), one at a time for the whole server: they
+            # neither fill the CPU pool small requests need nor hold more than one render's memory.
+            self.render_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="camserve-render")
         self.draining = False
+        self.stopping.clear()
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:  # started outside a loop (a notebook): drains then have no deadline
+            self._loop = None
 
     def declare(self, name: str, spec: ModelSpec | None) -> ServedModel:
         """Name a model that is about to load, so requests for it get 503 (loading), not 404."""
@@ -175,7 +189,7 @@ class ModelRepository:
             entry.spec, entry.state, entry.error = spec, ModelState.LOADING, None
             try:
                 model = source if isinstance(source, LoadedModel) else await asyncio.to_thread(load_model, source)
-                pipeline = Pipeline(model, self.cpu_pool)
+                pipeline = Pipeline(model, self.cpu_pool, self.render_pool)
                 await self._warm_up(pipeline)
             except ModelLoadError as exc:
                 entry.state, entry.error = ModelState.FAILED, str(exc)
@@ -231,9 +245,17 @@ class ModelRepository:
             torch.cuda.empty_cache()
         log.info("model %r unloaded", entry.name)
 
-    def begin_drain(self) -> None:
-        """Readiness off for every model: a load balancer stops routing here while work finishes."""
+    def begin_drain(self, timeout_s: float | None = None) -> None:
+        """Readiness off for every model: a load balancer stops routing here while work finishes.
+
+        With ``timeout_s`` (the server's drain timeout), requests still running shortly before it
+        passes are answered 503 ``not_ready``: the server cancels whatever is left at the timeout, and
+        a cancelled request gets a plain-text 500 and a traceback in the log. Safe to call from a
+        signal handler."""
         self.draining = True
+        if timeout_s is not None and self._loop is not None:
+            delay = max(0.0, timeout_s - min(0.25, timeout_s / 2))
+            self._loop.call_soon_threadsafe(self._loop.call_later, delay, self.stopping.set)
 
     async def close(self, close_models: bool = True) -> None:
         """Stop every batcher (answering what is left with 503) and the CPU pool."""
@@ -243,6 +265,8 @@ class ModelRepository:
                 await entry.batcher.stop()
             if close_models and entry.model is not None:
                 entry.model.close()
-        if self.cpu_pool is not None:
-            pool, self.cpu_pool = self.cpu_pool, None
-            await asyncio.to_thread(pool.shutdown, True)
+        for attr in ("cpu_pool", "render_pool"):
+            pool = getattr(self, attr)
+            if pool is not None:
+                setattr(self, attr, None)
+                await asyncio.to_thread(pool.shutdown, True)

@@ -21,16 +21,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(port: int, env: dict[str, str] | None = None, config: Path | None = None) -> subprocess.Popen[bytes]:
-    """Start ``camserve serve`` and wait for ``/readyz``. Its output goes to a temporary file (a pipe
-    nobody reads would block a chatty server), shown if it fails to start."""
+def start_server(port: int, env: dict[str, str] | None = None, config: Path | None = None,
+                 ready_timeout_s: float = 90, log: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start ``camserve serve`` and wait for ``/readyz``. Its output goes to ``log`` or a temporary file
+    (a pipe nobody reads would block a chatty server), shown if it fails to start."""
     cmd = [sys.executable, "-m", "service", "serve", "--port", str(port)]
     if config is not None:
         cmd += ["--config", str(config)]
     fd, log_path = tempfile.mkstemp(prefix="camserve-", suffix=".log")
+    if log is not None:
+        os.close(fd)
+        fd, log_path = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), str(log)
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=fd, stderr=subprocess.STDOUT)
     os.close(fd)  # the child keeps its own copy
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited: {Path(log_path).read_text()[-2000:]}")
@@ -41,4 +45,6 @@ def start_server(port: int, env: dict[str, str] | None = None, config: Path | No
             pass
         time.sleep(0.2)
     proc.kill()
-    raise RuntimeError("server did not become ready in 90 s")
+    proc.wait(timeout=30)  # reaped here, not in Popen.__del__ (an unraisable warning fails the run)
+    raise RuntimeError(f"server did not become ready in {ready_timeout_s:.0f} s: "
+                       f"{Path(log_path).read_text()[-2000:]}")
