@@ -34,12 +34,14 @@ log = logging.getLogger("camserve")
 
 def batch_settings(settings: Settings) -> BatchSettings:
     return BatchSettings(max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000,
-                         max_queue=settings.max_queue, max_image_pixels=settings.max_image_pixels)
+                         policy=settings.batch_policy, max_queue=settings.max_queue,
+                         max_image_pixels=settings.max_image_pixels)
 
 
 def limits(settings: Settings) -> Limits:
     return Limits(max_images=settings.max_images_per_request, max_image_pixels=settings.max_image_pixels,
-                  max_render_pixels=settings.max_render_pixels, timeout_s=settings.request_timeout_s or None)
+                  max_render_pixels=settings.max_render_pixels, timeout_s=settings.request_timeout_s or None,
+                  max_extra_forwards=settings.max_extra_forwards)
 
 
 def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] | None = None) -> FastAPI:
@@ -48,7 +50,8 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
     settings = settings or Settings()
     metrics = Metrics()
     repository = ModelRepository(batch_settings(settings), settings.default_model,
-                                 on_batch=lambda name: partial(metrics.on_batch, name))
+                                 on_batch=lambda name: partial(metrics.on_batch, name),
+                                 cpu_threads=settings.cpu_threads)
     dataplane = DataPlane(repository, limits(settings))
     sources: Sequence[LoadedModel | ModelSpec] = models if models is not None else settings.models
     for source in sources:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.cam import METHODS, CamQuery
+from service.cam.engine import check_extra_forwards
+from service.cam.metrics import DEFAULT_STEPS
 from service.errors import InvalidArgument, NotReady, PayloadTooLarge, RequestTimeout
 from service.labels import class_index
 from service.pipeline import ImageInput
@@ -45,8 +47,12 @@ class ExplainOptions:
     """What to explain and how to render it; the defaults are the native API's."""
 
     method: str = "gradcam"
-    layer: str | None = None
+    layer: str | Sequence[str] | None = None  # several layers are fused with `fuse`
     targets: Sequence[int | str] = field(default_factory=tuple)
+    fuse: str = "mean"
+    smooth: str | None = None
+    metrics: Sequence[str] = field(default_factory=tuple)
+    metric_steps: int = DEFAULT_STEPS
     output: Output = "png"
     size: Size = "original"
     colormap: str = "jet"
@@ -73,6 +79,7 @@ class Limits:
     max_image_pixels: int = 40_000_000
     max_render_pixels: int = 100_000_000
     timeout_s: float | None = 30.0
+    max_extra_forwards: int = 4096
 
 
 def _collect(task: asyncio.Future[Any]) -> None:
@@ -107,10 +114,16 @@ class DataPlane:
         method = method_name(explain.method)
         if len(explain.targets) > MAX_TARGETS:
             raise InvalidArgument("targets", f"at most {MAX_TARGETS} targets per request, got {len(explain.targets)}")
-        layer = loaded.engine.layers.resolve(explain.layer)
+        layer = explain.layer if explain.layer is None or isinstance(explain.layer, str) else tuple(explain.layer)
+        if isinstance(layer, tuple) and len(layer) == 1:
+            layer = layer[0]
         classes = tuple(class_index(loaded.labels, t) for t in explain.targets)
+        query = loaded.engine.check(CamQuery(method=method, layer=layer, classes=classes, fuse=explain.fuse,
+                                             smooth=explain.smooth, metrics=tuple(explain.metrics),
+                                             metric_steps=explain.metric_steps))
+        check_extra_forwards(n_images * loaded.engine.extra_forwards(query), self.limits.max_extra_forwards)
         spec = HeatmapSpec(explain.output, explain.size, explain.colormap, explain.alpha)
-        return Plan(served, top_k, CamQuery(method=method, layer=layer, classes=classes), spec)
+        return Plan(served, top_k, query, spec)
 
     async def run(self, plan: Plan, images: Sequence[ImageInput]) -> InferenceResult:
         """Run a planned request; the whole of it (decode, queue, compute, render) is bounded by the
@@ -120,7 +133,7 @@ class DataPlane:
             raise NotReady(f"model {plan.model_name!r} is {plan.served.state.value}")
         work = asyncio.ensure_future(pipeline.run(
             images, top_k=plan.top_k, query=plan.query, spec=plan.spec, max_pixels=self.limits.max_image_pixels,
-            submit=plan.served.submit, max_render_pixels=self.limits.max_render_pixels))
+            submit=plan.served.submit, expect=plan.served.expect, max_render_pixels=self.limits.max_render_pixels))
         stopping = asyncio.ensure_future(self.repository.stopping.wait())
         timeout = self.limits.timeout_s
         try:

@@ -27,6 +27,11 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     Raises :class:`InvalidImage` for anything that is not a complete image in a supported format
     and :class:`PayloadTooLarge` when its header announces more than ``max_pixels`` pixels.
     """
+    return load_rgb(open_image(data, max_pixels))
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Read and check only the header (cheap: no pixel is decoded); :func:`load_rgb` decodes."""
     if not data:
         raise InvalidImage("the image is empty (0 bytes)")
     try:
@@ -42,6 +47,11 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         raise PayloadTooLarge(f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
     if w == 0 or h == 0:
         raise InvalidImage(f"image has no pixels ({w}x{h})")
+    return im
+
+
+def load_rgb(im: Image.Image) -> np.ndarray:
+    """Decode an image opened by :func:`open_image` into ``(H, W, 3)`` uint8 RGB."""
     try:
         im.seek(0)  # GIF, TIFF, MPO: the first frame
         im.load()
@@ -50,16 +60,6 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         raise PayloadTooLarge(f"image is too large: {exc}") from None
     except Exception as exc:  # as above: any failure to decode untrusted bytes is the client's bad image
         raise InvalidImage(f"the image data is corrupt or truncated: {exc}") from None
-
-
-def header_pixels(data: bytes) -> int:
-    """Pixels the image header announces, read without decoding (0 when there is no readable header):
-    enough to route a large upload's decoding away from the pool small requests share."""
-    try:
-        with Image.open(io.BytesIO(data), formats=FORMATS) as im:
-            return int(im.size[0]) * int(im.size[1])
-    except Exception:  # decode_image reports it properly; here it only means "not known to be large"
-        return 0
 
 
 def _to_rgb(im: Image.Image) -> np.ndarray:

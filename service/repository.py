@@ -16,11 +16,13 @@ Each name has its own lock, so loading one model never blocks requests to the ot
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -51,6 +53,7 @@ class ModelState(StrEnum):
 class BatchSettings:
     max_batch_size: int = 32
     max_wait_s: float = 0.005
+    policy: str = "adaptive"
     max_queue: int = 256
     max_image_pixels: int = 40_000_000
 
@@ -77,6 +80,10 @@ class ServedModel:
         if self.state is not ModelState.READY or self.batcher is None:
             raise NotReady(f"model {self.name!r} is {self.state.value}")
         return await self.batcher.submit(jobs)
+
+    def expect(self, images: int) -> AbstractContextManager[object]:
+        """Announce images being decoded for this model, so a batch about to start may wait for them."""
+        return self.batcher.expect(images) if self.batcher is not None else contextlib.nullcontext()
 
 
 OnBatch = Callable[[str], Callable[[BatchStats], None] | None]
@@ -193,7 +200,7 @@ class ModelRepository:
             s = self.settings
             batcher: Batcher[Job, JobResult] = Batcher(
                 pipeline.compute, max_batch_size=s.max_batch_size, max_wait_s=s.max_wait_s, max_queue=s.max_queue,
-                name=name, on_batch=self._on_batch(name) if self._on_batch else None)
+                name=name, policy=s.policy, on_batch=self._on_batch(name) if self._on_batch else None)
             batcher.start()
             entry.model, entry.pipeline, entry.batcher = model, pipeline, batcher
             entry.state = ModelState.READY

@@ -78,6 +78,7 @@ def _summary(served: ServedModel) -> dict[str, Any]:
         "name": m.name, "source": public_source(served), "state": served.state.value, "device": str(m.device),
         "num_classes": m.num_classes, "input_size": list(m.preprocess.input_size),
         "layers": list(m.engine.layers.candidates), "methods": list(METHODS) if m.explainable else [],
+        "method_costs": {n: METHODS[n].cost.value for n in METHODS} if m.explainable else {},
         "precision": m.spec.precision, "output": m.spec.output,
     }
 
@@ -187,7 +188,8 @@ async def explain(request: Request, dataplane: DataPlaneDep, settings: SettingsD
     images, opts = await parse_request(request, ExplainOptions, settings.max_images_per_request)
     plan = dataplane.plan(opts.model, len(images), top_k=opts.top_k, explain=ExplainRequest(
         method=opts.method, layer=opts.layer, targets=tuple(opts.targets or ()), output=opts.output,  # type: ignore[arg-type]
-        size=opts.size, colormap=opts.colormap, alpha=opts.alpha))  # type: ignore[arg-type]
+        size=opts.size, colormap=opts.colormap, alpha=opts.alpha, fuse=opts.fuse, smooth=opts.smooth,  # type: ignore[arg-type]
+        metrics=tuple(opts.metrics or ()), metric_steps=opts.metric_steps))
     note_request(request.scope, model=plan.model_name, images=len(images))
     assert plan.query is not None
     png = _answer_as(request, len(images), len(plan.query.classes), opts.output) == PNG
