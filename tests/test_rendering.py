@@ -116,7 +116,8 @@ def test_heavy_requests_render_on_the_render_pool():
     spec = HeatmapSpec("png", "original")
     asyncio.run(pipeline.run([big], top_k=1, query=CamQuery(classes=(0, 1)), spec=spec, max_pixels=10**8))
     asyncio.run(pipeline.run([small], top_k=1, query=CamQuery(classes=(0, 1)), spec=spec, max_pixels=10**8))
-    assert names[0].startswith("render") and names[1].startswith("cpu"), names
+    # The small one is finished inline or in the CPU pool, never behind the heavy renders.
+    assert names[0].startswith("render") and not names[1].startswith("render"), names
 
 
 @pytest.mark.parametrize("size", ["original", "input"])
