@@ -19,6 +19,9 @@ from starlette.types import Scope
 from service import __version__
 from service.api import errors as api_errors
 from service.api.middleware import ApiKeyAuth, BodyLimit, RequestContext, request_notes
+from service.api.kserve_v1 import router as kserve_v1_router
+from service.api.oip_repository import router as oip_repository_router
+from service.api.oip_v2 import router as oip_v2_router
 from service.api.routes import router
 from service.config import Settings
 from service.dataplane import DataPlane, Limits
@@ -77,6 +80,9 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
     app.state.repository = repository
     app.state.dataplane = dataplane
     app.include_router(router)
+    app.include_router(kserve_v1_router)
+    app.include_router(oip_v2_router)
+    app.include_router(oip_repository_router)
     api_errors.install(app)
 
     def on_response(scope: Scope, status: int, seconds: float) -> None:
@@ -90,7 +96,7 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
     # Added innermost first: the request id wraps everything, so even a 401 or 413 carries one.
     keys = settings.all_api_keys()
     if keys:
-        app.add_middleware(ApiKeyAuth, keys=keys, open_paths=settings.open_paths)
+        app.add_middleware(ApiKeyAuth, keys=keys + settings.admin_api_keys, open_paths=settings.open_paths)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["*"], expose_headers=["X-Request-ID", "X-Class-Index", "X-Class-Label",

@@ -45,7 +45,11 @@ class Settings:
     max_image_pixels: int = 40_000_000
     api_keys: tuple[str, ...] = ()
     api_keys_file: str | None = None
-    open_paths: tuple[str, ...] = ("/healthz", "/readyz", "/metrics")
+    # Keys for the operator actions (the OIP model repository extension); also valid wherever a key is.
+    admin_api_keys: tuple[str, ...] = ()
+    enable_repository_api: bool = False  # with no admin keys, the repository extension is off unless this is true
+    # /v2/health: the Open Inference Protocol's probes, open like /healthz and /readyz (Triton's are too).
+    open_paths: tuple[str, ...] = ("/healthz", "/readyz", "/metrics", "/v2/health")
     cors_origins: tuple[str, ...] = ()
     log_format: str = "text"
     log_level: str = "info"

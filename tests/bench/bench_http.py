@@ -58,12 +58,13 @@ async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
     return int(head.split(b" ", 2)[1])
 
 
-async def load(port: int, path: str, image: bytes, concurrency: int, total: int) -> tuple[float, float, float]:
+async def load(port: int, path: str, image: bytes, concurrency: int, total: int,
+               request: bytes | None = None) -> tuple[float, float, float]:
     """Send ``total`` requests over ``concurrency`` keep-alive connections; p50 ms, p95 ms, images/s.
 
     A raw-socket client replaying one prepared request: httpx spends about a millisecond of CPU per
     request, which on two cores would make the load generator, not the server, the bottleneck."""
-    request = _request_bytes(port, path, image)
+    request = request or _request_bytes(port, path, image)
     latencies: list[float] = []
     remaining = total
 
@@ -128,14 +129,83 @@ def in_process_ms(config: Path | None, image: bytes, device: str) -> float:
     return asyncio.run(go())
 
 
+def _v2_request(port: int, image: bytes, as_binary: bool, outputs: list[str] | None) -> bytes:
+    """One Open Inference Protocol infer request: the image as a BYTES tensor, base64 in JSON or raw."""
+    import base64
+    import json
+    import struct
+
+    tensor: dict[str, object] = {"name": "image", "datatype": "BYTES", "shape": [1]}
+    raw = b""
+    if as_binary:
+        raw = struct.pack("<I", len(image)) + image
+        tensor["parameters"] = {"binary_data_size": len(raw)}
+    else:
+        tensor["data"] = [base64.b64encode(image).decode()]
+    header: dict[str, object] = {"inputs": [tensor]}
+    if outputs is not None:
+        header["outputs"] = [{"name": n, "parameters": {"binary_data": as_binary}} for n in outputs]
+    elif as_binary:
+        header["parameters"] = {"binary_data_output": True}
+    text = json.dumps(header).encode()
+    extra = f"Inference-Header-Content-Length: {len(text)}\r\n" if as_binary else ""
+    head = (f"POST /v2/models/shapes/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: "
+            f"{'application/octet-stream' if as_binary else 'application/json'}\r\n{extra}"
+            f"Content-Length: {len(text) + len(raw)}\r\n\r\n").encode()
+    return head + text + raw
+
+
+def protocol_rows(config: Path, image: bytes, requests: int, concurrency: int = 8, rounds: int = 3) -> None:
+    """The Open Inference Protocol beside the native multipart routes: same server, model and image.
+
+    The variants take turns, ``rounds`` times, and the median of each is shown, so drift on a shared
+    machine touches them all alike."""
+    port = free_port()
+    proc = start_server(port, {"SERVICE_LOG_LEVEL": "warning"}, config)
+    variants = {
+        "native /predict (multipart)": _request_bytes(port, "/predict", image),
+        "V2 scores, JSON base64": _v2_request(port, image, False, ["scores"]),
+        "V2 scores, binary": _v2_request(port, image, True, ["scores"]),
+        "native /explain (multipart, png)": _request_bytes(port, "/explain", image),
+        "V2 all outputs, JSON base64": _v2_request(port, image, False, None),
+        "V2 all outputs, binary": _v2_request(port, image, True, None),
+    }
+    runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in variants}
+    try:
+        for _ in range(rounds):
+            for name, request in variants.items():
+                runs[name].append(asyncio.run(load(port, "", b"", concurrency, max(requests, 2 * concurrency),
+                                                   request)))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    print(f"\n| shapes, concurrency {concurrency}, median of {rounds} interleaved runs | p50 ms | p95 ms | images/s |")
+    print("|---|---|---|---|")
+    best = {}
+    for name, cells in runs.items():
+        best[name] = statistics.median(c[2] for c in cells)
+        p50, p95 = statistics.median(c[0] for c in cells), statistics.median(c[1] for c in cells)
+        print(f"| {name} | {p50:.1f} | {p95:.1f} | {best[name]:.1f} |", flush=True)
+    scores = best["V2 scores, binary"] / best["native /predict (multipart)"]
+    explained = best["V2 all outputs, binary"] / best["native /explain (multipart, png)"]
+    print(f"- V2 binary / native multipart throughput: scores vs /predict {scores:.2f}x, all outputs vs /explain "
+          f"{explained:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--requests", type=int, default=160, help="requests per shapes cell")
     parser.add_argument("--resnet-requests", type=int, default=48, help="requests per resnet18 cell")
+    parser.add_argument("--protocols-only", action="store_true", help="only the V2 vs native rows")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     shapes_png = _png(make_scene(rng).image)
+    if args.protocols_only:
+        cfg = Path(tempfile.mkdtemp()) / "shapes.toml"
+        cfg.write_text(f'[models.shapes]\nsource = "builtin:shapes"\ndevice = "{args.device}"\n')
+        protocol_rows(cfg, shapes_png, args.requests)
+        return
     photo = _png(np.asarray(Image.fromarray(make_scene(rng).image).resize((256, 256), Image.BILINEAR)), "JPEG")
     tmp = Path(tempfile.mkdtemp())
     r18 = tmp / "r18.toml"
@@ -192,6 +262,7 @@ def main() -> None:
     for path in ("/predict", "/explain"):
         print(f"- resnet18 {path} at concurrency 8: camserve / baseline throughput = "
               f"{ips('resnet18 camserve', path, 8) / ips('baseline', path, 8):.2f}x")
+    protocol_rows(shapes_cfg, shapes_png, args.requests)
     inproc = in_process_ms(shapes_cfg, shapes_png, args.device)
     http = results["shapes batched"][("/explain", 1)][0]
     print(f"- shapes /explain at concurrency 1: HTTP p50 {http:.1f} ms, in-process p50 {inproc:.1f} ms "
