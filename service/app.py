@@ -18,8 +18,8 @@ from starlette.types import Scope
 
 from service import __version__
 from service.api import errors as api_errors
-from service.api.middleware import ApiKeyAuth, BodyLimit, RequestContext, request_notes
 from service.api.kserve_v1 import router as kserve_v1_router
+from service.api.middleware import ApiKeyAuth, BodyLimit, RequestContext, request_notes
 from service.api.oip_repository import router as oip_repository_router
 from service.api.oip_v2 import router as oip_v2_router
 from service.api.routes import router

@@ -302,7 +302,7 @@ def parse_outputs(header: dict[str, Any], params: dict[str, Any], explainable: b
             raise InvalidInput(f"output {name!r}: unknown parameter(s) {', '.join(extra)}; valid: "
                                f"{', '.join(sorted(allowed))}{hint}")
         use_binary = _bool(oparams.get("binary_data", default_binary), f"output {name!r}: `binary_data`")
-        wanted.append(Wanted(name, use_binary, _options(oparams, _RENDER_KEYS, f"output {name!r}: ")))
+        wanted.append(Wanted(str(name), use_binary, _options(oparams, _RENDER_KEYS, f"output {name!r}: ")))
     if not wanted:
         raise InvalidInput(f"`outputs` is empty; valid outputs: {', '.join(names)}")
     return wanted
@@ -374,7 +374,7 @@ def _png_from_array(array: np.ndarray) -> bytes:
 
 
 def _heatmaps(results: list[ImageResult], size: str) -> np.ndarray:
-    maps = [np.stack([e.heatmap.data for e in r.explanations or ()]) for r in results]  # type: ignore[misc]
+    maps = [np.stack([e.heatmap.data for e in r.explanations or ()]) for r in results]
     shapes = {m.shape for m in maps}
     if len(shapes) > 1:
         raise InvalidArgument("size", f"output 'heatmap' at size {size!r} needs every image to give the same "

@@ -52,7 +52,7 @@ async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
     writer.write(request)
     await writer.drain()
     head = await reader.readuntil(b"\r\n\r\n")
-    match = re.search(rb"content-length:\s*(\d+)", head, re.IGNORECASE)
+    match = re.search(rb"\r\ncontent-length:\s*(\d+)", head, re.IGNORECASE)  # not Inference-Header-Content-Length
     assert match, head
     await reader.readexactly(int(match.group(1)))
     return int(head.split(b" ", 2)[1])
