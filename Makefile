@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint bench bench-http bench-gpu train-shapes docker clean
+.PHONY: help install browser run test lint bench bench-http bench-gpu train-shapes docker clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -22,7 +22,15 @@ install: $(STAMP) ## create .venv and install camserve with the dev extra
 run: $(STAMP) ## serve the default model (built-in shapes) on 127.0.0.1:8000
 	$(BIN)/camserve serve $(if $(CONFIG),--config $(CONFIG))
 
-test: $(STAMP) ## run the test suite
+browser: ## Debian's chromium + chromedriver for the browser tests (apt-get as root; else they skip)
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing chromium and chromium-driver for the browser tests"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+	    >/dev/null; } || echo "could not install chromium: the browser tests will be skipped"; \
+	else echo "no /usr/bin/chromium and no root apt-get to install it: the browser tests will be skipped"; fi
+
+test: $(STAMP) browser ## run the test suite (browser tests included)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff and mypy

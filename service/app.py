@@ -18,6 +18,7 @@ from starlette.types import Scope
 
 from service import __version__
 from service.api import errors as api_errors
+from service.api import ui
 from service.api.kserve_v1 import router as kserve_v1_router
 from service.api.middleware import ApiKeyAuth, BodyLimit, RequestContext, request_notes
 from service.api.oip_repository import router as oip_repository_router
@@ -74,6 +75,7 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
         summary="Image classification with Grad-CAM explanations over HTTP.",
         version=__version__,
         lifespan=lifespan,
+        docs_url=None, redoc_url=None,  # served offline by service.api.ui
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -83,6 +85,7 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
     app.include_router(kserve_v1_router)
     app.include_router(oip_v2_router)
     app.include_router(oip_repository_router)
+    ui.install(app, settings.enable_ui)
     api_errors.install(app)
 
     def on_response(scope: Scope, status: int, seconds: float) -> None:

@@ -48,12 +48,14 @@ class Settings:
     # Keys for the operator actions (the OIP model repository extension); also valid wherever a key is.
     admin_api_keys: tuple[str, ...] = ()
     enable_repository_api: bool = False  # with no admin keys, the repository extension is off unless this is true
-    # /v2/health: the Open Inference Protocol's probes, open like /healthz and /readyz (Triton's are too).
-    open_paths: tuple[str, ...] = ("/healthz", "/readyz", "/metrics", "/v2/health")
+    # Each also opens the paths below it. The page and its files hold no data. /v2/health: the Open
+    # Inference Protocol's probes, open like /healthz and /readyz (Triton's are too).
+    open_paths: tuple[str, ...] = ("/healthz", "/readyz", "/metrics", "/v2/health", "/", "/ui", "/docs-assets")
     cors_origins: tuple[str, ...] = ()
     log_format: str = "text"
     log_level: str = "info"
     drain_timeout_s: float = 30.0
+    enable_ui: bool = True
     default_model: str | None = None
     models: tuple[ModelSpec, ...] = field(default=DEFAULT_MODELS)
 

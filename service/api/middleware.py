@@ -130,8 +130,11 @@ class BodyTooLarge(Exception):
 
 
 def is_open(path: str, open_paths: Iterable[str]) -> bool:
-    """``path`` is one of ``open_paths`` or below one (``/v2/health`` opens ``/v2/health/live``)."""
-    return any(path == p or path.startswith(p.rstrip("/") + "/") for p in open_paths)
+    """``path`` is one of ``open_paths`` or below one (``/v2/health`` opens ``/v2/health/live``; ``/``
+    opens only itself)."""
+    if "/../" in f"{path}/":  # routes match literally, so this reaches none; still, no way around a key
+        return False
+    return any(path == p or (p.rstrip("/") and path.startswith(p.rstrip("/") + "/")) for p in open_paths)
 
 
 class ApiKeyAuth:

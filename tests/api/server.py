@@ -21,7 +21,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(port: int, env: dict[str, str] | None = None, config: Path | None = None) -> subprocess.Popen[bytes]:
+def start_server(port: int, env: dict[str, str] | None = None, config: Path | None = None,
+                 ready_timeout_s: float = 90) -> subprocess.Popen[bytes]:
     """Start ``camserve serve`` and wait for ``/readyz``. Its output goes to a temporary file (a pipe
     nobody reads would block a chatty server), shown if it fails to start."""
     cmd = [sys.executable, "-m", "service", "serve", "--port", str(port)]
@@ -30,7 +31,7 @@ def start_server(port: int, env: dict[str, str] | None = None, config: Path | No
     fd, log_path = tempfile.mkstemp(prefix="camserve-", suffix=".log")
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=fd, stderr=subprocess.STDOUT)
     os.close(fd)  # the child keeps its own copy
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited: {Path(log_path).read_text()[-2000:]}")
@@ -41,4 +42,6 @@ def start_server(port: int, env: dict[str, str] | None = None, config: Path | No
             pass
         time.sleep(0.2)
     proc.kill()
-    raise RuntimeError("server did not become ready in 90 s")
+    proc.wait(timeout=30)  # reaped here, not in Popen.__del__ (an unraisable warning fails the run)
+    raise RuntimeError(f"server did not become ready in {ready_timeout_s:.0f} s: "
+                       f"{Path(log_path).read_text()[-2000:]}")

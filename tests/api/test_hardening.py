@@ -57,10 +57,18 @@ def test_metrics_count_requests_batches_and_images():
     with tiny_client() as c:
         c.post("/predict", json={"images": [b64(IMG)] * 3})
         c.post("/explain", json={"image": "@@"})
+        c.get("/models/tiny")
+        c.get("/models/no-such-model")
+        c.get("/no/such/route")
         text = c.get("/metrics").text
     assert 'camserve_requests_total{endpoint="/predict",model="tiny",status="200"} 1.0' in text
     assert 'camserve_requests_total{endpoint="/explain",model="",status="400"} 1.0' in text
     assert 'camserve_images_total{model="tiny"} 3.0' in text  # the warm-up is not traffic
+    # Labels are route templates, so arbitrary paths cannot grow the label set.
+    assert 'camserve_requests_total{endpoint="/models/{name}",model="",status="200"} 1.0' in text
+    assert 'camserve_requests_total{endpoint="/models/{name}",model="",status="404"} 1.0' in text
+    assert 'camserve_requests_total{endpoint="other",model="",status="404"} 1.0' in text
+    assert 'camserve_model_ready{model="tiny"} 1.0' in text
     assert "camserve_batch_size_bucket" in text
     assert "camserve_request_seconds_bucket" in text
     assert 'camserve_queue_depth{model="tiny"} 0.0' in text

@@ -60,13 +60,14 @@ def test_sigterm_finishes_in_flight_requests_then_exits_zero(tmp_path):
     proc, port = slow_server(tmp_path, 3.0, SERVICE_DRAIN_TIMEOUT_S="20")
     result: dict[str, httpx.Response] = {}
 
+    image = b64(png_bytes(scene("circle")[0]))
+
     def call() -> None:
-        image = b64(png_bytes(scene("circle")[0]))
         result["r"] = httpx.post(f"http://127.0.0.1:{port}/predict", json={"image": image}, timeout=30)
 
     t = threading.Thread(target=call)
     t.start()
-    time.sleep(0.5)  # the request is inside the model now
+    time.sleep(1.2)  # the request is inside the model now (margins for a busy machine)
     proc.send_signal(signal.SIGTERM)
     t.join(30)
     assert proc.wait(timeout=30) == 0

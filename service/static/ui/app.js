@@ -1,0 +1,594 @@
+// camserve debugging page. Plain JavaScript, no build step, no network beyond this server.
+// The server sends each heatmap as a greyscale PNG at the upload's size; the page colours and blends it
+// itself (with the server's own colormap tables), so colormap and opacity changes need no request.
+"use strict";
+
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const KEY_STORAGE = "camserve-api-key";
+  const TOP_K = 5;
+
+  // Exposed for tests and for people poking at the page from the console.
+  // `requests` counts every request the page made; `pending` those not answered yet; `ready` turns true
+  // once the models are listed.
+  const page = (window.camserve = { requests: 0, pending: 0, ready: false });
+
+  const state = {
+    models: [],
+    model: null,        // the entry of GET /models for the selected model
+    image: null,        // {blob, name, sampleUrl}
+    pixels: null,       // ImageData of the image, at its natural size
+    predictions: [],
+    selected: null,     // class index being explained
+    view: "single",
+    colormaps: null,    // name -> 256 [r, g, b]
+    shown: [],          // [{canvas, levels, width, height}] heatmaps on screen, re-blended on control changes
+    single: null,       // {label, method} of the single view, for the download name
+    generation: 0,      // bumps on every new image or view request, so late answers are dropped
+  };
+
+  // ---- HTTP --------------------------------------------------------------------------------------
+
+  class ApiError extends Error {
+    constructor(status, code, message, requestId) {
+      super(message);
+      this.status = status;
+      this.code = code;
+      this.requestId = requestId;
+    }
+  }
+
+  function apiKey() {
+    return sessionStorage.getItem(KEY_STORAGE) || "";
+  }
+
+  // Counts an operation (a request, or a whole image or view update) as pending until it settles, so
+  // `pending === 0` means the page shows the answers to everything asked so far.
+  async function tracked(work) {
+    page.pending += 1;
+    document.body.dataset.state = "busy";
+    try {
+      return await work();
+    } finally {
+      page.pending -= 1;
+      if (page.pending === 0) document.body.dataset.state = "idle";
+    }
+  }
+
+  async function api(path, options = {}) {
+    const headers = new Headers(options.headers || {});
+    if (apiKey()) headers.set("X-API-Key", apiKey());
+    page.requests += 1;
+    return tracked(async () => {
+      let response;
+      try {
+        response = await fetch(path, { ...options, headers });
+      } catch (err) {
+        throw new ApiError(0, "network_error", `the server could not be reached (${err.message})`, "");
+      }
+      if (!response.ok) {
+        const requestId = response.headers.get("X-Request-ID") || "";
+        let code = "http_error";
+        let message = `${response.status} ${response.statusText}`;
+        try {
+          const body = await response.json();
+          if (body && body.error) ({ code, message } = body.error);
+        } catch (_) { /* not JSON: keep the status line */ }
+        throw new ApiError(response.status, code, message, requestId);
+      }
+      return response;
+    });
+  }
+
+  function showError(err) {
+    const box = $("error");
+    if (!err) {
+      box.hidden = true;
+      box.textContent = "";
+      return;
+    }
+    if (err instanceof ApiError) {
+      const rid = err.requestId ? ` (request id ${err.requestId})` : "";
+      box.textContent = `Error ${err.status || ""} ${err.code}: ${err.message}${rid}`;
+      if (err.status === 401) {
+        $("key-form").hidden = false;
+        $("key-input").focus();
+      }
+    } else {
+      box.textContent = `Error: ${err.message || err}`;
+    }
+    box.hidden = false;
+    announce(box.textContent);
+  }
+
+  function announce(text) {
+    $("status").textContent = text;
+  }
+
+  // ---- curl ----------------------------------------------------------------------------------------
+
+  const shellQuote = (s) => `'${String(s).replace(/'/g, "'\\''")}'`;
+
+  function curlFor(path, fields) {
+    const parts = ["curl -s"];
+    if (apiKey()) parts.push('-H "X-API-Key: $CAMSERVE_API_KEY"');
+    parts.push(`-F ${shellQuote("image=@" + fileName())}`);
+    for (const [k, v] of fields) parts.push(`-F ${shellQuote(`${k}=${v}`)}`);
+    parts.push(shellQuote(location.origin + path));
+    return parts.join(" ");
+  }
+
+  function fileName() {
+    // A name that is safe as a curl -F file reference (no ';' or ',' which curl would parse).
+    return (state.image && state.image.name ? state.image.name : "image.png").replace(/[;,"]/g, "_");
+  }
+
+  function showCurl(commands) {
+    const chain = [...commands];
+    if (state.image && state.image.sampleUrl) {
+      // A sample lives on the server: fetch it first, so the command runs as it stands.
+      chain.unshift(`curl -s -o ${shellQuote(fileName())} ${shellQuote(location.origin + state.image.sampleUrl)}`);
+    }
+    const note = apiKey() ? "# export CAMSERVE_API_KEY=<your key> first\n" : "";
+    $("curl").textContent = note + chain.join(" &&\n");
+  }
+
+  // ---- models, samples, colormaps -------------------------------------------------------------------
+
+  async function loadModels() {
+    const body = await (await api("/models")).json();
+    state.models = body.models;
+    const select = $("model-select");
+    select.replaceChildren(...body.models.map((m) => new Option(m.name, m.name, false, m.name === body.default)));
+    setModel(select.value);
+  }
+
+  function setModel(name) {
+    state.model = state.models.find((m) => m.name === name) || null;
+    const m = state.model;
+    if (!m) return;
+    $("model-info").textContent = `${m.num_classes} classes, input ${m.input_size.join("x")}, ${m.device}`;
+    const methods = $("method-select");
+    const previous = methods.value;
+    methods.replaceChildren(...m.methods.map((x) => new Option(x, x)));
+    if (m.methods.includes(previous)) methods.value = previous;
+    $("layer-select").replaceChildren(...m.layers.map((x, i) => new Option(i === 0 ? `${x} (default)` : x, x)));
+    const explainable = m.methods.length > 0;
+    for (const id of ["view-single", "view-compare", "view-classes"]) $(id).classList.toggle("off", !explainable);
+    $("explain-off").hidden = explainable;
+  }
+
+  async function loadSamples() {
+    const samples = await (await api("/ui/samples")).json();
+    $("samples").replaceChildren(...samples.map((s) => {
+      const b = document.createElement("button");
+      b.type = "button";
+      b.className = "sample";
+      b.dataset.testid = "sample-button";
+      b.dataset.label = s.label;
+      b.title = `A ${s.label} scene`;
+      const img = new Image();
+      img.src = s.url;
+      img.alt = "";
+      b.append(img, document.createTextNode(s.label));
+      b.addEventListener("click", () => useSample(s));
+      return b;
+    }));
+  }
+
+  async function loadColormaps() {
+    state.colormaps = await (await api("/ui/colormaps")).json();
+    const select = $("colormap-select");
+    const previous = select.value;
+    select.replaceChildren(...Object.keys(state.colormaps).map((name) => new Option(name, name)));
+    if (previous in state.colormaps) select.value = previous;
+  }
+
+  // ---- the image -------------------------------------------------------------------------------------
+
+  async function useSample(sample) {
+    try {
+      const blob = await (await api(sample.url)).blob();
+      await setImage({ blob, name: `${sample.label}.png`, sampleUrl: sample.url });
+    } catch (err) {
+      showError(err);
+    }
+  }
+
+  function setImage(image) {
+    return tracked(() => showImage(image));
+  }
+
+  async function showImage(image) {
+    state.generation += 1;
+    state.image = image;
+    state.pixels = null;
+    state.predictions = [];
+    state.selected = null;
+    clearViews();
+    $("predictions").replaceChildren();
+    const img = $("original");
+    if (img.src) URL.revokeObjectURL(img.src);
+    img.src = URL.createObjectURL(image.blob);
+    img.hidden = false;
+    $("original-caption").textContent = image.name;
+    try {
+      await img.decode();
+      const c = document.createElement("canvas");
+      c.width = img.naturalWidth;
+      c.height = img.naturalHeight;
+      const ctx = c.getContext("2d");
+      ctx.drawImage(img, 0, 0);
+      state.pixels = ctx.getImageData(0, 0, c.width, c.height);
+      $("original-caption").textContent = `${image.name}, ${c.width}x${c.height}`;
+    } catch (_) {
+      // The browser cannot show it (e.g. TIFF), but the server may still read it: let it decide.
+      img.hidden = true;
+      $("original-caption").textContent = `${image.name} (this browser cannot display it)`;
+    }
+    await predict();
+  }
+
+  function formFor(fields) {
+    const form = new FormData();
+    form.append("image", state.image.blob, fileName());
+    for (const [k, v] of fields) form.append(k, v);
+    return form;
+  }
+
+  async function predict() {
+    if (!state.image || !state.model) return;
+    const generation = state.generation;
+    const fields = [["model", state.model.name], ["top_k", String(Math.min(TOP_K, state.model.num_classes))]];
+    showCurl([curlFor("/predict", fields)]);
+    try {
+      const body = await (await api("/predict", { method: "POST", body: formFor(fields) })).json();
+      if (generation !== state.generation) return;
+      showError(null);
+      state.predictions = body.results[0].predictions;
+      renderPredictions();
+      if (state.model.methods.length) await selectClass(state.predictions[0].index);
+    } catch (err) {
+      if (generation === state.generation) showError(err);
+    }
+  }
+
+  function renderPredictions() {
+    const list = $("predictions");
+    list.replaceChildren(...state.predictions.map((p) => {
+      const li = document.createElement("li");
+      li.dataset.testid = "prediction";
+      li.dataset.index = p.index;
+      const b = document.createElement("button");
+      b.type = "button";
+      b.className = "pred";
+      b.setAttribute("aria-pressed", String(p.index === state.selected));
+      b.setAttribute("aria-label", `${p.label}: ${(p.score * 100).toFixed(1)}%, explain this class`);
+      const label = document.createElement("span");
+      label.className = "label";
+      label.textContent = p.label;
+      const bar = document.createElement("span");
+      bar.className = "bar";
+      const fill = document.createElement("span");
+      fill.style.width = `${Math.max(0.5, p.score * 100)}%`;
+      bar.append(fill);
+      const score = document.createElement("span");
+      score.className = "score";
+      score.textContent = `${(p.score * 100).toFixed(1)}%`;
+      b.append(label, bar, score);
+      b.addEventListener("click", () => selectClass(p.index));
+      li.append(b);
+      return li;
+    }));
+  }
+
+  async function selectClass(index) {
+    state.selected = index;
+    for (const b of $("predictions").querySelectorAll("button.pred")) {
+      b.setAttribute("aria-pressed", String(Number(b.parentElement.dataset.index) === index));
+    }
+    await refreshView();
+  }
+
+  // ---- explanations -------------------------------------------------------------------------------------
+
+  // Faithfulness metrics are asked for only when ticked: they cost extra forward passes. A server that
+  // lists its metrics in /models is asked for those; otherwise for the families the API documents.
+  const DEFAULT_METRICS = ["confidence", "deletion", "insertion"];
+
+  function explainFields(extra) {
+    const fields = [
+      ["model", state.model.name],
+      ["top_k", String(Math.min(TOP_K, state.model.num_classes))],
+      ["layer", $("layer-select").value],
+      ["output", "png"],
+      ["size", "original"],
+      ...extra,
+    ];
+    if ($("metrics-toggle").checked) {
+      const names = Array.isArray(state.model.metrics) && state.model.metrics.length ? state.model.metrics
+        : DEFAULT_METRICS;
+      fields.push(["metrics", names.join(",")]);
+    }
+    return fields;
+  }
+
+  async function explain(fields) {
+    const started = performance.now();
+    const body = await (await api("/explain", { method: "POST", body: formFor(fields) })).json();
+    state.lastMs = performance.now() - started;
+    const result = body.results[0];
+    return Promise.all(result.explanations.map(async (e) => ({ ...e, levels: await decodeLevels(e.heatmap) })));
+  }
+
+  async function decodeLevels(heatmap) {
+    const img = new Image();
+    img.src = `data:image/png;base64,${heatmap.data}`;
+    await img.decode();
+    const c = document.createElement("canvas");
+    c.width = heatmap.width;
+    c.height = heatmap.height;
+    const ctx = c.getContext("2d");
+    ctx.drawImage(img, 0, 0);
+    const rgba = ctx.getImageData(0, 0, c.width, c.height).data;
+    const levels = new Uint8Array(c.width * c.height);
+    for (let i = 0; i < levels.length; i++) levels[i] = rgba[i * 4];
+    return levels;
+  }
+
+  function clearViews() {
+    state.shown = [];
+    state.single = null;
+    const overlay = $("overlay");
+    overlay.width = 1;
+    overlay.height = 1;
+    overlay.hidden = true;
+    $("overlay-caption").textContent = "Pick an image to see where the model looked.";
+    $("metrics").hidden = true;
+    $("metrics").replaceChildren();
+    $("download").disabled = true;
+    $("view-compare").replaceChildren();
+    $("view-classes").replaceChildren();
+  }
+
+  function refreshView() {
+    return tracked(updateView);
+  }
+
+  async function updateView() {
+    if (!state.image || state.selected === null || !state.model.methods.length) return;
+    const generation = ++state.generation;
+    const stillCurrent = () => generation === state.generation;
+    try {
+      if (state.view === "single") await showSingle(stillCurrent);
+      else if (state.view === "compare") await showCompare(stillCurrent);
+      else await showClasses(stillCurrent);
+      if (stillCurrent()) showError(null);
+    } catch (err) {
+      if (stillCurrent()) showError(err);
+    }
+  }
+
+  async function showSingle(stillCurrent) {
+    const method = $("method-select").value;
+    const fields = explainFields([["targets", String(state.selected)], ["method", method]]);
+    showCurl([curlFor("/explain", fields)]);
+    const [e] = await explain(fields);
+    if (!stillCurrent()) return;
+    const canvas = $("overlay");
+    canvas.hidden = false;
+    state.shown = [{ canvas, levels: e.levels, width: e.heatmap.width, height: e.heatmap.height }];
+    state.single = { label: e.label, method: e.method };
+    $("overlay-caption").textContent =
+      `${e.label} (${(e.score * 100).toFixed(1)}%), ${e.method} on ${e.layer}, ${e.heatmap.width}x${e.heatmap.height}, ` +
+      `answered in ${Math.round(state.lastMs)} ms`;
+    renderMetrics($("metrics"), e.metrics);
+    $("download").disabled = false;
+    blendAll();
+  }
+
+  async function showCompare(stillCurrent) {
+    // The API takes one method per request; the server batches these together.
+    const methods = state.model.methods;
+    const requests = methods.map((m) => explainFields([["targets", String(state.selected)], ["method", m]]));
+    showCurl(requests.map((f) => curlFor("/explain", f)));
+    const answers = await Promise.all(requests.map((f) => explain(f)));
+    if (!stillCurrent()) return;
+    fillGrid($("view-compare"), answers.map(([e]) => ({ e, title: e.method })));
+  }
+
+  async function showClasses(stillCurrent) {
+    const targets = state.predictions.map((p) => p.index).join(",");
+    const fields = explainFields([["targets", targets], ["method", $("method-select").value]]);
+    showCurl([curlFor("/explain", fields)]);
+    const explanations = await explain(fields);
+    if (!stillCurrent()) return;
+    fillGrid($("view-classes"), explanations.map((e) => ({ e, title: `${e.label} ${(e.score * 100).toFixed(1)}%` })));
+  }
+
+  function fillGrid(grid, items) {
+    state.shown = [];
+    grid.replaceChildren(...items.map(({ e, title }) => {
+      const fig = document.createElement("figure");
+      const canvas = document.createElement("canvas");
+      canvas.setAttribute("role", "img");
+      canvas.setAttribute("aria-label", `${e.label} under ${e.method}`);
+      canvas.dataset.testid = "grid-overlay";
+      const cap = document.createElement("figcaption");
+      cap.textContent = title;
+      const metrics = document.createElement("dl");
+      metrics.className = "metrics";
+      renderMetrics(metrics, e.metrics);
+      fig.append(canvas, cap, metrics);
+      state.shown.push({ canvas, levels: e.levels, width: e.heatmap.width, height: e.heatmap.height });
+      return fig;
+    }));
+    blendAll();
+  }
+
+  // Faithfulness metrics appear on explanations when the server computes them; absent otherwise.
+  function renderMetrics(dl, metrics) {
+    dl.replaceChildren();
+    const entries = flatten(metrics, "");
+    for (const [name, value] of entries) {
+      const dt = document.createElement("dt");
+      dt.textContent = name;
+      const dd = document.createElement("dd");
+      dd.textContent = formatValue(value);
+      dl.append(dt, dd);
+    }
+    dl.hidden = entries.length === 0;
+  }
+
+  // {deletion: {auc: 0.2, steps: 16}} -> [["deletion.auc", 0.2], ["deletion.steps", 16]]
+  function flatten(value, prefix) {
+    if (!value || typeof value !== "object" || Array.isArray(value)) return prefix ? [[prefix, value]] : [];
+    return Object.entries(value).flatMap(([k, v]) => flatten(v, prefix ? `${prefix}.${k}` : k));
+  }
+
+  function formatValue(value) {
+    if (typeof value === "number") return Number.isInteger(value) ? String(value) : value.toFixed(3);
+    if (typeof value === "boolean") return value ? "yes" : "no";
+    return typeof value === "string" ? value : JSON.stringify(value);
+  }
+
+  // ---- blending -------------------------------------------------------------------------------------------
+
+  function blendAll() {
+    for (const item of state.shown) blend(item);
+  }
+
+  function blend({ canvas, levels, width, height }) {
+    const alpha = Number($("opacity").value);
+    const lut = state.colormaps[$("colormap-select").value];
+    canvas.width = width;
+    canvas.height = height;
+    const ctx = canvas.getContext("2d");
+    const out = ctx.createImageData(width, height);
+    const base = baseImage(width, height);
+    for (let i = 0, j = 0; i < levels.length; i++, j += 4) {
+      const c = lut[levels[i]];
+      // Same formula as the server's output=overlay: (1 - alpha) * image + alpha * colour.
+      out.data[j] = Math.round((1 - alpha) * base[j] + alpha * c[0]);
+      out.data[j + 1] = Math.round((1 - alpha) * base[j + 1] + alpha * c[1]);
+      out.data[j + 2] = Math.round((1 - alpha) * base[j + 2] + alpha * c[2]);
+      out.data[j + 3] = 255;
+    }
+    ctx.putImageData(out, 0, 0);
+  }
+
+  function baseImage(width, height) {
+    const px = state.pixels;
+    if (px && px.width === width && px.height === height) return px.data;
+    // The browser could not decode the image, or it differs in size: blend over mid grey.
+    return new Uint8ClampedArray(width * height * 4).fill(128);
+  }
+
+  // ---- controls ---------------------------------------------------------------------------------------------
+
+  function setView(view) {
+    state.view = view;
+    for (const tab of document.querySelectorAll(".tab")) tab.setAttribute("aria-pressed", String(tab.dataset.view === view));
+    for (const v of ["single", "compare", "classes"]) $(`view-${v}`).hidden = v !== view;
+    state.shown = [];
+    refreshView();
+  }
+
+  function download() {
+    const { label, method } = state.single || {};
+    $("overlay").toBlob((blob) => {
+      const a = document.createElement("a");
+      a.href = URL.createObjectURL(blob);
+      a.download = `${state.model.name}-${label}-${method}.png`.replace(/[^\w.+-]/g, "_");
+      a.click();
+      setTimeout(() => URL.revokeObjectURL(a.href), 1000);
+    }, "image/png");
+  }
+
+  function firstImage(items) {
+    for (const item of items || []) {
+      const file = item.getAsFile ? item.getAsFile() : item;
+      if (file && file.type.startsWith("image/")) return file;
+    }
+    return null;
+  }
+
+  function wire() {
+    $("model-select").addEventListener("change", (ev) => {
+      setModel(ev.target.value);
+      if (state.image) setImage(state.image);
+    });
+    $("file-input").addEventListener("change", (ev) => {
+      const file = ev.target.files[0];
+      if (file) setImage({ blob: file, name: file.name || "image.png" });
+    });
+    const drop = $("drop");
+    drop.addEventListener("dragover", (ev) => {
+      ev.preventDefault();
+      drop.classList.add("over");
+    });
+    drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+    drop.addEventListener("drop", (ev) => {
+      ev.preventDefault();
+      drop.classList.remove("over");
+      const file = firstImage(ev.dataTransfer.files);
+      if (file) setImage({ blob: file, name: file.name || "dropped.png" });
+    });
+    drop.addEventListener("keydown", (ev) => {
+      if (ev.key === "Enter" || ev.key === " ") {
+        ev.preventDefault();
+        $("file-input").click();
+      }
+    });
+    document.addEventListener("paste", (ev) => {
+      const file = firstImage(ev.clipboardData && ev.clipboardData.items);
+      if (file) setImage({ blob: file, name: "pasted.png" });
+    });
+    $("method-select").addEventListener("change", () => refreshView());
+    $("layer-select").addEventListener("change", () => refreshView());
+    $("metrics-toggle").addEventListener("change", () => refreshView());
+    $("colormap-select").addEventListener("change", blendAll);
+    $("opacity").addEventListener("input", () => {
+      $("opacity-value").textContent = Number($("opacity").value).toFixed(2);
+      blendAll();
+    });
+    for (const tab of document.querySelectorAll(".tab")) tab.addEventListener("click", () => setView(tab.dataset.view));
+    $("download").addEventListener("click", download);
+    $("copy-curl").addEventListener("click", async () => {
+      try {
+        await navigator.clipboard.writeText($("curl").textContent);
+        $("copy-status").textContent = "Copied.";
+      } catch (_) {
+        // Clipboard access needs a secure context; select the text so Ctrl+C works instead.
+        getSelection().selectAllChildren($("curl"));
+        $("copy-status").textContent = "Selected: press Ctrl+C to copy.";
+      }
+    });
+    $("key-form").addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      sessionStorage.setItem(KEY_STORAGE, $("key-input").value.trim());
+      $("key-input").value = "";
+      await start();
+    });
+  }
+
+  function start() {
+    return tracked(load);
+  }
+
+  async function load() {
+    try {
+      await Promise.all([loadColormaps(), loadSamples()]);
+      await loadModels();
+      showError(null);
+      $("key-form").hidden = !apiKey();
+      page.ready = true;
+      if (state.image) await setImage(state.image);
+    } catch (err) {
+      showError(err);
+    }
+  }
+
+  wire();
+  start();
+})();
