@@ -33,6 +33,7 @@ from fastapi.responses import Response
 from service import __version__
 from service.api import binary
 from service.api.deps import DataPlaneDep, RepositoryDep, SettingsDep
+from service.api.encoding import heavy
 from service.api.middleware import note_request
 from service.api.parsing import decode_base64
 from service.api.routes import _unless_disconnected
@@ -478,9 +479,13 @@ async def _infer(request: Request, name: str, version: str | None, dataplane: Da
 
     done = await _unless_disconnected(request, run_all())
     png_results = done[1].results if len(done) > 1 else None
-    loop = asyncio.get_running_loop()
-    content, header_length = await loop.run_in_executor(
-        dataplane.repository.cpu_pool, encode_response, header, name, wanted, done[0].results, png_results, passes)
+    args = (header, name, wanted, done[0].results, png_results, passes)
+    if any(heavy(r) for r in done):
+        # Megabytes of floats or PNGs: encoding them on the loop would stall every other request.
+        loop = asyncio.get_running_loop()
+        content, header_length = await loop.run_in_executor(dataplane.repository.cpu_pool, encode_response, *args)
+    else:  # a few kilobytes: a hop to the CPU pool (queued behind decodes) would cost more than it saves
+        content, header_length = encode_response(*args)
     if header_length is None:
         return Response(content, media_type="application/json")
     return Response(content, media_type="application/octet-stream",

@@ -155,7 +155,7 @@ def _v2_request(port: int, image: bytes, as_binary: bool, outputs: list[str] | N
     return head + text + raw
 
 
-def protocol_rows(config: Path, image: bytes, requests: int, concurrency: int = 8, rounds: int = 3) -> None:
+def protocol_rows(config: Path, image: bytes, requests: int, concurrency: int = 8, rounds: int = 5) -> None:
     """The Open Inference Protocol beside the native multipart routes: same server, model and image.
 
     The variants take turns, ``rounds`` times, and the median of each is shown, so drift on a shared
