@@ -29,7 +29,7 @@ from service.errors import InvalidArgument, InvalidInput, PayloadTooLarge
 from service.repository import ModelState
 from service.results import ImageResult, InferenceResult
 
-router = APIRouter(tags=["kserve v1"])
+router = APIRouter(tags=["kserve v1"], include_in_schema=False)
 
 
 @router.get("/v1/models")

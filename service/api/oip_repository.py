@@ -24,7 +24,7 @@ from service.modelspec import ModelSpec, SpecError
 from service.registry import ModelLoadError
 from service.repository import ModelState, ServedModel
 
-router = APIRouter(tags=["open inference protocol (v2): model repository"])
+router = APIRouter(tags=["open inference protocol (v2): model repository"], include_in_schema=False)
 log = logging.getLogger("camserve")
 
 # Triton's state names, which its clients and dashboards show.

@@ -44,14 +44,16 @@ from service.pipeline import ImageInput
 from service.repository import ModelRepository, ServedModel
 from service.results import ImageResult, InferenceResult
 
-router = APIRouter(tags=["open inference protocol (v2)"])
+# Not in camserve's OpenAPI document: these routes follow the protocol's own specification (KServe's
+# open_inference_rest.yaml), and their errors are that dialect's, not camserve's documented ones.
+router = APIRouter(tags=["open inference protocol (v2)"], include_in_schema=False)
 
 VERSION = "1"  # every model has one version; its path form `/versions/1` is accepted too
 EXTENSIONS = ["binary_tensor_data", "model_repository", "parameters"]
 OUTPUTS = ("scores", "heatmap", "heatmap_png", "target_class")
 INPUTS = ("image", "pixels")
 # Request parameters that Triton's clients may send and that mean nothing here.
-_IGNORED = {"priority", "timeout", "binary_data_output", "headers"}
+_IGNORED = {"priority", "timeout", "binary_data_output"}
 _EXPLAIN_KEYS = ("targets", "top_k", "method", "layer")
 _RENDER_KEYS = ("size", "output", "colormap", "alpha")
 _DATATYPES = {"scores": "FP32", "heatmap": "FP32", "heatmap_png": "BYTES", "target_class": "INT64"}
