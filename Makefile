@@ -5,10 +5,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install browser run test lint bench bench-http bench-gpu train-shapes docker clean
+.PHONY: help install browser run test lint bench bench-http bench-stages bench-ray bench-gpu train-shapes docker clean \
+	docker-base docker-wheels docker-wheels-cuda docker-cpu docker-cuda docker-test
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-19s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "need $(PY) on PATH (or make PY=python3.X)"; exit 1; }
@@ -40,8 +41,14 @@ lint: $(STAMP) ## ruff and mypy
 bench: $(STAMP) ## engine benchmark: predict vs explain vs pytorch-grad-cam vs captum (resnet50)
 	$(BIN)/python -m tests.bench.bench_engine
 
-bench-http: $(STAMP) ## HTTP throughput benchmark: batching on/off, resnet18 vs a per-request baseline
-	$(BIN)/python -m tests.bench.bench_http
+bench-http: $(STAMP) ## HTTP benchmark: batch policies, batching off, resnet18 vs a baseline (BENCH_ARGS=--before REF --table)
+	$(BIN)/python -m tests.bench.bench_http $(BENCH_ARGS)
+
+bench-stages: $(STAMP) ## where one request's time goes, stage by stage, in-process
+	$(BIN)/python -m tests.bench.bench_stages $(BENCH_ARGS)
+
+bench-ray: $(STAMP) ## Ray Serve (one and two replicas) vs a plain server: resnet18 and shapes at concurrency 8
+	$(BIN)/python -m tests.bench.bench_ray
 
 bench-gpu: $(STAMP) ## both benchmarks on CUDA, where a GPU exists
 	$(BIN)/python -m tests.bench.bench_engine --device cuda
@@ -50,9 +57,38 @@ bench-gpu: $(STAMP) ## both benchmarks on CUDA, where a GPU exists
 train-shapes: $(STAMP) ## retrain the built-in shapes model (deterministic, a few minutes on 2 cores)
 	$(BIN)/camserve train-shapes
 
-docker: ## build the CPU and CUDA images
-	docker build -f docker/Dockerfile -t camserve:cpu .
-	docker build -f docker/Dockerfile.cuda -t camserve:cuda .
+# Images: Debian bookworm base, Python packages from a host-side wheelhouse (containers here reach no index).
+DOCKER ?= docker
+BASE_IMAGE ?= debian:bookworm-slim
+IMAGE ?= camserve:cpu
+IMAGE_CUDA ?= camserve:cuda
+TORCH_INDEX_CPU ?= https://download.pytorch.org/whl/cpu
+EXTRAS ?=
+# The build context is streamed as a tar of what the Dockerfiles copy, so .venv and caches never travel.
+DOCKER_CONTEXT = tar -c --exclude=__pycache__ --exclude='*.pyc' pyproject.toml README.md service \
+	docker/Dockerfile docker/Dockerfile.cuda docker/pip-install.sh
+DOCKER_BUILD = $(DOCKER) build --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg EXTRAS=$(EXTRAS)
+
+docker-base: ## make the Debian base image available: pull it, else debootstrap it locally (root)
+	@$(DOCKER) image inspect $(BASE_IMAGE) >/dev/null 2>&1 || $(DOCKER) pull $(BASE_IMAGE) \
+		|| sh docker/base-image.sh $(BASE_IMAGE)
+
+docker-wheels: $(STAMP) ## fill docker/wheelhouse/cpu for the CPU image (pip download; CPU torch where reachable)
+	PIP=$(BIN)/pip sh docker/wheelhouse.sh docker/wheelhouse/cpu "$(TORCH_INDEX_CPU)" "$(EXTRAS)"
+
+docker-wheels-cuda: $(STAMP) ## fill docker/wheelhouse/cuda for the CUDA image
+	PIP=$(BIN)/pip sh docker/wheelhouse.sh docker/wheelhouse/cuda "" "$(EXTRAS)"
+
+docker-cpu: docker-base docker-wheels ## build the CPU image (camserve:cpu)
+	$(DOCKER_CONTEXT) docker/wheelhouse/cpu | $(DOCKER_BUILD) -f docker/Dockerfile -t $(IMAGE) -
+
+docker-cuda: docker-base docker-wheels-cuda ## build the CUDA image (camserve:cuda)
+	$(DOCKER_CONTEXT) docker/wheelhouse/cuda | $(DOCKER_BUILD) -f docker/Dockerfile.cuda -t $(IMAGE_CUDA) -
+
+docker: docker-cpu docker-cuda ## build the CPU and CUDA images
+
+docker-test: docker-cpu ## build and run the CPU image, probe it end to end (minutes; not in `make test`)
+	$(BIN)/python tests/docker_check.py --image $(IMAGE)
 
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -18,9 +18,10 @@ from starlette.types import Scope
 
 from service import __version__
 from service.api import errors as api_errors
+from service.api import openapi as api_openapi
 from service.api import ui
 from service.api.kserve_v1 import router as kserve_v1_router
-from service.api.middleware import ApiKeyAuth, BodyLimit, RequestContext, request_notes
+from service.api.middleware import ApiKeyAuth, BodyLimit, HttpEdges, RequestContext, request_notes
 from service.api.oip_repository import router as oip_repository_router
 from service.api.oip_v2 import router as oip_v2_router
 from service.api.routes import router
@@ -36,12 +37,14 @@ log = logging.getLogger("camserve")
 
 def batch_settings(settings: Settings) -> BatchSettings:
     return BatchSettings(max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000,
-                         max_queue=settings.max_queue, max_image_pixels=settings.max_image_pixels)
+                         policy=settings.batch_policy, max_queue=settings.max_queue,
+                         max_image_pixels=settings.max_image_pixels)
 
 
 def limits(settings: Settings) -> Limits:
     return Limits(max_images=settings.max_images_per_request, max_image_pixels=settings.max_image_pixels,
-                  timeout_s=settings.request_timeout_s or None)
+                  max_render_pixels=settings.max_render_pixels, timeout_s=settings.request_timeout_s or None,
+                  max_extra_forwards=settings.max_extra_forwards)
 
 
 def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] | None = None) -> FastAPI:
@@ -50,7 +53,8 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
     settings = settings or Settings()
     metrics = Metrics()
     repository = ModelRepository(batch_settings(settings), settings.default_model,
-                                 on_batch=lambda name: partial(metrics.on_batch, name))
+                                 on_batch=lambda name: partial(metrics.on_batch, name),
+                                 cpu_threads=settings.cpu_threads)
     dataplane = DataPlane(repository, limits(settings))
     sources: Sequence[LoadedModel | ModelSpec] = models if models is not None else settings.models
     for source in sources:
@@ -87,6 +91,10 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
     app.include_router(oip_repository_router)
     ui.install(app, settings.enable_ui)
     api_errors.install(app)
+    keys = settings.all_api_keys()
+    api_openapi.install(app, api_keys=bool(keys), open_paths=settings.open_paths)
+    # HttpEdges serves `/predict/` as `/predict`; the router must never answer with a bodyless 307.
+    app.router.redirect_slashes = False
 
     def on_response(scope: Scope, status: int, seconds: float) -> None:
         # The matched route's template ("/models/{name}"), so label values stay few whatever the paths.
@@ -97,13 +105,14 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
         metrics.latency.labels(endpoint, model).observe(seconds)
 
     # Added innermost first: the request id wraps everything, so even a 401 or 413 carries one.
-    keys = settings.all_api_keys()
     if keys:
         app.add_middleware(ApiKeyAuth, keys=keys + settings.admin_api_keys, open_paths=settings.open_paths)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["*"], expose_headers=["X-Request-ID", "X-Class-Index", "X-Class-Label",
-                                                                "X-Class-Score", "Retry-After"])
+                           allow_headers=["*"], expose_headers=[
+                               "X-Request-ID", "X-Class-Index", "X-Class-Label", "X-Class-Label*", "X-Class-Score",
+                               "Retry-After"])
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(HttpEdges)
     app.add_middleware(RequestContext, on_response=on_response)
     return app

@@ -8,7 +8,10 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from service.config import Settings
 
 log = logging.getLogger("camserve")
 
@@ -37,10 +40,14 @@ def _serve(args: argparse.Namespace) -> int:
     from service.logs import setup_logging
     from service.registry import ModelLoadError, load_model
 
+    if not args.ray and (args.replicas or args.autoscale or args.num_cpus or args.num_gpus is not None):
+        return _fail("--replicas, --autoscale, --num-cpus and --num-gpus need --ray")
     settings = _settings(args.config, host=args.host, port=args.port)
     if settings is None:
         return 2
     setup_logging(settings.log_format, settings.log_level)
+    if args.ray:
+        return _serve_ray(args, settings)
     # Models load before the port opens, so a model that cannot load is one line and exit code 2,
     # not a traceback from inside the server after it has announced itself.
     try:
@@ -52,7 +59,7 @@ def _serve(args: argparse.Namespace) -> int:
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
             # Readiness flips first, so a load balancer stops routing here while in-flight work drains.
-            app.state.repository.begin_drain()
+            app.state.repository.begin_drain(settings.drain_timeout_s)
             super().handle_exit(sig, frame)
             # uvicorn re-raises captured signals once shut down, so the process would die by SIGTERM;
             # a drained, orderly stop is a success for process supervisors, so exit 0 instead.
@@ -68,6 +75,24 @@ def _serve(args: argparse.Namespace) -> int:
              settings.host, settings.port)
     server.run()
     return 0 if server.started else 1
+
+
+def _serve_ray(args: argparse.Namespace, settings: Settings) -> int:
+    from service.config import ConfigError
+
+    try:
+        from service.rayserve import ReplicaOptions, serve_forever
+    except ImportError as exc:
+        return _fail(f"--ray needs Ray Serve: pip install 'camserve[ray]' ({exc})")
+    try:
+        bounds: dict[str, Any] = {"replicas": args.replicas}
+        if args.autoscale:
+            low, _, high = args.autoscale.partition(",")
+            bounds = {"min_replicas": low.strip(), "max_replicas": high.strip() or None}
+        options = ReplicaOptions.from_args({**bounds, "num_cpus": args.num_cpus, "num_gpus": args.num_gpus})
+    except ConfigError as exc:
+        return _fail(str(exc))
+    return serve_forever(settings, options, timeout_s=args.start_timeout)
 
 
 def _train_shapes(args: argparse.Namespace) -> int:
@@ -137,6 +162,30 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    """Faithfulness of each method on one configured model; the work is in ``service.evaluation``."""
+    from service.cam import METHODS
+    from service.errors import CamserveError
+    from service.evaluation import evaluate, folder_samples, progress_bar, shapes_samples, table
+    from service.registry import ModelLoadError, load_model
+
+    settings = _settings(args.config)
+    spec = next((m for m in settings.models if m.name == (args.model or m.name)), None)
+    if spec is None:
+        return _fail(f"unknown model {args.model!r}; configured: {', '.join(m.name for m in settings.models)}")
+    try:
+        model = load_model(spec)
+        samples = folder_samples(Path(args.images), model) if args.images else shapes_samples(args.shapes, args.seed)
+        methods = args.methods or list(METHODS)
+        reports = evaluate(model, samples, methods, steps=args.steps, progress=progress_bar)
+    except (ModelLoadError, CamserveError, ValueError, OSError) as exc:
+        return _fail(str(exc))
+    source = f"{args.images}" if args.images else f"{args.shapes} shapes scenes (seed {args.seed})"
+    print(f"# {spec.name}: {len(samples)} images from {source}, metric steps {args.steps}")
+    print(table(reports))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="camserve", description="Serve image classifiers over HTTP and explain "
                                      "their decisions with Grad-CAM.")
@@ -145,6 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--config", help="models.toml (default: the built-in shapes model)")
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
+    ray = serve.add_argument_group("Ray Serve", "scale out over replicas (needs the `ray` extra)")
+    ray.add_argument("--ray", action="store_true", help="serve through Ray Serve: a local cluster, or RAY_ADDRESS")
+    scale = ray.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, help="fixed number of replicas (default 1)")
+    scale.add_argument("--autoscale", metavar="MIN,MAX", help="autoscale between MIN and MAX replicas")
+    ray.add_argument("--num-cpus", type=float, help="CPUs per replica, fractions allowed (default 1)")
+    ray.add_argument("--num-gpus", type=float, help="GPUs per replica (default 1 if a model's device is cuda)")
+    ray.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for the replicas")
     serve.set_defaults(func=_serve)
     train = sub.add_parser("train-shapes", help="train the built-in shapes model")
     train.add_argument("--out", default=str(Path(__file__).parent / "models" / "shapes.pt"),
@@ -167,6 +224,16 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--out", default="heatmap.png", help="output file; with several targets, one file per target "
                     "named <stem>-<index>-<label>.png")
     ex.set_defaults(func=_explain)
+    ev2 = sub.add_parser("evaluate", help="pointing game, confidence, deletion and insertion of each CAM method")
+    ev2.add_argument("--config", help="models.toml (default: the built-in shapes model)")
+    ev2.add_argument("--model", help="which configured model (default: the first)")
+    source = ev2.add_mutually_exclusive_group()
+    source.add_argument("--images", help="a folder of images (explains each one's top class; no pointing game)")
+    source.add_argument("--shapes", type=int, default=200, help="fresh shapes scenes, with their boxes (default 200)")
+    ev2.add_argument("--seed", type=int, default=4321, help="scene seed (default 4321)")
+    ev2.add_argument("--methods", nargs="+", help="methods to compare (default: all)")
+    ev2.add_argument("--steps", type=int, default=16, help="deletion/insertion steps (default 16)")
+    ev2.set_defaults(func=_evaluate)
     args = parser.parse_args(argv)
     code: int = args.func(args)
     return code

@@ -38,24 +38,32 @@ class Settings:
     port: int = 8000
     max_batch_size: int = 32
     max_wait_ms: float = 5.0
+    batch_policy: str = "adaptive"
     max_queue: int = 256
     request_timeout_s: float = 30.0  # 0: no limit
     max_images_per_request: int = 64
     max_body_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    # Extra forward images one request may cost (ScoreCAM/AblationCAM perturbations, faithfulness metrics):
+    # resnet50 ScoreCAM at its 2048-channel layer4 is 2048 per image.
+    max_extra_forwards: int = 4096
+    max_render_pixels: int = 100_000_000  # heatmap pixels one request renders (images x targets x size)
     api_keys: tuple[str, ...] = ()
     api_keys_file: str | None = None
     # Keys for the operator actions (the OIP model repository extension); also valid wherever a key is.
     admin_api_keys: tuple[str, ...] = ()
     enable_repository_api: bool = False  # with no admin keys, the repository extension is off unless this is true
-    # Each also opens the paths below it. The page and its files hold no data. /v2/health: the Open
-    # Inference Protocol's probes, open like /healthz and /readyz (Triton's are too).
-    open_paths: tuple[str, ...] = ("/healthz", "/readyz", "/metrics", "/v2/health", "/", "/ui", "/docs-assets")
+    # Each also opens the paths below it. The page, its files and the API docs hold no data. /v2/health:
+    # the Open Inference Protocol's probes, open like /healthz and /readyz (Triton's are too).
+    open_paths: tuple[str, ...] = ("/healthz", "/readyz", "/metrics", "/v2/health", "/", "/ui", "/docs-assets",
+                                   "/docs", "/redoc", "/openapi.json")
     cors_origins: tuple[str, ...] = ()
     log_format: str = "text"
     log_level: str = "info"
     drain_timeout_s: float = 30.0
     enable_ui: bool = True
+    # Decode/render threads; None sizes them to the machine. A Ray Serve replica sets its own CPU share.
+    cpu_threads: int | None = None
     default_model: str | None = None
     models: tuple[ModelSpec, ...] = field(default=DEFAULT_MODELS)
 
@@ -66,15 +74,19 @@ class Settings:
 
     def problems(self) -> list[str]:
         out = []
-        for name in ("max_batch_size", "max_queue", "max_images_per_request", "max_body_bytes", "max_image_pixels"):
-            if getattr(self, name) < 1:
-                out.append(f"setting `{name}` must be at least 1, got {getattr(self, name)}")
+        for name in ("max_batch_size", "max_queue", "max_images_per_request", "max_body_bytes", "max_image_pixels",
+                     "cpu_threads", "max_extra_forwards", "max_render_pixels"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                out.append(f"setting `{name}` must be at least 1, got {value}")
         if not 0 <= self.port <= 65535:
             out.append(f"setting `port` must be in 0..65535, got {self.port}")
         for name in ("max_wait_ms", "request_timeout_s", "drain_timeout_s"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 out.append(f"setting `{name}` must be a finite number of at least 0, got {value}")
+        if self.batch_policy not in ("adaptive", "fixed"):
+            out.append(f"setting `batch_policy` must be adaptive or fixed, got {self.batch_policy!r}")
         if self.log_format not in ("text", "json"):
             out.append(f"setting `log_format` must be text or json, got {self.log_format!r}")
         if self.log_level.lower() not in LOG_LEVELS:

@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from service.cam import CamQuery, get_method
+from service.cam import METHODS, CamQuery
+from service.cam.engine import check_extra_forwards
+from service.cam.metrics import DEFAULT_STEPS
 from service.errors import InvalidArgument, NotReady, PayloadTooLarge, RequestTimeout
 from service.labels import class_index
 from service.pipeline import ImageInput
@@ -22,13 +25,34 @@ from service.results import InferenceResult
 MAX_TARGETS = 16
 
 
+def method_name(name: str) -> str:
+    """The method table's name for ``name``. A name with ``+`` also goes by its spelling with ``p``
+    (``gradcampp``), because a ``+`` in a URL query string is read as a space: ``?method=gradcam++``
+    arrives as ``"gradcam  "``."""
+    if name in METHODS:
+        return name
+    aliases = {m.replace("+", "p"): m for m in METHODS if "+" in m}
+    if name in aliases:
+        return aliases[name]
+    known = ", ".join(f"{m} (or {m.replace('+', 'p')})" if "+" in m else m for m in METHODS)
+    hint = ""
+    if " " in name:
+        hint = ("; a `+` in a URL query string means a space: write it `%2B` "
+                f"(`method={name.replace(' ', '%2B')}`) or use the spelling with `p`")
+    raise InvalidArgument("method", f"`method` must be one of {known}, got {name!r}{hint}")
+
+
 @dataclass(frozen=True)
 class ExplainOptions:
     """What to explain and how to render it; the defaults are the native API's."""
 
     method: str = "gradcam"
-    layer: str | None = None
+    layer: str | Sequence[str] | None = None  # several layers are fused with `fuse`
     targets: Sequence[int | str] = field(default_factory=tuple)
+    fuse: str = "mean"
+    smooth: str | None = None
+    metrics: Sequence[str] = field(default_factory=tuple)
+    metric_steps: int = DEFAULT_STEPS
     output: Output = "png"
     size: Size = "original"
     colormap: str = "jet"
@@ -53,7 +77,14 @@ class Plan:
 class Limits:
     max_images: int = 64
     max_image_pixels: int = 40_000_000
+    max_render_pixels: int = 100_000_000
     timeout_s: float | None = 30.0
+    max_extra_forwards: int = 4096
+
+
+def _collect(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 class DataPlane:
@@ -80,13 +111,19 @@ class DataPlane:
             raise InvalidArgument("top_k", f"`top_k` must be between 1 and {k}, got {top_k}")
         if explain is None:
             return Plan(served, top_k, None, None)
-        get_method(explain.method)
+        method = method_name(explain.method)
         if len(explain.targets) > MAX_TARGETS:
             raise InvalidArgument("targets", f"at most {MAX_TARGETS} targets per request, got {len(explain.targets)}")
-        layer = loaded.engine.layers.resolve(explain.layer)
+        layer = explain.layer if explain.layer is None or isinstance(explain.layer, str) else tuple(explain.layer)
+        if isinstance(layer, tuple) and len(layer) == 1:
+            layer = layer[0]
         classes = tuple(class_index(loaded.labels, t) for t in explain.targets)
+        query = loaded.engine.check(CamQuery(method=method, layer=layer, classes=classes, fuse=explain.fuse,
+                                             smooth=explain.smooth, metrics=tuple(explain.metrics),
+                                             metric_steps=explain.metric_steps))
+        check_extra_forwards(n_images * loaded.engine.extra_forwards(query), self.limits.max_extra_forwards)
         spec = HeatmapSpec(explain.output, explain.size, explain.colormap, explain.alpha)
-        return Plan(served, top_k, CamQuery(method=explain.method, layer=layer, classes=classes), spec)
+        return Plan(served, top_k, query, spec)
 
     async def run(self, plan: Plan, images: Sequence[ImageInput]) -> InferenceResult:
         """Run a planned request; the whole of it (decode, queue, compute, render) is bounded by the
@@ -94,14 +131,25 @@ class DataPlane:
         pipeline = plan.served.pipeline
         if pipeline is None:  # unloaded between plan and run
             raise NotReady(f"model {plan.model_name!r} is {plan.served.state.value}")
-        work = pipeline.run(images, top_k=plan.top_k, query=plan.query, spec=plan.spec,
-                            max_pixels=self.limits.max_image_pixels, submit=plan.served.submit)
+        work = asyncio.ensure_future(pipeline.run(
+            images, top_k=plan.top_k, query=plan.query, spec=plan.spec, max_pixels=self.limits.max_image_pixels,
+            submit=plan.served.submit, expect=plan.served.expect, max_render_pixels=self.limits.max_render_pixels))
+        stopping = asyncio.ensure_future(self.repository.stopping.wait())
         timeout = self.limits.timeout_s
         try:
-            results = await asyncio.wait_for(work, timeout)
-        except TimeoutError:
-            raise RequestTimeout(f"request took longer than the {timeout:g} s timeout") from None
-        return InferenceResult(plan.model_name, results)
+            await asyncio.wait((work, stopping), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not work.done():
+                # Timed out, drained, or this caller was cancelled: stop the work (its images leave the
+                # batch queue) and collect whatever it ends with, so nothing is logged as unretrieved.
+                work.cancel()
+                work.add_done_callback(_collect)
+        if work.done():
+            return InferenceResult(plan.model_name, work.result())
+        if stopping.done():
+            raise NotReady("the server is shutting down: its drain timeout passed before this request finished")
+        raise RequestTimeout(f"request took longer than the {timeout:g} s timeout")
 
     async def infer(self, model: str | None, images: Sequence[ImageInput], *, top_k: int | None = None,
                     explain: ExplainOptions | None = None) -> InferenceResult:

@@ -38,3 +38,6 @@ def setup_logging(fmt: str = "text", level: str = "info") -> None:
         logging.getLogger(name).propagate = True
     # camserve logs one access line per request itself, with the request id.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    # At debug level PIL logs every PNG chunk it reads (two lines per decoded PNG), drowning the
+    # batch lines that debug level is for; its warnings still show.
+    logging.getLogger("PIL").setLevel(max(logging.INFO, root.level))

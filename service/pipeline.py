@@ -1,9 +1,15 @@
 """One model's work for one request, in three stages, with or without a batcher.
 
 The stages run in different places on purpose. Decoding and resizing (``prepare``) and rendering
-(``finish``) run in the shared CPU pool, one call per image, so they overlap with the model; only the
-forward/backward (``compute``) runs in the model's own thread, fed by a batcher when there is one.
-Without one (the start-up warm-up, a notebook), ``run`` computes the request's images as one batch.
+(``finish``) of large images run in the shared CPU pool, one call per image, so they overlap with the
+model; only the forward/backward (``compute``) runs in the model's own thread, fed by a batcher when
+there is one. Without one (the start-up warm-up, a notebook), ``run`` computes the request's images
+as one batch.
+
+Small work stays on the event loop: a trip to the pool costs two thread switches, and on a busy
+machine the wait for the pool thread to be scheduled, which is more than decoding a thumbnail or
+encoding its heatmap (see README, "Where the time goes"). Each request may do at most
+``INLINE_PIXELS`` of such work on the loop, so no request can stall the others for long.
 """
 
 from __future__ import annotations
@@ -11,24 +17,37 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
-from service.cam import CamMaps, CamQuery
+from service.cam import CamMaps, CamQuery, ExplainJob
 from service.errors import CamserveError, InvalidInput, OutOfMemory, PayloadTooLarge
-from service.imaging import decode_image
+from service.imaging import decode_image, load_rgb, open_image
 from service.preprocess import Geometry
 from service.registry import LoadedModel
-from service.rendering import HeatmapSpec, render
+from service.rendering import HeatmapSpec, output_size, render
 from service.results import Explanation, ImageResult, Prediction
 
-# Rendered heatmap pixels one request may ask for (images x targets x output size) at `size=original`.
-MAX_OUTPUT_PIXELS = 200_000_000
+# Pixels of decoding plus rendering one request may do on the event loop (a 64x64 image decodes and
+# preprocesses in about 0.4 ms, and renders a heatmap in about as much).
+INLINE_PIXELS = 128 * 128
+# Rendered heatmap pixels (images x targets x output size) one request may ask for, by default.
+MAX_RENDER_PIXELS = 100_000_000
+# A request rendering more pixels than this is heavy: its renders go to the render pool, one thread
+# for the whole server, so heavy renders run one at a time and never fill the shared CPU pool that
+# every small request needs for decoding and rendering. 4 M is a 2000x2000 upload with one target:
+# about 0.1 s of rendering here.
+HEAVY_RENDER_PIXELS = 4_000_000
 
 ImageInput = bytes | Tensor
+_NO_PIXELS = torch.empty(0)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -48,20 +67,25 @@ class PreparedImage:
 
 @dataclass(frozen=True)
 class Job:
-    """One image's share of a batch."""
+    """One image's share of a batch, or (``resume``) the next chunk of an explanation already started."""
 
     pixels: Tensor
     query: CamQuery | None
     normalized: bool = False
+    resume: ExplainJob | None = None
 
 
 @dataclass(frozen=True)
 class JobResult:
+    """``pending``: an explanation with chunks left (ScoreCAM, AblationCAM, metrics); ``cam`` comes once it ends."""
+
     logits: Tensor  # (K,)
     cam: CamMaps | None
+    pending: ExplainJob | None = None
 
 
 Submit = Callable[[list[Job]], Awaitable[list[JobResult]]]
+Expect = Callable[[int], AbstractContextManager[object]]
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -71,10 +95,13 @@ def _is_oom(exc: BaseException) -> bool:
 class Pipeline:
     """``prepare`` -> ``compute`` -> ``finish`` for one loaded model."""
 
-    def __init__(self, model: LoadedModel, cpu_pool: Executor | None = None) -> None:
-        """``cpu_pool`` runs decoding and rendering; ``None`` uses the event loop's default executor."""
+    def __init__(self, model: LoadedModel, cpu_pool: Executor | None = None,
+                 render_pool: Executor | None = None) -> None:
+        """``cpu_pool`` runs decoding and rendering; ``None`` uses the event loop's default executor.
+        ``render_pool`` renders heavy requests (see ``HEAVY_RENDER_PIXELS``); ``None``: the CPU pool."""
         self.model = model
         self.cpu_pool = cpu_pool
+        self.render_pool = render_pool or cpu_pool
 
     # -- stage 1: CPU pool -----------------------------------------------------------------------
     def prepare(self, data: ImageInput, max_pixels: int) -> PreparedImage:
@@ -112,13 +139,6 @@ class Pipeline:
         image = self.model.preprocess.denormalize(pixels).permute(1, 2, 0)
         return PreparedImage(image, pixels, geom, normalized=True)
 
-    def _prepare_nth(self, index: int, data: ImageInput, max_pixels: int) -> PreparedImage:
-        try:
-            return self.prepare(data, max_pixels)
-        except CamserveError as exc:
-            exc.message = f"image {index}: {exc.message}"  # which of several images was bad
-            raise
-
     # -- stage 2: the model thread ---------------------------------------------------------------
     def compute(self, jobs: list[Job]) -> list[JobResult | BaseException]:
         """Run one batch through the engine; on CUDA out-of-memory, split it and retry the halves."""
@@ -136,16 +156,44 @@ class Pipeline:
             return [*self.compute(jobs[:half]), *self.compute(jobs[half:])]
 
     def _compute(self, jobs: list[Job]) -> list[JobResult | BaseException]:
+        """The batch's new images share one forward and backward; an image whose explanation needs more
+        (perturbations, metrics) gets its own job, returned pending, and each ``resume`` job runs one
+        chunk. Between chunks the batcher serves other batches, so nothing waits behind more than one."""
         m = self.model
-        pre = m.preprocess
+        engine = m.engine
+        results: list[JobResult | BaseException | None] = [None] * len(jobs)
+        fresh = [i for i, j in enumerate(jobs) if j.resume is None]
+        deferred = {i for i in fresh if jobs[i].query is not None and engine.deferred(jobs[i].query)}  # type: ignore[arg-type]
+        with torch.autocast(m.device.type, dtype=m.precision or torch.float32, enabled=m.precision is not None):
+            for i, job in enumerate(jobs):
+                if job.resume is not None:
+                    results[i] = self._advance(job.resume)
+            now = [i for i in fresh if i not in deferred]
+            if now:
+                x = self._inputs([jobs[i] for i in now])
+                out = engine.explain(x, [jobs[i].query for i in now])
+                for k, i in enumerate(now):
+                    results[i] = JobResult(out.logits[k], out.cams[k])
+            for i in sorted(deferred):
+                results[i] = self._advance(engine.begin(self._inputs([jobs[i]]), [jobs[i].query]), step=False)
+        return [r for r in results if r is not None]
+
+    def _inputs(self, jobs: list[Job]) -> Tensor:
+        pre = self.model.preprocess
         if any(j.normalized for j in jobs):
             x = torch.stack([j.pixels if j.normalized else pre.normalize(j.pixels) for j in jobs])
         else:
             x = pre.normalize(torch.stack([j.pixels for j in jobs]))
-        x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(m.device.type, dtype=m.precision or torch.float32, enabled=m.precision is not None):
-            out = m.engine.explain(x, [j.query for j in jobs])
-        return [JobResult(out.logits[i], out.cams[i]) for i in range(len(jobs))]
+        return x.contiguous(memory_format=torch.channels_last)
+
+    @staticmethod
+    def _advance(job: ExplainJob, step: bool = True) -> JobResult:
+        if step:
+            job.step()
+        if job.done:
+            out = job.result()
+            return JobResult(out.logits[0], out.cams[0])
+        return JobResult(job.logits[0], None, pending=job)
 
     # -- stage 3: CPU pool -----------------------------------------------------------------------
     def finish(self, prepared: PreparedImage, result: JobResult, top_k: int, spec: HeatmapSpec | None) -> ImageResult:
@@ -162,33 +210,128 @@ class Pipeline:
         if spec.output == "overlay":
             base = prepared.image if spec.size == "original" else prepared.input_image()
         heatmaps = render(cam.maps, spec, prepared.geometry, self.model.preprocess.input_size, base)
-        explanations = [Explanation(c, labels[c], all_scores[c], cam.method, cam.layer, h)
-                        for c, h in zip(cam.classes, heatmaps, strict=True)]
+        explanations = [Explanation(c, labels[c], all_scores[c], cam.method, cam.layer, h, self._metrics(cam, t))
+                        for t, (c, h) in enumerate(zip(cam.classes, heatmaps, strict=True))]
         return ImageResult(preds, all_scores, explanations)
 
+    @staticmethod
+    def _metrics(cam: CamMaps, target: int) -> dict[str, float] | None:
+        if cam.metrics is None:
+            return None
+        out = {name: round(float(values[target]), 6) for name, values in cam.metrics.items()}
+        if cam.metric_steps is not None:
+            out["steps"] = cam.metric_steps  # the curves' resolution, named so replies can be compared
+        return out
+
     # -- the whole request -----------------------------------------------------------------------
+    def render_pixels(self, prepared: Sequence[PreparedImage], query: CamQuery | None,
+                      spec: HeatmapSpec | None) -> int:
+        """Heatmap pixels this request renders (images x targets x output size); 0 when it only predicts.
+        ``size=feature`` counts as the model input, an upper bound of the layer's grid."""
+        if query is None or spec is None:
+            return 0
+        per_image = max(len(query.classes), query.top)
+        input_size = self.model.preprocess.input_size
+        total = 0
+        for p in prepared:
+            h, w = output_size(spec, p.geometry, input_size, input_size)
+            total += h * w
+        return per_image * total
+
+    async def _submit(self, jobs: list[Job], submit: Submit | None) -> list[JobResult]:
+        if submit is not None:
+            return await submit(jobs)
+        computed = await asyncio.get_running_loop().run_in_executor(None, self.compute, jobs)
+        for r in computed:
+            if isinstance(r, BaseException):
+                raise r
+        return [r for r in computed if isinstance(r, JobResult)]
+
     async def run(self, images: Sequence[ImageInput], *, top_k: int, query: CamQuery | None,
-                  spec: HeatmapSpec | None, max_pixels: int, submit: Submit | None = None) -> list[ImageResult]:
+                  spec: HeatmapSpec | None, max_pixels: int, submit: Submit | None = None,
+                  expect: Expect | None = None, max_render_pixels: int = MAX_RENDER_PIXELS) -> list[ImageResult]:
         """Predict (``query`` None) or explain every image of one request, in order.
 
-        ``submit`` hands the jobs to a batcher; without it they are computed here as one batch."""
-        loop = asyncio.get_running_loop()
-        prepared = await asyncio.gather(*(loop.run_in_executor(self.cpu_pool, self._prepare_nth, i, d, max_pixels)
-                                          for i, d in enumerate(images)))
-        if query is not None and spec is not None and spec.size == "original":
-            per_image = max(len(query.classes), query.top)
-            total = per_image * sum(p.geometry.original[0] * p.geometry.original[1] for p in prepared)
-            if total > MAX_OUTPUT_PIXELS:
-                raise PayloadTooLarge(f"{total} heatmap pixels asked for, over the limit of {MAX_OUTPUT_PIXELS}; "
-                                      "ask for fewer targets or images, or `size=input`")
+        ``submit`` hands the jobs to a batcher; without it they are computed here as one batch.
+        ``expect`` (the batcher's) announces the images while they are decoded. ``max_render_pixels``
+        bounds the heatmap pixels one request renders (the memory its answer takes)."""
+        with expect(len(images)) if expect is not None else nullcontext():
+            prepared = await self._prepare_all(images, max_pixels)
+        total = self.render_pixels(prepared, query, spec)
+        if total > max_render_pixels:
+            raise PayloadTooLarge(f"{total} heatmap pixels asked for, over the limit of {max_render_pixels}; "
+                                  "ask for fewer targets or images, or `size=input`")
         jobs = [Job(p.pixels, query, p.normalized) for p in prepared]
-        if submit is not None:
-            results = await submit(jobs)
-        else:
-            computed = await loop.run_in_executor(None, self.compute, jobs)
-            for r in computed:
-                if isinstance(r, BaseException):
-                    raise r
-            results = [r for r in computed if isinstance(r, JobResult)]
-        return await asyncio.gather(*(loop.run_in_executor(self.cpu_pool, self.finish, p, r, top_k, spec)
-                                      for p, r in zip(prepared, results, strict=True)))
+        results = await self._submit(jobs, submit)
+        for i, r in enumerate(results):
+            # One chunk per submission: other requests' batches queue between our chunks. A cancelled
+            # request stops here, and its remaining chunks are never run.
+            while r.pending is not None:
+                (r,) = await self._submit([Job(_NO_PIXELS, None, resume=r.pending)], submit)
+            results[i] = r
+        if total > HEAVY_RENDER_PIXELS:  # one heavy render at a time, in its own pool
+            loop = asyncio.get_running_loop()
+            return await asyncio.gather(*(loop.run_in_executor(self.render_pool, self.finish, p, r, top_k, spec)
+                                          for p, r in zip(prepared, results, strict=True)))
+        return await self._finish_all(prepared, results, top_k, spec)
+
+    async def _prepare_all(self, images: Sequence[ImageInput], max_pixels: int) -> list[PreparedImage]:
+        """Headers are read here (no pixel decoded); small images are decoded here too, the rest in the
+        pool, concurrently."""
+        loop = asyncio.get_running_loop()
+        budget = INLINE_PIXELS
+        out: list[PreparedImage | asyncio.Future[PreparedImage]] = []
+        for i, data in enumerate(images):
+            if isinstance(data, Tensor):
+                out.append(self._nth(i, self.prepare_tensor, data))
+                continue
+            im = self._nth(i, open_image, data, max_pixels)
+            w, h = im.size
+            rh, rw = self.model.preprocess.geometry(h, w).resized
+            work = max(w * h, rh * rw)
+            if work <= budget:
+                budget -= work
+                out.append(self._nth(i, self._prepare_opened, im, max_pixels))
+            else:
+                # (Reopened there: reading a header again costs microseconds.)
+                out.append(loop.run_in_executor(self.cpu_pool, self._nth, i, self.prepare, data, max_pixels))
+        futures = [p for p in out if isinstance(p, asyncio.Future)]
+        if futures:
+            await asyncio.gather(*futures)
+        return [p.result() if isinstance(p, asyncio.Future) else p for p in out]
+
+    def _prepare_opened(self, im: Image.Image, max_pixels: int) -> PreparedImage:
+        return self.prepare_array(load_rgb(im), max_pixels)
+
+    async def _finish_all(self, prepared: list[PreparedImage], results: list[JobResult], top_k: int,
+                          spec: HeatmapSpec | None) -> list[ImageResult]:
+        """Predictions and small heatmaps are finished here; larger heatmaps in the pool, concurrently."""
+        loop = asyncio.get_running_loop()
+        budget = INLINE_PIXELS
+        out: list[ImageResult | asyncio.Future[ImageResult]] = []
+        for p, r in zip(prepared, results, strict=True):
+            work = 0 if spec is None or r.cam is None else self._render_pixels(p, r.cam, spec)
+            if work <= budget:
+                budget -= work
+                out.append(self.finish(p, r, top_k, spec))
+            else:
+                out.append(loop.run_in_executor(self.cpu_pool, self.finish, p, r, top_k, spec))
+        futures = [f for f in out if isinstance(f, asyncio.Future)]
+        if futures:
+            await asyncio.gather(*futures)
+        return [f.result() if isinstance(f, asyncio.Future) else f for f in out]
+
+    def _render_pixels(self, prepared: PreparedImage, cam: CamMaps, spec: HeatmapSpec) -> int:
+        h, w = {"original": prepared.geometry.original, "input": self.model.preprocess.input_size}.get(
+            spec.size, tuple(cam.maps.shape[-2:]))
+        per_map = h * w * (3 if spec.output == "overlay" else 1)  # overlays blend three channels
+        return len(cam.classes) * per_map
+
+    @staticmethod
+    def _nth(index: int, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)``, naming which of several images was bad in its error."""
+        try:
+            return fn(*args)
+        except CamserveError as exc:
+            exc.message = f"image {index}: {exc.message}"
+            raise

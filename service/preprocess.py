@@ -110,7 +110,9 @@ def _axis_weights(n_out: int, n_in: int, scale: float, offset: float, extent: fl
 
 
 @functools.lru_cache(maxsize=256)
-def _resample_weights(geom: Geometry, feature: tuple[int, int], device: torch.device) -> tuple[Tensor, Tensor]:
+def resample_weights(geom: Geometry, feature: tuple[int, int], device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(H, h)`` and ``(W, w)`` bilinear weights from a ``feature`` grid to ``geom.original``: the
+    resampled map is ``wy @ map @ wx.T``, so a caller can compute it a band of rows at a time."""
     (oh, ow), (rh, rw), (top, left, ch, cw) = geom.original, geom.resized, geom.crop
     return (_axis_weights(oh, feature[0], rh / oh, top, ch, device),
             _axis_weights(ow, feature[1], rw / ow, left, cw, device))
@@ -129,5 +131,5 @@ def to_original(maps: Tensor, geom: Geometry) -> Tensor:
     the crop into the map's coordinates, and pixels the crop removed get zero. Two matmuls instead of a
     dozen tensor ops keep the per-image cost low on CPU, and they run wherever ``maps`` lives.
     """
-    wy, wx = _resample_weights(geom, (maps.shape[1], maps.shape[2]), maps.device)
+    wy, wx = resample_weights(geom, (maps.shape[1], maps.shape[2]), maps.device)
     return wy @ maps.float() @ wx.T

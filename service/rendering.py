@@ -1,11 +1,18 @@
 """CAM maps to what a client asked for: a greyscale PNG, a colour overlay, or a float array.
 
-Resampling and colouring run on the maps' device; only the final uint8 pixels (or the requested
-floats) are copied to the host, then PNG-encoded there.
+PNG and overlay outputs are rendered one target at a time, in bands of rows, straight into one uint8
+buffer of the output size: a 4000x3000 upload explained for five targets once made five float copies
+of the whole image (and int64 colour indices), gigabytes per request. Now the working set is the
+output buffer (1 or 3 bytes a pixel) plus a band of about a million pixels, whatever the image size;
+what stays behind per target is its PNG. Levels are uint8, and the overlay is one gather from a
+table of every (level, channel, pixel) blend. These run on the host in numpy, single-threaded: only
+the small maps (and the image, band by band) leave the device, and no intra-op thread pool competes
+with the model thread.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -17,7 +24,7 @@ from service.cam.engine import normalize_by_peak
 from service.colormaps import check_colormap, lookup_table
 from service.errors import InvalidArgument, PayloadTooLarge
 from service.imaging import encode_png
-from service.preprocess import Geometry, to_input_size, to_original
+from service.preprocess import Geometry, resample_weights, to_input_size, to_original
 
 Output = Literal["png", "overlay", "array"]
 Size = Literal["original", "input", "feature"]
@@ -57,12 +64,18 @@ class Heatmap:
     data: bytes | np.ndarray
 
 
+# Output pixels per band: bounds the temporaries of one render (a few tens of MB) at any image size.
+BAND_PIXELS = 1 << 20
+
+
 def _png(fmt: Output, pixels: np.ndarray) -> Heatmap:
     return Heatmap(fmt, pixels.shape[1], pixels.shape[0], encode_png(pixels))
 
 
 def resample(maps: Tensor, size: Size, geom: Geometry, input_size: tuple[int, int]) -> Tensor:
-    """``(T, h, w)`` feature maps -> ``(T, H, W)`` at the requested size, peak 1 per non-empty map."""
+    """``(T, h, w)`` feature maps -> ``(T, H, W)`` float at the requested size, peak 1 per non-empty map.
+
+    Materialises every map at full size: for arrays, which are small (``MAX_ARRAY_PIXELS``)."""
     if size == "feature":
         return maps
     # Resampling lowers the peak a little; rescale so it is exactly 1 again.
@@ -70,26 +83,115 @@ def resample(maps: Tensor, size: Size, geom: Geometry, input_size: tuple[int, in
     return normalize_by_peak(sized.clamp(0, 1))[0]
 
 
+def _two_taps(weights: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Bilinear weights ``(n_out, n_in)`` hold at most two non-zeros a row: their columns and values."""
+    w = weights.cpu().numpy()
+    cols = np.argsort(-w, axis=1, kind="stable")[:, :2] if w.shape[1] > 1 else np.zeros((len(w), 2), np.int64)
+    vals = np.take_along_axis(w, cols, axis=1) if w.shape[1] > 1 else np.concatenate([w, 0 * w], axis=1)
+    return cols[:, 0], cols[:, 1], vals[:, 0].astype(np.float32), vals[:, 1].astype(np.float32)
+
+
+class _Levels:
+    """One ``(h, w)`` map as uint8 levels at the output size, produced a band of rows at a time, on the host.
+
+    The resampled map is ``wy @ map @ wx.T``; ``map @ wx.T`` is only ``h`` rows, and each output row
+    mixes at most two of them, so a band is two scaled row gathers (no BLAS, whose spinning threads
+    fight the model thread for the cores). The peak comes from a first pass over the bands, so the
+    full-size float map is never held."""
+
+    def __init__(self, cam: Tensor, spec: HeatmapSpec, geom: Geometry, input_size: tuple[int, int]) -> None:
+        host = cam.detach().float().cpu()
+        if spec.size == "feature":
+            self.height, self.width = host.shape
+            self._cols = host.numpy()
+            self._taps = (np.arange(self.height), np.arange(self.height),
+                          np.ones(self.height, np.float32), np.zeros(self.height, np.float32))
+        else:
+            g = Geometry(input_size, input_size, (0, 0, *input_size)) if spec.size == "input" else geom
+            wy, wx = resample_weights(g, (host.shape[0], host.shape[1]), torch.device("cpu"))
+            self.height, self.width = g.original
+            self._cols = (host @ wx.T).numpy()  # (h, W)
+            self._taps = _two_taps(wy)
+        self.rows = max(1, BAND_PIXELS // max(1, self.width))
+        self._scale = 1.0
+        peak = max((float(self._float_band(t, b).max()) for t, b in self.bands()), default=0.0)
+        self._scale = 255.0 / peak if peak > 0 else 0.0  # an all-zero map stays zero
+
+    def bands(self) -> list[tuple[int, int]]:
+        return [(r, min(r + self.rows, self.height)) for r in range(0, self.height, self.rows)]
+
+    def _float_band(self, top: int, bottom: int) -> np.ndarray:
+        a, b, wa, wb = (t[top:bottom] for t in self._taps)
+        band: np.ndarray = self._cols[a] * wa[:, None]
+        band += self._cols[b] * wb[:, None]
+        np.clip(band, 0.0, 1.0, out=band)
+        return band
+
+    def band(self, top: int, bottom: int) -> np.ndarray:
+        """``(bottom - top, W)`` uint8 levels."""
+        band = self._float_band(top, bottom)
+        band *= self._scale
+        np.rint(band, out=band)
+        return band.astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=64)
+def _blend_table(colormap: str, alpha: float) -> np.ndarray:
+    """``table[level * 768 + channel * 256 + pixel]``: the overlay value of ``pixel`` under heat
+    ``level``, rounded once from the exact float blend. 196 kB; makes the blend one gather."""
+    lut = lookup_table(colormap).numpy().astype(np.float64)  # (256, 3)
+    pixel = np.arange(256, dtype=np.float64)
+    table = (1 - alpha) * pixel[None, None, :] + alpha * lut[:, :, None]  # (level, channel, pixel)
+    return np.clip(np.rint(table), 0, 255).astype(np.uint8).ravel()
+
+
+_CHANNEL = np.array([0, 256, 512], dtype=np.int32)
+
+
+def _overlay(levels: _Levels, image: Tensor, spec: HeatmapSpec, out: np.ndarray) -> None:
+    table = _blend_table(spec.colormap, spec.alpha)
+    on_host = image.device.type == "cpu"
+    pixels = image.numpy() if on_host else None
+    for top, bottom in levels.bands():
+        band = pixels[top:bottom] if pixels is not None else image[top:bottom].cpu().numpy()
+        index = (levels.band(top, bottom).astype(np.int32) * 768)[..., None] + _CHANNEL
+        index += band
+        np.take(table, index, out=out[top:bottom])
+
+
+def output_size(spec: HeatmapSpec, geom: Geometry, input_size: tuple[int, int],
+                feature: tuple[int, int] | None = None) -> tuple[int, int]:
+    """``(H, W)`` of the heatmaps for this image; ``feature`` is the layer's grid when known."""
+    if spec.size == "original":
+        return geom.original
+    if spec.size == "input":
+        return input_size
+    return feature or (0, 0)
+
+
 def render(maps: Tensor, spec: HeatmapSpec, geom: Geometry, input_size: tuple[int, int],
            image: Tensor | None = None) -> list[Heatmap]:
     """Render ``(T, h, w)`` maps. ``image`` is needed for overlays: ``(H, W, 3)`` uint8 pixels at the
     requested size (the original upload, or the model-input pixels), on the maps' device."""
-    h, w = {"original": geom.original, "input": input_size}.get(spec.size, tuple(maps.shape[1:]))
-    if spec.output == "array" and h * w > MAX_ARRAY_PIXELS:  # checked before resampling to that size
-        raise PayloadTooLarge(f"an array heatmap of {w}x{h} is over {MAX_ARRAY_PIXELS} values; ask for "
-                              "`size=input` or `size=feature`, or for a png")
-    sized = resample(maps.float(), spec.size, geom, input_size)
-    t = sized.shape[0]
+    h, w = output_size(spec, geom, input_size, (int(maps.shape[1]), int(maps.shape[2])))
     if spec.output == "array":
-        host = sized.cpu().numpy()
-        return [Heatmap("array", w, h, host[i]) for i in range(t)]
-    levels = (sized * 255).round().to(torch.uint8)
-    if spec.output == "png":
-        host = levels.cpu().numpy()
-        return [_png("png", host[i]) for i in range(t)]
-    if image is None or tuple(image.shape[:2]) != (h, w):
+        if h * w > MAX_ARRAY_PIXELS:  # checked before resampling to that size
+            raise PayloadTooLarge(f"an array heatmap of {w}x{h} is over {MAX_ARRAY_PIXELS} values; ask for "
+                                  "`size=input` or `size=feature`, or for a png")
+        host = resample(maps.float(), spec.size, geom, input_size).cpu().numpy()
+        return [Heatmap("array", w, h, host[i]) for i in range(maps.shape[0])]
+    if spec.output == "overlay" and (image is None or tuple(image.shape[:2]) != (h, w)):
         raise ValueError("overlay needs the image at the heatmap's size")
-    colour = lookup_table(spec.colormap, sized.device)[levels.long()].float()  # (T, H, W, 3)
-    blended = (1 - spec.alpha) * image.float()[None] + spec.alpha * colour
-    host = blended.round().clamp(0, 255).to(torch.uint8).cpu().numpy()
-    return [_png("overlay", host[i]) for i in range(t)]
+    # One host buffer, reused by every target: each is encoded before the next is drawn into it.
+    out = np.empty((h, w, 3) if spec.output == "overlay" else (h, w), dtype=np.uint8)
+    heatmaps = []
+    for cam in maps:
+        levels = _Levels(cam, spec, geom, input_size)
+        if spec.output == "overlay":
+            assert image is not None
+            _overlay(levels, image, spec, out)
+        else:
+            for top, bottom in levels.bands():
+                out[top:bottom] = levels.band(top, bottom)
+        heatmaps.append(_png(spec.output, out))
+    return heatmaps

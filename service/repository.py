@@ -16,11 +16,13 @@ Each name has its own lock, so loading one model never blocks requests to the ot
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -51,6 +53,7 @@ class ModelState(StrEnum):
 class BatchSettings:
     max_batch_size: int = 32
     max_wait_s: float = 0.005
+    policy: str = "adaptive"
     max_queue: int = 256
     max_image_pixels: int = 40_000_000
 
@@ -78,6 +81,10 @@ class ServedModel:
             raise NotReady(f"model {self.name!r} is {self.state.value}")
         return await self.batcher.submit(jobs)
 
+    def expect(self, images: int) -> AbstractContextManager[object]:
+        """Announce images being decoded for this model, so a batch about to start may wait for them."""
+        return self.batcher.expect(images) if self.batcher is not None else contextlib.nullcontext()
+
 
 OnBatch = Callable[[str], Callable[[BatchStats], None] | None]
 
@@ -93,7 +100,12 @@ class ModelRepository:
         self._cpu_threads = cpu_threads
         self._models: dict[str, ServedModel] = {}
         self.cpu_pool: ThreadPoolExecutor | None = None
+        self.render_pool: ThreadPoolExecutor | None = None
         self.draining = False
+        # Set when a drain's deadline passes: requests still in flight then answer 503 (the data plane
+        # waits on it), before the server cancels their tasks into bare 500s.
+        self.stopping = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lookups ---------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[ServedModel]:
@@ -138,7 +150,16 @@ class ModelRepository:
             # 2 threads served 10-20% more images/s than asyncio's default of 6, which queue on the GIL.
             threads = self._cpu_threads or max(2, os.cpu_count() or 2)
             self.cpu_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="camserve-cpu")
+        if self.render_pool is None:
+            # Heavy renders (pipeline.HEAVY_RENDER_PIXELS), one at a time for the whole server: they
+            # neither fill the CPU pool small requests need nor hold more than one render's memory.
+            self.render_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="camserve-render")
         self.draining = False
+        self.stopping.clear()
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:  # started outside a loop (a notebook): drains then have no deadline
+            self._loop = None
 
     def declare(self, name: str, spec: ModelSpec | None) -> ServedModel:
         """Name a model that is about to load, so requests for it get 503 (loading), not 404."""
@@ -168,7 +189,7 @@ class ModelRepository:
             entry.spec, entry.state, entry.error = spec, ModelState.LOADING, None
             try:
                 model = source if isinstance(source, LoadedModel) else await asyncio.to_thread(load_model, source)
-                pipeline = Pipeline(model, self.cpu_pool)
+                pipeline = Pipeline(model, self.cpu_pool, self.render_pool)
                 await self._warm_up(pipeline)
             except ModelLoadError as exc:
                 entry.state, entry.error = ModelState.FAILED, str(exc)
@@ -179,7 +200,7 @@ class ModelRepository:
             s = self.settings
             batcher: Batcher[Job, JobResult] = Batcher(
                 pipeline.compute, max_batch_size=s.max_batch_size, max_wait_s=s.max_wait_s, max_queue=s.max_queue,
-                name=name, on_batch=self._on_batch(name) if self._on_batch else None)
+                name=name, policy=s.policy, on_batch=self._on_batch(name) if self._on_batch else None)
             batcher.start()
             entry.model, entry.pipeline, entry.batcher = model, pipeline, batcher
             entry.state = ModelState.READY
@@ -224,9 +245,17 @@ class ModelRepository:
             torch.cuda.empty_cache()
         log.info("model %r unloaded", entry.name)
 
-    def begin_drain(self) -> None:
-        """Readiness off for every model: a load balancer stops routing here while work finishes."""
+    def begin_drain(self, timeout_s: float | None = None) -> None:
+        """Readiness off for every model: a load balancer stops routing here while work finishes.
+
+        With ``timeout_s`` (the server's drain timeout), requests still running shortly before it
+        passes are answered 503 ``not_ready``: the server cancels whatever is left at the timeout, and
+        a cancelled request gets a plain-text 500 and a traceback in the log. Safe to call from a
+        signal handler."""
         self.draining = True
+        if timeout_s is not None and self._loop is not None:
+            delay = max(0.0, timeout_s - min(0.25, timeout_s / 2))
+            self._loop.call_soon_threadsafe(self._loop.call_later, delay, self.stopping.set)
 
     async def close(self, close_models: bool = True) -> None:
         """Stop every batcher (answering what is left with 503) and the CPU pool."""
@@ -236,6 +265,8 @@ class ModelRepository:
                 await entry.batcher.stop()
             if close_models and entry.model is not None:
                 entry.model.close()
-        if self.cpu_pool is not None:
-            pool, self.cpu_pool = self.cpu_pool, None
-            await asyncio.to_thread(pool.shutdown, True)
+        for attr in ("cpu_pool", "render_pool"):
+            pool = getattr(self, attr)
+            if pool is not None:
+                setattr(self, attr, None)
+                await asyncio.to_thread(pool.shutdown, True)

@@ -23,6 +23,7 @@ class Explanation(Prediction):
     method: str
     layer: str
     heatmap: Heatmap
+    metrics: dict[str, float] | None = None  # faithfulness figures, when asked for (service.cam.metrics)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""The batcher, driven by a fake batch function gated with events (no sleeps decide outcomes)."""
+"""The batcher, driven by a fake batch function gated with events (no sleeps decide outcomes), and its
+dispatch policy, driven by made-up clocks."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import threading
 
 import pytest
 
-from service.batching import Batcher
+from service.batching import Batcher, BatchStats, DispatchPolicy, _CostFit
+from service.config import ConfigError, load_settings
 from service.errors import ModelError, NotReady, Overloaded, RequestTimeout
 
 
@@ -42,9 +44,17 @@ async def _with(batcher: Batcher, body):
         await batcher.stop()
 
 
-def test_concurrent_requests_share_a_batch_and_get_their_own_results():
+async def _settle(rounds: int = 50) -> None:
+    """Let every ready task (the batcher's loop included) run until it blocks."""
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("policy", ["adaptive", "fixed"])
+def test_concurrent_requests_share_a_batch_and_get_their_own_results(policy):
     fn = Gate()
-    b = Batcher(fn, max_batch_size=8, max_wait_s=0.5)
+    # Fixed: a short wait, so the first batch starts alone; adaptive: a lone request never waits.
+    b = Batcher(fn, max_batch_size=8, max_wait_s=60 if policy == "adaptive" else 0.001, policy=policy)
 
     async def body():
         fn.release.clear()
@@ -154,3 +164,202 @@ def test_stop_answers_queued_and_running_requests():
 
     results = run(body())
     assert all(isinstance(r, NotReady) for r in results), results
+
+
+# -- the adaptive policy, end to end ------------------------------------------------------------------
+def test_a_lone_request_runs_at_once_whatever_the_wait():
+    fn = Gate()
+    b = Batcher(fn, max_batch_size=8, max_wait_s=60)  # the fixed policy would hold it for a minute
+
+    async def body():
+        return [await asyncio.wait_for(b.submit([i]), 5) for i in range(3)]
+
+    assert run(_with(b, body)) == [["r0"], ["r1"], ["r2"]]
+    assert fn.batches == [[0], [1], [2]]
+
+
+def test_fixed_policy_holds_a_batch_until_it_is_full():
+    fn = Gate()
+    b = Batcher(fn, max_batch_size=2, max_wait_s=60, policy="fixed")
+
+    async def body():
+        first = asyncio.create_task(b.submit([1]))
+        await _settle()
+        held = b.queue_depth  # still queued: nothing has started
+        second = await asyncio.wait_for(b.submit([2]), 5)
+        return held, await first, second
+
+    held, first, second = run(_with(b, body))
+    assert held == 1 and first == ["r1"] and second == ["r2"]
+    assert fn.batches == [[1, 2]]
+
+
+def test_a_batch_waits_for_images_that_are_being_decoded():
+    fn = Gate()
+    b = Batcher(fn, max_batch_size=8, max_wait_s=60)
+    decoded = asyncio.Event()
+
+    async def decoding_request():
+        with b.expect(2):
+            await decoded.wait()
+        return await b.submit([2, 3])
+
+    async def body():
+        slow = asyncio.create_task(decoding_request())
+        await _settle()
+        assert b.expected_images == 2
+        first = asyncio.create_task(b.submit([1]))
+        await _settle()
+        held = b.queue_depth
+        decoded.set()
+        return held, await asyncio.wait_for(first, 5), await asyncio.wait_for(slow, 5)
+
+    held, first, slow = run(_with(b, body))
+    assert held == 1 and first == ["r1"] and slow == ["r2", "r3"]
+    assert fn.batches == [[1, 2, 3]]
+    assert b.expected_images == 0
+
+
+def test_a_request_that_fails_while_decoding_stops_the_wait():
+    fn = Gate()
+    b = Batcher(fn, max_batch_size=8, max_wait_s=60)
+    fail = asyncio.Event()
+
+    async def failing_request():
+        with b.expect(1):
+            await fail.wait()
+            raise ValueError("not an image")
+
+    async def body():
+        bad = asyncio.create_task(failing_request())
+        await _settle()
+        first = asyncio.create_task(b.submit([1]))
+        await _settle()
+        held = b.queue_depth
+        fail.set()
+        with pytest.raises(ValueError, match="not an image"):
+            await bad
+        return held, await asyncio.wait_for(first, 5)
+
+    held, first = run(_with(b, body))
+    assert held == 1 and first == ["r1"] and fn.batches == [[1]]
+
+
+def test_a_batch_waits_for_announced_images_no_longer_than_max_wait():
+    fn = Gate()
+    stats: list[BatchStats] = []
+    b = Batcher(fn, max_batch_size=8, max_wait_s=0.05, on_batch=stats.append)
+
+    async def body():
+        with b.expect(1):  # never submitted while the batch waits
+            return await asyncio.wait_for(b.submit([1]), 5)
+
+    assert run(_with(b, body)) == ["r1"]
+    assert stats[0].queued_s >= 0.045  # it did hold the batch open, and then gave up
+
+
+def test_expectation_release_is_idempotent_and_empty_ones_cost_nothing():
+    b = Batcher(Gate(), max_batch_size=8)
+    e = b.expect(3)
+    assert b.expected_images == 3
+    e.release()
+    e.release()
+    with b.expect(0):
+        assert b.expected_images == 0
+
+
+def test_unknown_policy_is_refused():
+    with pytest.raises(ValueError, match="batch_policy"):
+        Batcher(Gate(), policy="greedy")
+
+
+def test_policy_setting_from_the_environment():
+    assert load_settings(env={}).batch_policy == "adaptive"
+    assert load_settings(env={"SERVICE_BATCH_POLICY": "fixed"}).batch_policy == "fixed"
+    with pytest.raises(ConfigError, match="batch_policy"):
+        load_settings(env={"SERVICE_BATCH_POLICY": "eager"})
+
+
+# -- the policy alone, with made-up clocks ----------------------------------------------------------
+def _gpu_like(p: DispatchPolicy) -> None:
+    """Batches that cost 10 ms plus 0.1 ms an image: one more image is almost free."""
+    for n in (1, 4, 2, 8, 3, 16):
+        p.ran(n, 0.010 + 0.0001 * n)
+
+
+def _cpu_like(p: DispatchPolicy) -> None:
+    """Batches that cost 0.2 ms plus 2 ms an image: batching saves almost nothing."""
+    for n in (1, 4, 2, 8, 3, 16):
+        p.ran(n, 0.0002 + 0.002 * n)
+
+
+def test_cost_fit_recovers_setup_and_per_item_time():
+    fit = _CostFit()
+    assert fit.params() is None
+    for _ in range(5):
+        fit.add(4, 0.01)
+    assert fit.params() is None  # one size only: no slope
+    for n in (1, 2, 8):
+        fit.add(n, 0.003 + 0.001 * n)
+    fit2 = _CostFit()
+    for n in (1, 2, 3, 5, 8):
+        fit2.add(n, 0.003 + 0.001 * n)
+    setup, per_item = fit2.params()
+    assert setup == pytest.approx(0.003) and per_item == pytest.approx(0.001)
+
+
+def test_fixed_policy_always_waits_for_the_deadline():
+    p = DispatchPolicy(8, 0.005, "fixed")
+    assert p.hold_until(10.0, 1, 10.0, None) == pytest.approx(10.005)
+    assert p.hold_until(10.006, 1, 10.0, None) is None  # past the deadline
+    assert p.hold_until(10.0, 8, 10.0, None) is None  # full
+
+
+def test_adaptive_policy_starts_at_once_without_evidence():
+    p = DispatchPolicy(8, 0.005)
+    _gpu_like(p)
+    p.arrived(10.0)  # a first request: no rate yet
+    assert p.hold_until(10.0, 1, 10.0, None) is None
+
+
+def test_adaptive_policy_waits_for_announced_images_that_will_make_it():
+    p = DispatchPolicy(8, 0.005)
+    p.arrived(10.0)
+    assert p.hold_until(10.0001, 1, 10.0, oldest_expected=9.999) == pytest.approx(10.005)
+    assert p.hold_until(10.0001, 8, 10.0, oldest_expected=9.999) is None  # the batch is full anyway
+    for _ in range(20):
+        p.prepared(0.050)  # decoding has been taking 50 ms: these would not make the 5 ms bound
+    assert p.hold_until(10.0001, 1, 10.0, oldest_expected=9.999) is None
+
+
+def test_adaptive_policy_waits_for_a_predicted_arrival_only_where_batching_pays():
+    gpu, cpu = DispatchPolicy(32, 0.005), DispatchPolicy(32, 0.005)
+    _gpu_like(gpu)
+    _cpu_like(cpu)
+    for p in (gpu, cpu):
+        for i in range(20):  # a request every 0.5 ms
+            p.arrived(10.0 + i * 0.0005)
+    last = 10.0 + 19 * 0.0005
+    # GPU: holding one image 0.5 ms saves most of a 10 ms setup; wait until the next one is due.
+    assert gpu.hold_until(last + 0.0001, 1, last, None) == pytest.approx(last + 0.0005)
+    # CPU: every image costs 2 ms more in a batch than the setup it saves: start now.
+    assert cpu.hold_until(last + 0.0001, 1, last, None) is None
+    # Overdue: the predicted request did not come; do not keep guessing.
+    assert gpu.hold_until(last + 0.0006, 1, last, None) is None
+    # With many images already held, one more is not worth delaying all of them.
+    many_gpu = DispatchPolicy(256, 0.005)
+    for n in (1, 100, 200):
+        many_gpu.ran(n, 0.010 + 0.0001 * n)
+    for i in range(20):
+        many_gpu.arrived(10.0 + i * 0.0005)
+    assert many_gpu.hold_until(last + 0.0001, 100, last, None) is None
+
+
+def test_adaptive_policy_forgets_a_burst_after_a_quiet_spell():
+    p = DispatchPolicy(32, 0.005)
+    _gpu_like(p)
+    for i in range(20):
+        p.arrived(10.0 + i * 0.0005)
+    p.arrived(20.0)  # ten seconds later
+    p.arrived(25.0)
+    assert p.hold_until(25.0001, 1, 25.0, None) is None

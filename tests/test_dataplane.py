@@ -19,6 +19,8 @@ from tests.api.hardening_helpers import tiny_client
 from tests.api.models import tiny_model
 
 PNG = encode_png(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+# Large enough that decoding and rendering it go to the CPU pool, not the event loop.
+LARGE_PNG = encode_png(np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8))
 
 
 async def _dataplane(timeout_s: float | None, max_queue: int = 256) -> DataPlane:
@@ -41,7 +43,7 @@ def test_the_timeout_covers_decode_and_render_not_only_the_queue(monkeypatch, st
         monkeypatch.setattr(Pipeline, stage, slow)
         started = time.monotonic()
         with pytest.raises(RequestTimeout, match=r"0\.1 s"):
-            await dataplane.infer(None, [PNG], explain=ExplainOptions())
+            await dataplane.infer(None, [LARGE_PNG], explain=ExplainOptions())
         assert time.monotonic() - started < 0.35  # answered at the deadline, not when the work ended
         monkeypatch.setattr(Pipeline, stage, original)
         await asyncio.sleep(0.4)  # let the abandoned thread finish before the pool closes

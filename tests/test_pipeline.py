@@ -4,13 +4,17 @@ with or without a batcher."""
 from __future__ import annotations
 
 import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
 
+from service import pipeline as pipeline_module
+from service.batching import Batcher
 from service.cam import CamQuery
-from service.errors import InvalidArgument, OutOfMemory
+from service.errors import InvalidArgument, InvalidImage, OutOfMemory
 from service.imaging import encode_png
 from service.labels import class_index
 from service.pipeline import Job, Pipeline
@@ -115,3 +119,86 @@ def test_a_pixel_tensor_input_gives_the_same_result_as_its_image():
         assert other[0].scores == pytest.approx(from_png[0].scores, abs=1e-5)
         np.testing.assert_allclose(other[0].explanations[0].heatmap.data, from_png[0].explanations[0].heatmap.data,
                                    atol=1e-5)
+
+
+# -- where the work runs ------------------------------------------------------------------------------
+class CountingPool(ThreadPoolExecutor):
+    """A CPU pool that counts the jobs handed to it."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+        self.jobs = 0
+
+    def submit(self, fn, /, *args, **kwargs):
+        self.jobs += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+LARGE = encode_png(np.random.default_rng(9).integers(0, 255, (200, 200, 3), dtype=np.uint8))
+
+
+def _run(rt: Pipeline, images, **kwargs):
+    async def go():
+        return await rt.run(images, top_k=3, query=CamQuery(), spec=HeatmapSpec(), max_pixels=10**6, **kwargs)
+
+    return asyncio.run(go())
+
+
+def test_small_images_stay_on_the_loop_and_large_ones_go_to_the_pool():
+    pool = CountingPool()
+    rt = Pipeline(_pipeline(Tiny()).model, pool)
+    _run(rt, IMAGES[:1])
+    assert pool.jobs == 0  # a 32x32 image: decoded and rendered on the loop
+    _run(rt, [LARGE])
+    assert pool.jobs == 2  # 200x200: decoded and rendered in the pool
+    pool.jobs = 0
+    _run(rt, [IMAGES[0]] * 40)  # 40 small ones: past the per-request budget, the rest go to the pool
+    assert 0 < pool.jobs < 80
+    pool.shutdown()
+
+
+def test_the_loop_and_the_pool_give_the_same_results(monkeypatch):
+    rt = Pipeline(_pipeline(Tiny()).model, CountingPool())
+    inline = _run(rt, IMAGES[:3])
+    monkeypatch.setattr(pipeline_module, "INLINE_PIXELS", 0)
+    pooled = _run(rt, IMAGES[:3])
+    assert rt.cpu_pool.jobs == 6
+    for a, b in zip(inline, pooled, strict=True):
+        assert a.scores == b.scores
+        assert a.explanations[0].heatmap.data == b.explanations[0].heatmap.data
+
+
+def test_images_being_decoded_are_announced_to_the_batcher(monkeypatch):
+    rt = _pipeline(Tiny())
+    batcher = Batcher(rt.compute, max_batch_size=8)
+    decoding, go_on = threading.Event(), threading.Event()
+    original = Pipeline.prepare
+
+    def slow_prepare(self, *args):
+        decoding.set()
+        go_on.wait(10)
+        return original(self, *args)
+
+    monkeypatch.setattr(Pipeline, "prepare", slow_prepare)
+
+    async def body():
+        batcher.start()
+        task = asyncio.create_task(rt.run([LARGE, LARGE], top_k=3, query=None, spec=None, max_pixels=10**6,
+                                          submit=batcher.submit, expect=batcher.expect))
+        await asyncio.to_thread(decoding.wait, 10)
+        during = batcher.expected_images
+        go_on.set()
+        await task
+        after = batcher.expected_images
+        await batcher.stop()
+        return during, after
+
+    assert asyncio.run(body()) == (2, 0)
+
+
+def test_a_bad_image_is_named_on_either_path():
+    rt = Pipeline(_pipeline(Tiny()).model, CountingPool())
+    for images in ([IMAGES[0], b"junk"], [LARGE, LARGE[:500]]):
+        with pytest.raises(InvalidImage) as err:
+            _run(rt, images)
+        assert err.value.message.startswith("image 1: ")  # the message clients see

@@ -28,8 +28,11 @@ def heatmap_json(h: Heatmap) -> dict[str, Any]:
 
 
 def explanation_json(e: Explanation) -> dict[str, Any]:
-    return {"index": e.index, "label": e.label, "score": e.score, "method": e.method, "layer": e.layer,
-            "heatmap": heatmap_json(e.heatmap)}
+    out = {"index": e.index, "label": e.label, "score": e.score, "method": e.method, "layer": e.layer,
+           "heatmap": heatmap_json(e.heatmap)}
+    if e.metrics is not None:
+        out["metrics"] = e.metrics
+    return out
 
 
 def image_json(r: ImageResult) -> dict[str, Any]:

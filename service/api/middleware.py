@@ -90,6 +90,41 @@ class RequestContext:
                             **request_notes(scope)})
 
 
+class HttpEdges:
+    """``HEAD`` is answered as ``GET`` without the body (load balancers probe with it), and a trailing
+    slash is dropped (``POST /predict/`` is ``/predict``) instead of FastAPI's bodyless 307, which
+    clients do not follow for a POST and curl shows as nothing at all."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "/")
+        head = scope.get("method") == "HEAD"
+        slash = len(path) > 1 and path.endswith("/")
+        if scope["type"] != "http" or not (head or slash):
+            await self.app(scope, receive, send)
+            return
+        # A copy: the server keeps reading its own scope, and must still see HEAD to send no body.
+        inner = dict(scope)
+        if slash:
+            inner["path"] = path.rstrip("/") or "/"
+            inner["raw_path"] = inner["path"].encode()
+        if head:
+            inner["method"] = "GET"
+
+        async def without_body(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        try:
+            await self.app(inner, receive, without_body if head else send)
+        finally:
+            if "route" in inner:  # for the metrics label, read from the outer scope
+                scope["route"] = inner["route"]
+
+
 class BodyLimit:
     """413 for a body over ``max_bytes``: from ``Content-Length`` before reading, else while streaming."""
 

@@ -17,6 +17,8 @@ from service.api.deps import DataPlaneDep, MetricsDep, RepositoryDep, SettingsDe
 from service.api.encoding import heavy, inference_json
 from service.api.errors import ClientGone, openapi_responses
 from service.api.middleware import note_request
+from service.api.negotiation import choose, parse_accept, quality
+from service.api.openapi import query_parameters
 from service.api.parsing import parse_request
 from service.api.schemas import (
     ExplainBody,
@@ -34,6 +36,7 @@ from service.repository import ServedModel
 
 router = APIRouter()
 T = TypeVar("T")
+JSON, PNG = "application/json", "image/png"
 
 _INFERENCE_ERRORS = openapi_responses(
     errors.InvalidInput, errors.Unauthorized, errors.ModelNotFound, errors.PayloadTooLarge,
@@ -52,9 +55,9 @@ _MULTIPART_SCHEMA = {
 }
 
 
-def _body_doc(body: type[PredictBody] | type[ExplainBody]) -> dict[str, Any]:
+def _body_doc(body: type[PredictBody] | type[ExplainBody], options: type[PredictOptions]) -> dict[str, Any]:
     schema = {**body.model_json_schema(), "anyOf": [{"required": ["image"]}, {"required": ["images"]}]}
-    return {"requestBody": {"required": True, "content": {
+    return {"parameters": query_parameters(options), "requestBody": {"required": True, "content": {
         "application/json": {"schema": schema},
         "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
     }}}
@@ -75,6 +78,7 @@ def _summary(served: ServedModel) -> dict[str, Any]:
         "name": m.name, "source": public_source(served), "state": served.state.value, "device": str(m.device),
         "num_classes": m.num_classes, "input_size": list(m.preprocess.input_size),
         "layers": list(m.engine.layers.candidates), "methods": list(METHODS) if m.explainable else [],
+        "method_costs": {n: METHODS[n].cost.value for n in METHODS} if m.explainable else {},
         "precision": m.spec.precision, "output": m.spec.output,
     }
 
@@ -138,13 +142,32 @@ async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -
         watcher.cancel()
 
 
-def _wants_png(request: Request) -> bool:
-    accept = request.headers.get("accept", "").lower()
-    return "image/png" in accept and "application/json" not in accept
+def _answer_as(request: Request, n_images: int, n_targets: int, output: str) -> str:
+    """``application/json`` or ``image/png`` (the heatmap itself), as the ``Accept`` header prefers
+    among what this request can produce; 406 when it allows neither."""
+    single = n_images == 1 and n_targets <= 1 and output != "array"
+    accept = request.headers.get("accept")
+    chosen = choose(accept, [JSON, PNG] if single else [JSON])
+    if chosen is not None:
+        return chosen
+    if quality(parse_accept(accept or ""), PNG) > 0:
+        raise NotAcceptable("`Accept: image/png` needs exactly one image, one target and output png or overlay; "
+                            f"got {n_images} image(s), {max(1, n_targets)} target(s), output {output!r}")
+    raise NotAcceptable(f"`Accept` allows neither {JSON} nor {PNG}, got {accept!r}")
+
+
+def class_headers(index: int, label: str, score: float) -> dict[str, str]:
+    """The class of a PNG answer. Header values are ASCII, so ``X-Class-Label`` is the label itself
+    when it is printable ASCII and its percent-encoded UTF-8 otherwise; ``X-Class-Label*`` always
+    carries it in RFC 8187 form (``UTF-8''<percent-encoded>``), which clients can decode unambiguously."""
+    encoded = quote(label, safe="")
+    plain = label if label.isascii() and label.isprintable() else encoded
+    return {"X-Class-Index": str(index), "X-Class-Label": plain, "X-Class-Label*": f"UTF-8''{encoded}",
+            "X-Class-Score": f"{score:.6f}"}
 
 
 @router.post("/predict", tags=["inference"], response_model=InferenceResponse, response_model_exclude_none=True,
-             responses=_INFERENCE_ERRORS, openapi_extra=_body_doc(PredictBody))
+             responses=_INFERENCE_ERRORS, openapi_extra=_body_doc(PredictBody, PredictOptions))
 async def predict(request: Request, dataplane: DataPlaneDep, settings: SettingsDep) -> dict[str, Any]:
     """Class scores for one or more images (JSON base64 or multipart ``image`` parts)."""
     images, opts = await parse_request(request, PredictOptions, settings.max_images_per_request)
@@ -157,27 +180,24 @@ async def predict(request: Request, dataplane: DataPlaneDep, settings: SettingsD
 @router.post("/explain", tags=["inference"], response_model=InferenceResponse, responses={
     **_INFERENCE_ERRORS, **openapi_responses(errors.NotAcceptable),
     200: {"content": {"image/png": {}}, "description": "JSON results, or with `Accept: image/png` the "
-          "PNG itself, with X-Class-Index, X-Class-Label and X-Class-Score headers."}},
-             openapi_extra=_body_doc(ExplainBody))
+          "PNG itself, with X-Class-Index, X-Class-Label (and RFC 8187 X-Class-Label*) and X-Class-Score "
+          "headers."}},
+             openapi_extra=_body_doc(ExplainBody, ExplainOptions))
 async def explain(request: Request, dataplane: DataPlaneDep, settings: SettingsDep) -> Any:
     """Class scores plus a Grad-CAM (or other CAM) heatmap per image and target class."""
     images, opts = await parse_request(request, ExplainOptions, settings.max_images_per_request)
     plan = dataplane.plan(opts.model, len(images), top_k=opts.top_k, explain=ExplainRequest(
         method=opts.method, layer=opts.layer, targets=tuple(opts.targets or ()), output=opts.output,  # type: ignore[arg-type]
-        size=opts.size, colormap=opts.colormap, alpha=opts.alpha))  # type: ignore[arg-type]
+        size=opts.size, colormap=opts.colormap, alpha=opts.alpha, fuse=opts.fuse, smooth=opts.smooth,  # type: ignore[arg-type]
+        metrics=tuple(opts.metrics or ()), metric_steps=opts.metric_steps))
     note_request(request.scope, model=plan.model_name, images=len(images))
-    png = _wants_png(request)
     assert plan.query is not None
-    if png and (len(images) != 1 or len(plan.query.classes) > 1 or opts.output == "array"):
-        raise NotAcceptable("`Accept: image/png` needs exactly one image, one target and output png or overlay; "
-                            f"got {len(images)} image(s), {max(1, len(plan.query.classes))} target(s), output "
-                            f"{opts.output!r}")
+    png = _answer_as(request, len(images), len(plan.query.classes), opts.output) == PNG
     result = await _unless_disconnected(request, dataplane.run(plan, images))
     if png:
         e = result.results[0].explanations[0]  # type: ignore[index]
         assert isinstance(e.heatmap.data, bytes)
-        return Response(e.heatmap.data, media_type="image/png", headers={
-            "X-Class-Index": str(e.index), "X-Class-Label": quote(e.label), "X-Class-Score": f"{e.score:.6f}"})
+        return Response(e.heatmap.data, media_type=PNG, headers=class_headers(e.index, e.label, e.score))
     if heavy(result):
         # Megabytes of base64 or floats: encoding them on the loop would stall every other request.
         loop = asyncio.get_running_loop()

@@ -6,7 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from service.cam import METHODS
+from service.cam import FUSIONS, METHODS, SMOOTHINGS
+from service.cam.metrics import DEFAULT_STEPS, MAX_STEPS, METRICS, MIN_STEPS
 from service.colormaps import COLORMAPS
 from service.rendering import OUTPUTS, SIZES
 
@@ -39,13 +40,24 @@ class ExplainOptions(PredictOptions):
     targets: list[int | str] | None = Field(
         None, description="Classes to explain for every image, as indices or labels; default: each image's top-1.")
     method: str = _enum(list(METHODS), "gradcam", "CAM method.")
-    layer: str | None = Field(None, description="Dotted module name; the model's default layer when omitted.")
+    layer: str | list[str] | None = Field(
+        None, description="Dotted module name, or several (comma-separated in forms and queries) fused with "
+        "`fuse`; the model's default layer when omitted.")
+    fuse: str = _enum(list(FUSIONS), "mean", "How the maps of several layers are combined.")
+    smooth: str | None = Field(None, description="aug: averaged over flips and brightness changes; eigen: first "
+                               "principal component of the weighted activations.", json_schema_extra={
+                                   "enum": list(SMOOTHINGS)})
+    metrics: list[str] | None = Field(None, description="Faithfulness metrics per explanation, comma-separated in "
+                                      "forms and queries.", json_schema_extra={"items": {"enum": list(METRICS)}})
+    metric_steps: int = Field(DEFAULT_STEPS, ge=MIN_STEPS, le=MAX_STEPS,
+                              description="Steps of the deletion and insertion curves.")
     output: str = _enum(OUTPUTS, "png", "png: greyscale heatmap; overlay: coloured on the image; array: floats.")
     size: str = _enum(SIZES, "original", "Heatmap size: the upload's, the model input's, or the layer's grid.")
     colormap: str = _enum(COLORMAPS, "jet", "Colormap for overlays.")
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="Heatmap opacity for overlays.")
 
     _check_targets = field_validator("targets", mode="before")(_no_bools)
+    _check_steps = field_validator("metric_steps", mode="before")(_no_bools)
 
 
 class _Images(BaseModel):
@@ -85,6 +97,9 @@ class ExplanationOut(PredictionOut):
     method: str
     layer: str
     heatmap: HeatmapOut
+    metrics: dict[str, float] | None = Field(
+        None, description="Faithfulness figures when `metrics` was asked for: average_drop, increase (confidence), "
+        "deletion, insertion (areas under the curves) and the curves' steps.")
 
 
 class ResultOut(BaseModel):
@@ -107,6 +122,8 @@ class ModelSummary(BaseModel):
     input_size: tuple[int, int]
     layers: list[str] = Field(description="Target layers; the default first.")
     methods: list[str]
+    method_costs: dict[str, str] = Field(description="Each method's cost class: free (from the shared pass), "
+                                         "replay, forwards (one per channel) or backward.")
     precision: str
     output: str = Field(description="Score activation: softmax, sigmoid or none.")
 

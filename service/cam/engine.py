@@ -7,40 +7,79 @@ after the layer, like DenseNet's ``F.relu(inplace=True)``, cannot touch the leaf
 from ``torch.autograd.grad`` with respect to the captured outputs, so no parameter ``.grad`` is ever
 filled, no input gradient is computed, and nothing below the earliest target layer is differentiated.
 Full backward hooks are not used: they break on in-place ReLU (pytorch/pytorch#61519).
+
+Methods (``service.cam.methods``) say what they need; the engine provides it. Work beyond the shared
+pass (ScoreCAM's masked forwards, AblationCAM's replays, Guided Grad-CAM's input gradient) is held by
+an :class:`ExplainJob` and runs one bounded chunk per :meth:`ExplainJob.step`, each under the engine's
+lock, so a scheduler can serve the model's other batches between chunks, or cancel.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from service.cam.guided import guided_gradients, has_relu_modules
 from service.cam.layers import LayerInfo, as_spatial, find_layers
-from service.cam.methods import get_method
+from service.cam.methods import CamContext, CamMethod, LinearHead, get_method
+from service.cam.metrics import DEFAULT_STEPS, check_metrics, metric_forwards, metrics_work
+from service.cam.replay import linear_head, tail_module
 from service.errors import InvalidArgument
+
+SMOOTHINGS = ("aug", "eigen")
+FUSIONS = ("mean", "max", "product")
+# pytorch-grad-cam's aug_smooth: horizontal flip x brightness, undone and averaged.
+# Elements of the activations replayed in one chunk (64 MB of float32).
+_REPLAY_ELEMENTS = 1 << 24
+_AUGMENTATIONS = tuple((flip, gain) for flip in (False, True) for gain in (1.0, 0.9, 1.1))
+
+
+def check_extra_forwards(cost: int, limit: int) -> None:
+    """Refuse a request whose extra forward images (perturbations, metrics) exceed ``limit``."""
+    if cost > limit:
+        raise InvalidArgument("method", f"this request needs {cost} extra forward images, over the limit of "
+                              f"{limit} (SERVICE_MAX_EXTRA_FORWARDS); ask for fewer images or targets, a layer with "
+                              "fewer channels, fewer metric steps or a gradient method")
 
 
 @dataclass(frozen=True)
 class CamQuery:
-    """What to explain for one image: explicit ``classes``, or else the ``top`` highest-scoring ones."""
+    """What to explain for one image: explicit ``classes``, or else the ``top`` highest-scoring ones.
+
+    ``layer``: one layer, several (fused with ``fuse``), or ``None`` for the model's default;
+    ``smooth``: ``None``, ``"aug"`` (test-time augmentation) or ``"eigen"`` (principal component of the
+    weighted activations)."""
 
     method: str = "gradcam"
-    layer: str | None = None
+    layer: str | tuple[str, ...] | None = None
     classes: tuple[int, ...] = ()
     top: int = 1
+    smooth: str | None = None
+    fuse: str = "mean"
+    metrics: tuple[str, ...] = ()  # faithfulness metrics of each map (service.cam.metrics.METRICS)
+    metric_steps: int = DEFAULT_STEPS
+
+    @property
+    def layers(self) -> tuple[str | None, ...]:
+        if self.layer is None or isinstance(self.layer, str):
+            return (self.layer,)
+        return self.layer
 
 
 @dataclass(frozen=True)
 class CamMaps:
-    """The maps of one image, one per target, at the layer's resolution.
+    """The maps of one image, one per target, at the layer's resolution (the finest one when fused).
 
     ``maps``: ``(T, h, w)`` float32 in [0, 1], each divided by its own maximum; ``raw_max``: ``(T,)``,
-    that maximum before normalisation (0 for an all-zero map, which stays zero).
+    that maximum before normalisation (0 for an all-zero map, which stays zero). ``layer`` names the
+    layers, joined by ``+`` when several were fused.
     """
 
     classes: tuple[int, ...]
@@ -48,6 +87,8 @@ class CamMaps:
     layer: str
     maps: Tensor
     raw_max: Tensor
+    metrics: dict[str, Tensor] | None = None  # figure -> (T,), when the query asked for metrics
+    metric_steps: int | None = None  # the steps of the deletion/insertion curves, when computed
 
 
 @dataclass(frozen=True)
@@ -63,20 +104,26 @@ class CamEngine:
 
     Calls are serialised by a lock: hooks and captured activations are per-engine state, which is
     why concurrent callers share one engine through a batcher instead of each running their own.
+    ``chunk_rows`` bounds the images of one extra forward (ScoreCAM, metrics).
     """
 
-    def __init__(self, model: nn.Module, example: Tensor, layers: LayerInfo | None = None) -> None:
+    def __init__(self, model: nn.Module, example: Tensor, layers: LayerInfo | None = None,
+                 chunk_rows: int = 32) -> None:
         """``example``: one input ``(1, 3, H, W)`` on the model's device, used to trace the layers."""
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.layers = layers or find_layers(self.model, example)
         self.num_classes = int(self._forward(example).shape[1])
+        self.chunk_rows = chunk_rows
         self._modules = dict(self.model.named_modules())
         self._handles: dict[str, RemovableHandle] = {}
         self._captured: dict[str, Tensor] | None = None  # layer -> output, only during an explain pass
         self._wanted: set[str] = set()  # the layers this pass explains
+        self._tails: dict[str, nn.Module | None] = {}
+        self._closed_form: dict[str, bool] = {}
         self._lock = threading.Lock()
+        self._has_relu = has_relu_modules(self.model)
         if self.layers.candidates:
             self.register(self.layers.default)
 
@@ -86,6 +133,11 @@ class CamEngine:
         if layer in self._handles:
             return
         self._handles[layer] = self._modules[layer].register_forward_hook(self._make_hook(layer))
+
+    @property
+    def hooked_layers(self) -> tuple[str, ...]:
+        """The layers that carry a capture hook."""
+        return tuple(self._handles)
 
     def close(self) -> None:
         handles, self._handles = self._handles, {}
@@ -115,6 +167,47 @@ class CamEngine:
 
         return hook
 
+    # -- validation and cost ---------------------------------------------------------------------
+    def check(self, query: CamQuery) -> CamQuery:
+        """Validate ``query`` against this model and return it with its layers resolved."""
+        method = get_method(query.method)
+        if query.smooth is not None and query.smooth not in SMOOTHINGS:
+            raise InvalidArgument("smooth", f"`smooth` must be one of {', '.join(SMOOTHINGS)}, got {query.smooth!r}")
+        if query.fuse not in FUSIONS:
+            raise InvalidArgument("fuse", f"`fuse` must be one of {', '.join(FUSIONS)}, got {query.fuse!r}")
+        layers = tuple(dict.fromkeys(self.layers.resolve(name) for name in query.layers))
+        if not layers:
+            raise InvalidArgument("layer", "`layer` must name at least one layer")
+        metrics = check_metrics(query.metrics, query.metric_steps) if query.metrics else ()
+        if method.needs.input_gradients and not self._has_relu:
+            raise InvalidArgument("method", f"`method` {method.name!r} needs the model's ReLUs to be modules "
+                                  "(nn.ReLU); this model applies them as functions, so guided backpropagation "
+                                  "cannot reach them")
+        return CamQuery(method=query.method, layer=layers[0] if len(layers) == 1 else layers, classes=query.classes,
+                        top=query.top, smooth=query.smooth, fuse=query.fuse, metrics=metrics,
+                        metric_steps=query.metric_steps)
+
+    def deferred(self, query: CamQuery) -> bool:
+        """Whether ``query`` has work beyond the shared pass (run in chunks by :class:`ExplainJob`)."""
+        return get_method(query.method).needs.deferred or bool(query.metrics)
+
+    def extra_forwards(self, query: CamQuery) -> int:
+        """Extra forward (or replay) images one image of ``query`` costs beyond the shared pass."""
+        method = get_method(query.method)
+        variants = len(_AUGMENTATIONS) if query.smooth == "aug" else 1
+        total = 0
+        for name in query.layers:
+            layer = self.layers.resolve(name)
+            channels = self.layers.channels.get(layer, 0)
+            total += method.extra_forwards(channels, self._closed_form.get(layer, self._may_be_closed(channels)))
+        if method.needs.input_gradients:
+            total += 1
+        targets = max(len(query.classes), query.top)
+        return total * variants + targets * metric_forwards(query.metrics, query.metric_steps)
+
+    def _may_be_closed(self, channels: int) -> bool:
+        return any(isinstance(m, nn.Linear) and m.in_features == channels for m in self.model.modules())
+
     # -- compute ---------------------------------------------------------------------------------
     def _forward(self, x: Tensor) -> Tensor:
         out = self.model(x)
@@ -128,54 +221,131 @@ class CamEngine:
             return self._forward(x).float()
 
     def explain(self, x: Tensor, queries: Sequence[CamQuery | None]) -> EngineOutput:
-        """One forward for the whole batch, one backward for all targets of all images.
+        """One forward for the whole batch, one backward for all targets of all images, then any extra work.
 
         ``x``: ``(N, 3, H, W)``; ``queries[i]`` says what to explain for image ``i`` (``None``:
         predict only). Images may differ in method, layer and targets.
         """
+        job = self.begin(x, queries)
+        while job.step():
+            pass
+        return job.result()
+
+    def begin(self, x: Tensor, queries: Sequence[CamQuery | None]) -> ExplainJob:
+        """Run the shared pass and every method that needs nothing more; the rest waits in the job."""
         if len(queries) != x.shape[0]:
             raise ValueError(f"{len(queries)} queries for {x.shape[0]} images")
         if all(q is None for q in queries):
-            return EngineOutput(self.predict(x), [None] * len(queries))
-        layers = {i: self.layers.resolve(q.layer) for i, q in enumerate(queries) if q is not None}
-        methods = {i: get_method(q.method) for i, q in enumerate(queries) if q is not None}
+            return ExplainJob(self, self.predict(x), [None] * len(queries))
+        checked = [None if q is None else self.check(q) for q in queries]
+        rows = _expand(x, checked)
         with self._lock:
-            self._wanted = set(layers.values())
-            for name in self._wanted:
-                self.register(name)
-            self._captured = {}
-            try:
-                with torch.enable_grad():
-                    logits = self._forward(x)
-                missing = set(layers.values()) - set(self._captured)
-                if missing:
-                    raise InvalidArgument("layer", f"layer {sorted(missing)[0]!r} did not run in the forward pass")
-                captured = {name: self._captured[name] for name in set(layers.values())}
-            finally:
-                self._captured = None
-            targets = self._targets(logits.detach(), queries)
-            need_grad = sorted({layers[i] for i in methods if methods[i].needs_gradients})
-            grads = _gradients(logits, [captured[n] for n in need_grad], targets)
-            grad_of = dict(zip(need_grad, grads, strict=True))
-            cams: list[CamMaps | None] = [None] * len(queries)
-            groups: dict[tuple[str, str], list[int]] = {}
-            for i, q in enumerate(queries):
+            logits, captured = self._capture(rows.x, rows.layers)
+            targets = self._targets(logits.detach(), rows)
+            grad_layers = sorted({layer for r, q in enumerate(rows.queries) if q is not None
+                                  and get_method(q.method).needs.gradients for layer in rows.layers[r]})
+            grads = _gradients(logits, [captured[n] for n in grad_layers], targets)
+            grad_of = dict(zip(grad_layers, grads, strict=True))
+            logits = logits.detach().float()
+            job = ExplainJob(self, logits[rows.identity], [None] * len(queries), rows, targets)
+            groups: dict[tuple[str, str, str | None], list[int]] = {}
+            for r, q in enumerate(rows.queries):
                 if q is not None:
-                    groups.setdefault((layers[i], q.method), []).append(i)
+                    for layer in rows.layers[r]:
+                        groups.setdefault((layer, q.method, q.smooth), []).append(r)
             # One vectorised pass per (layer, method): a per-image loop would be hundreds of tiny ops.
-            for (layer, method), idx in groups.items():
-                maps, peaks = _normalized_maps(methods[idx[0]].saliency, captured[layer], grad_of.get(layer), idx,
-                                               max(len(targets[i]) for i in idx))
-                for j, i in enumerate(idx):
-                    t = len(targets[i])
-                    cams[i] = CamMaps(targets[i], method, layer, maps[:t, j], peaks[:t, j])
-            return EngineOutput(logits.detach().float(), cams)
+            for (layer, name, smooth), idx in groups.items():
+                method = get_method(name)
+                t_max = max(len(targets[r]) for r in idx)
+                ctx = self._context(method, layer, smooth, idx, t_max, rows.x, logits, captured[layer],
+                                    grad_of.get(layer), targets)
+                work = method.run(ctx)
+                if method.needs.deferred:
+                    job.pending.append(_Pending(layer, idx, work))
+                else:
+                    job.finish_group(layer, idx, _drain(work))
+        job.finish_if_done()
+        return job
 
-    def _targets(self, logits: Tensor, queries: Sequence[CamQuery | None]) -> list[tuple[int, ...]]:
+    def _capture(self, x: Tensor, layers: list[tuple[str, ...]]) -> tuple[Tensor, dict[str, Tensor]]:
+        self._wanted = {name for names in layers for name in names}
+        for name in self._wanted:
+            self.register(name)
+        self._captured = {}
+        try:
+            with torch.enable_grad():
+                logits = self._forward(x)
+            missing = self._wanted - set(self._captured)
+            if missing:
+                raise InvalidArgument("layer", f"layer {sorted(missing)[0]!r} did not run in the forward pass")
+            return logits, dict(self._captured)
+        finally:
+            self._captured = None
+
+    def _context(self, method: CamMethod, layer: str, smooth: str | None, idx: list[int], t_max: int, x: Tensor,
+                 logits: Tensor, captured: Tensor, grads: Tensor | None, targets: list[tuple[int, ...]]) -> CamContext:
+        act = as_spatial(captured[idx].detach()).float()
+        g = None
+        if grads is not None and method.needs.gradients:
+            n, c, h, w = act.shape
+            g = as_spatial(grads[:t_max, idx].float().flatten(0, 1)).reshape(t_max, n, c, h, w)
+        target_rows = [[targets[r][min(t, len(targets[r]) - 1)] for r in idx] for t in range(t_max)]
+        head: LinearHead | None = None
+        replay_rows = self.chunk_rows
+        if method.needs.replay:
+            if captured.dim() != 4:
+                raise InvalidArgument("method", f"`method` {method.name!r} needs a layer with a (N, C, H, W) output; "
+                                      f"{layer!r} returns tokens")
+            head = linear_head(self.model, act, logits[idx])
+            self._closed_form[layer] = head is not None
+            if head is None and self._tail(layer) is not None:
+                # A tail replay costs one activation per row, far less than an input image's forward.
+                replay_rows = max(self.chunk_rows, _REPLAY_ELEMENTS // max(1, act[0].numel()))
+        x_rows = x[idx].detach()
+
+        def replay(a: Tensor, rows: Tensor) -> Tensor:
+            return self._replay(layer, a, x_rows[rows])
+
+        return CamContext(
+            activations=act, gradients=g, targets=torch.tensor(target_rows, device=act.device, dtype=torch.long),
+            logits=logits[idx], inputs=x_rows, forward=self._extra_forward,
+            replay=replay,
+            head=head, chunk_rows=self.chunk_rows, replay_rows=replay_rows,
+            smooth="eigen" if smooth == "eigen" else None,
+            guided=lambda: guided_gradients(self.model, x_rows, torch.tensor(target_rows, device=act.device)),
+        )
+
+    def _extra_forward(self, x: Tensor) -> Tensor:
+        with torch.inference_mode():
+            return self._forward(x).float()
+
+    def _tail(self, layer: str) -> nn.Module | None:
+        if layer not in self._tails:
+            self._tails[layer] = tail_module(self.model, layer)
+        return self._tails[layer]
+
+    def _replay(self, layer: str, activations: Tensor, inputs: Tensor) -> Tensor:
+        """Logits with ``layer``'s output replaced by ``activations`` ``(B, C, h, w)``; ``inputs`` ``(B, 3, H, W)``
+        are the images the rows came from, used only where the tail cannot be cut from the model."""
+        tail = self._tail(layer)
+        with torch.inference_mode():
+            if tail is not None:
+                out = tail(activations)
+                if isinstance(out, Tensor):
+                    return out.float()
+            handle = self._modules[layer].register_forward_hook(lambda m, a, o: activations.to(o.dtype))
+            try:
+                return self._forward(inputs).float()
+            finally:
+                handle.remove()
+
+    def _targets(self, logits: Tensor, rows: _Rows) -> list[tuple[int, ...]]:
         k = logits.shape[1]
         out: list[tuple[int, ...]] = []
+        queries = rows.queries
         tops = max((q.top for q in queries if q is not None and not q.classes), default=0)
-        ranked = logits.topk(min(tops, k), dim=1).indices.tolist() if tops else []
+        # Augmented copies explain the classes of the unaugmented image.
+        ranked = logits[rows.source_row].topk(min(tops, k), dim=1).indices.tolist() if tops else []
         for i, q in enumerate(queries):
             if q is None:
                 out.append(())
@@ -191,17 +361,171 @@ class CamEngine:
         return out
 
 
-def _normalized_maps(saliency: Callable[[Tensor, Tensor | None], Tensor], captured: Tensor, grads: Tensor | None,
-                     idx: list[int], t_max: int) -> tuple[Tensor, Tensor]:
-    """Maps ``(T, n, h, w)`` in [0, 1] and their peaks ``(T, n)`` for images ``idx`` and ``t_max`` targets."""
-    act = as_spatial(captured[idx].detach()).float()  # (n, C, h, w)
-    n, c, h, w = act.shape
-    if grads is None:  # gradient-free: one map per image, the same for every target
-        sal = saliency(act, None)[None].expand(t_max, n, h, w)
+@dataclass
+class _Rows:
+    """The batch as the pass sees it: images with ``smooth="aug"`` become one row per augmentation."""
+
+    x: Tensor
+    queries: list[CamQuery | None]
+    layers: list[tuple[str, ...]]
+    image: list[int]  # row -> image
+    flipped: list[bool]
+    source_row: list[int]  # row -> the unaugmented row of its image
+    identity: list[int]  # image -> its unaugmented row
+
+
+def _expand(x: Tensor, queries: list[CamQuery | None]) -> _Rows:
+    picks: list[int] = []
+    flips: list[bool] = []
+    gains: list[float] = []
+    rows = _Rows(x, [], [], [], [], [], [])
+    for i, q in enumerate(queries):
+        variants = _AUGMENTATIONS if q is not None and q.smooth == "aug" else ((False, 1.0),)
+        rows.identity.append(len(picks))
+        for flip, gain in variants:
+            rows.source_row.append(rows.identity[-1])
+            picks.append(i)
+            flips.append(flip)
+            gains.append(gain)
+            rows.queries.append(q)
+            rows.layers.append(tuple(name for name in q.layers if name is not None) if q is not None else ())
+            rows.image.append(i)
+            rows.flipped.append(flip)
+    if len(picks) != len(queries):
+        expanded = x[picks]
+        flip_mask = torch.tensor(flips, device=x.device)[:, None, None, None]
+        expanded = torch.where(flip_mask, expanded.flip(-1), expanded)
+        rows.x = expanded * torch.tensor(gains, device=x.device, dtype=x.dtype)[:, None, None, None]
+    return rows
+
+
+@dataclass
+class _Pending:
+    layer: str
+    rows: list[int]  # for maps; for metrics, [image]
+    work: Generator[None, None, Tensor] | Generator[None, None, dict[str, Tensor]]
+    metrics: bool = False
+
+
+@dataclass
+class ExplainJob:
+    """A batch whose shared pass has run; :meth:`step` runs the remaining work one chunk at a time."""
+
+    engine: CamEngine
+    logits: Tensor
+    cams: list[CamMaps | None]
+    rows: _Rows | None = None
+    targets: list[tuple[int, ...]] = field(default_factory=list)
+    pending: list[_Pending] = field(default_factory=list)
+    _row_maps: dict[tuple[int, str], tuple[Tensor, Tensor]] = field(default_factory=dict)
+    _maps_done: bool = False
+    _steps: dict[int, int] = field(default_factory=dict)
+    _cancelled: bool = False
+
+    @property
+    def done(self) -> bool:
+        return not self.pending
+
+    def step(self) -> bool:
+        """Run one chunk of the remaining work; ``True`` while more remains."""
+        if not self.pending:
+            return False
+        current = self.pending[0]
+        with self.engine._lock:
+            try:
+                next(current.work)
+            except StopIteration as stop:
+                self.pending.pop(0)
+                if current.metrics:
+                    cam = self.cams[current.rows[0]]
+                    assert cam is not None
+                    steps = self._steps.get(current.rows[0])
+                    self.cams[current.rows[0]] = replace(cam, metrics=stop.value, metric_steps=steps)
+                else:
+                    self.finish_group(current.layer, current.rows, stop.value)
+        self.finish_if_done()
+        return bool(self.pending)
+
+    def cancel(self) -> None:
+        """Drop the remaining chunks; :meth:`result` then raises."""
+        for p in self.pending:
+            p.work.close()
+        self.pending.clear()
+        self._cancelled = True
+
+    def result(self) -> EngineOutput:
+        if self._cancelled:
+            raise RuntimeError("the explanation was cancelled")
+        if self.pending:
+            raise RuntimeError("the explanation has chunks left to run")
+        return EngineOutput(self.logits, self.cams)
+
+    def finish_group(self, layer: str, rows: list[int], maps: Tensor) -> None:
+        """``maps``: ``(T, n, h, w)`` before ReLU for ``rows``."""
+        normed, peaks = normalize_by_peak(maps.clamp(min=0))
+        assert self.rows is not None
+        for j, r in enumerate(rows):
+            t = len(self.targets[r])
+            m = normed[:t, j]
+            self._row_maps[(r, layer)] = (m.flip(-1) if self.rows.flipped[r] else m, peaks[:t, j])
+
+    def finish_if_done(self) -> None:
+        if self.pending or self.rows is None or self._maps_done:
+            return
+        self._maps_done = True
+        rows = self.rows
+        for image, first in enumerate(rows.identity):
+            q = rows.queries[first]
+            if q is None:
+                continue
+            members = [r for r in range(len(rows.image)) if rows.image[r] == image]
+            per_layer = []
+            for layer in rows.layers[first]:
+                if len(members) == 1:
+                    per_layer.append(self._row_maps[(first, layer)])
+                else:  # augmentations: average the unflipped, normalised maps
+                    stacked = torch.stack([self._row_maps[(r, layer)][0] for r in members])
+                    per_layer.append(normalize_by_peak(stacked.mean(dim=0)))
+            maps, peaks = per_layer[0] if len(per_layer) == 1 else _fuse([m for m, _ in per_layer], q.fuse)
+            self.cams[image] = CamMaps(self.targets[first], q.method, "+".join(rows.layers[first]), maps, peaks)
+            if q.metrics:
+                self.pending.append(self._metrics(image, first, maps, q))
+        self._row_maps.clear()
+
+    def _metrics(self, image: int, row: int, maps: Tensor, q: CamQuery) -> _Pending:
+        """The faithfulness metrics of one image's maps, as more chunks of this job."""
+        assert self.rows is not None
+        classes = torch.tensor(self.targets[row], device=maps.device, dtype=torch.long)
+        x = self.rows.x[row : row + 1].expand(len(classes), *self.rows.x.shape[1:])
+        base = self.logits[image].softmax(dim=0)[classes]
+        if {"deletion", "insertion"} & set(q.metrics):
+            self._steps[image] = q.metric_steps
+        work = metrics_work(self.engine._extra_forward, x, maps, classes, q.metrics, steps=q.metric_steps,
+                            base=base, chunk_rows=self.engine.chunk_rows)
+        return _Pending("", [image], work, metrics=True)
+
+
+def _drain(work: Generator[None, None, Tensor]) -> Tensor:
+    while True:
+        try:
+            next(work)
+        except StopIteration as stop:
+            value: Tensor = stop.value
+            return value
+
+
+def _fuse(maps: list[Tensor], how: str) -> tuple[Tensor, Tensor]:
+    """Normalised ``(T, h_i, w_i)`` maps of several layers -> one map on the finest grid, normalised."""
+    size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
+    resized = torch.stack([F.interpolate(m[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
+                           for m in maps])
+    if how == "max":
+        fused = resized.amax(dim=0)
+    elif how == "product":
+        fused = resized.prod(dim=0)
     else:
-        g = as_spatial(grads[:t_max, idx].float().flatten(0, 1))  # (T * n, C, h, w)
-        sal = saliency(act.expand(t_max, n, c, h, w).reshape(t_max * n, c, h, w), g).view(t_max, n, h, w)
-    return normalize_by_peak(sal.clamp(min=0))
+        fused = resized.mean(dim=0)
+    return normalize_by_peak(fused.clamp(min=0))
 
 
 def normalize_by_peak(maps: Tensor) -> tuple[Tensor, Tensor]:

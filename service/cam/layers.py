@@ -10,7 +10,8 @@ gradient on the patch tokens there is zero; the input norm of the last block is 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -27,9 +28,11 @@ class LayerInfo:
 
     default: str
     candidates: tuple[str, ...]
+    channels: Mapping[str, int] = field(default_factory=dict, compare=False)  # layer -> channels of its map
 
     def with_default(self, name: str) -> LayerInfo:
-        return LayerInfo(default=name, candidates=(name, *[c for c in self.candidates if c != name]))
+        return LayerInfo(default=name, candidates=(name, *[c for c in self.candidates if c != name]),
+                         channels=self.channels)
 
     def resolve(self, name: str | None) -> str:
         if not self.candidates:
@@ -108,11 +111,13 @@ def find_layers(model: nn.Module, example: Tensor) -> LayerInfo:
     if not order:
         raise ValueError("the model has no layer with a spatial output to explain")
     names: list[str] = []
-    for name, _ in order:
+    channels: dict[str, int] = {}
+    for name, out in order:
         if name not in names:
             names.append(name)
+            channels[name] = int(as_spatial(out).shape[1])
     default = _vit_default(model) or _outermost_of_last(order)
-    return LayerInfo(default=default, candidates=(default, *[n for n in names if n != default]))
+    return LayerInfo(default=default, candidates=(default, *[n for n in names if n != default]), channels=channels)
 
 
 def _outermost_of_last(order: list[tuple[str, Tensor]]) -> str:

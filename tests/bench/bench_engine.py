@@ -3,11 +3,16 @@
 One table from one run on a torchvision resnet50 with random weights at 224x224, batch 1 and 8.
 Every figure is the median of several runs; ratios are to this run's own predict time, which is
 what makes them comparable across noisy shared machines.
+
+A second table compares the perturbation methods (AblationCAM, ScoreCAM) with pytorch-grad-cam's on
+resnet18 at 224x224, its default layer, batch 1 and 8, 1 and 5 targets; each cell times ours and the
+reference alternately and reports the ratio of the medians.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -16,7 +21,7 @@ from collections.abc import Callable
 import torch
 import torchvision
 from captum.attr import LayerGradCam
-from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam import AblationCAM, GradCAM, ScoreCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from service.cam import CamEngine, CamQuery
@@ -41,11 +46,12 @@ def median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> f
     return statistics.median(times)
 
 
-def interleaved_ms(fns: list[Callable[[], object]], device: torch.device, repeats: int) -> list[float]:
+def interleaved_ms(fns: list[Callable[[], object]], device: torch.device, repeats: int,
+                   warmups: int = 2) -> list[float]:
     """Median ms of each function, timed in rounds that call each once."""
     for fn in fns:
-        fn()
-        fn()
+        for _ in range(warmups):
+            fn()
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for fn, acc in zip(fns, times, strict=True):
@@ -63,7 +69,13 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--repeats", type=int, default=0, help="0: 7 at batch 1, 3 above (CPU); 20 on CUDA")
     parser.add_argument("--model", default="resnet50", help="a torchvision classifier (random weights) or shapes")
+    parser.add_argument("--perturbation", default="ablationcam,scorecam",
+                        help="perturbation methods to compare with pytorch-grad-cam on resnet18 ('' for none)")
+    parser.add_argument("--perturbation-batches", default="1,8")
+    parser.add_argument("--perturbation-repeats", type=int, default=0, help="0: 3 on CUDA, 1 on CPU")
+    parser.add_argument("--only-perturbation", action="store_true")
     args = parser.parse_args()
+    os.environ.setdefault("TQDM_DISABLE", "1")  # pytorch-grad-cam's progress bars would flood the table
     device = torch.device(args.device)
     torch.manual_seed(0)
     if args.model == "shapes":
@@ -73,12 +85,17 @@ def main() -> None:
     print(f"# engine benchmark: {args.model} ({'shipped' if args.model == 'shapes' else 'random'} weights), "
           f"{size}x{size}, {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}")
-    print("| batch | predict ms | explain 1 | explain 5 | pytorch-grad-cam 1 | pytorch-grad-cam 5 | captum 1 "
-          "| captum 5 |")
-    print("|---|---|---|---|---|---|---|---|")
-    for n in (int(b) for b in args.batches.split(",")):
-        reps = args.repeats or (20 if device.type == "cuda" else 7 if n == 1 else 3)
-        print(_row(model, torch.randn(n, 3, size, size, device=device), reps))
+    if not args.only_perturbation:
+        print("| batch | predict ms | explain 1 | explain 5 | pytorch-grad-cam 1 | pytorch-grad-cam 5 | captum 1 "
+              "| captum 5 |")
+        print("|---|---|---|---|---|---|---|---|")
+        for n in (int(b) for b in args.batches.split(",")):
+            reps = args.repeats or (20 if device.type == "cuda" else 7 if n == 1 else 3)
+            print(_row(model, torch.randn(n, 3, size, size, device=device), reps))
+    methods = [m for m in args.perturbation.split(",") if m]
+    if methods:
+        reps = args.perturbation_repeats or (3 if device.type == "cuda" else 1)
+        _perturbation_table(methods, [int(b) for b in args.perturbation_batches.split(",")], device, reps)
 
 
 def _row(model: torch.nn.Module, x: torch.Tensor, reps: int) -> str:
@@ -121,6 +138,47 @@ def _row(model: torch.nn.Module, x: torch.Tensor, reps: int) -> str:
     return (f"| {len(x)} | " + " | ".join(row) + " |\n"
             f"<!-- batch {len(x)}: explain-5 is {ref[('pgc', 5)] / ours5:.1f}x faster than pytorch-grad-cam, "
             f"{ref[('captum', 5)] / ours5:.1f}x faster than captum -->")
+
+
+def _perturbation_table(methods: list[str], batches: list[int], device: torch.device, reps: int) -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval().to(device)
+    print(f"\n# perturbation methods vs pytorch-grad-cam: resnet18 (random weights), 224x224, {device}, "
+          f"median of {reps}")
+    print("| method | batch | targets | camserve ms | pytorch-grad-cam ms | speed-up |")
+    print("|---|---|---|---|---|---|")
+    for n in batches:
+        x = torch.randn(n, 3, 224, 224, device=device)
+        for method in methods:
+            for k in (1, 5):
+                mine, ref = _perturbation_cell(model, x, method, k, reps)
+                print(f"| {method} | {n} | {k} | {mine:.1f} | {ref:.1f} | {ref / mine:.1f}x |", flush=True)
+
+
+def _perturbation_cell(model: torch.nn.Module, x: torch.Tensor, method: str, k: int, reps: int) -> list[float]:
+    targets = [1, 2, 3, 4, 0][:k]
+    reference = {"ablationcam": AblationCAM, "scorecam": ScoreCAM}[method]
+    engine = CamEngine(model, x[:1], chunk_rows=64 if x.device.type == "cuda" else 32)
+    layer = dict(model.named_modules())[engine.layers.default]
+
+    def ours() -> None:
+        engine.explain(x, [CamQuery(method=method, classes=tuple(targets))] * len(x))
+
+    def theirs() -> None:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        # One target per image and call, so k targets are k calls.
+        with reference(model=model, target_layers=[layer]) as cam:
+            for c in targets:
+                cam(input_tensor=x, targets=[ClassifierOutputTarget(c)] * len(x))
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+    try:
+        return interleaved_ms([ours, theirs], x.device, reps, warmups=1 if x.device.type == "cuda" else 0)
+    finally:
+        engine.close()
+
 
 if __name__ == "__main__":
     main()

@@ -1,17 +1,26 @@
-"""HTTP throughput benchmark (``make bench-http``): real servers on loopback, a bounded async load.
+"""HTTP benchmark (``make bench-http``): real servers on loopback, a bounded raw-socket load.
 
-Rows: the built-in ``shapes`` model with batching on and with ``SERVICE_MAX_BATCH_SIZE=1``; a
-torchvision resnet18 (random weights, 224x224) served by camserve and by the per-request
-pytorch-grad-cam baseline (``baseline_app.py``). Each cell sends a fixed number of requests at a
-fixed concurrency and reports p50/p95 latency and images per second. Also: at concurrency 1, the
-HTTP round trip minus the in-process time of the same work.
+Every server variant is started once, up front; then the cells (variant x endpoint x concurrency x
+body) are measured in rounds, each round visiting every cell once in a rotated order, so slow drifts
+of a shared machine hit all variants alike. Each figure is the median over rounds; each ratio is the
+median of the per-round ratios of two cells measured minutes apart at most.
+
+Variants: the built-in ``shapes`` model with the default (adaptive) batch policy, with batching off
+(``max_batch_size=1``) and with the fixed 5 ms and 0 ms waits; a torchvision resnet18 (random weights,
+224x224) served by camserve, with batching off, and by the per-request pytorch-grad-cam baseline
+(``baseline_app.py``); with ``--before REF``, the shapes server of an older commit (default and
+batching off), to measure what a change did to the overhead of a request.
+
+Targets (issue 13) are printed with their verdicts. ``--table`` adds the full concurrency table.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import io
+import json
 import os
 import platform
 import re
@@ -20,6 +29,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -38,14 +49,19 @@ def _png(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
     return buf.getvalue()
 
 
-def _request_bytes(port: int, path: str, image: bytes) -> bytes:
-    """One multipart POST, built once and replayed: the client must cost far less than the server."""
-    boundary = b"camservebench"
-    body = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n'
-            b"Content-Type: image/png\r\n\r\n" + image + b"\r\n--" + boundary + b"--\r\n")
-    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: multipart/form-data; "
-            f"boundary={boundary.decode()}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
-    return head + body
+def _request_bytes(port: int, path: str, image: bytes, body: str = "multipart") -> bytes:
+    """One POST, built once and replayed: the client must cost far less than the server."""
+    if body == "json":
+        payload = json.dumps({"image": base64.b64encode(image).decode()}).encode()
+        ctype = "application/json"
+    else:
+        boundary = b"camservebench"
+        payload = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n'
+                   b"Content-Type: image/png\r\n\r\n" + image + b"\r\n--" + boundary + b"--\r\n")
+        ctype = f"multipart/form-data; boundary={boundary.decode()}"
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n").encode()
+    return head + payload
 
 
 async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> int:
@@ -58,13 +74,11 @@ async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
     return int(head.split(b" ", 2)[1])
 
 
-async def load(port: int, path: str, image: bytes, concurrency: int, total: int,
-               request: bytes | None = None) -> tuple[float, float, float]:
+async def load(port: int, request: bytes, concurrency: int, total: int) -> tuple[float, float, float]:
     """Send ``total`` requests over ``concurrency`` keep-alive connections; p50 ms, p95 ms, images/s.
 
     A raw-socket client replaying one prepared request: httpx spends about a millisecond of CPU per
     request, which on two cores would make the load generator, not the server, the bottleneck."""
-    request = request or _request_bytes(port, path, image)
     latencies: list[float] = []
     remaining = total
 
@@ -80,13 +94,13 @@ async def load(port: int, path: str, image: bytes, concurrency: int, total: int,
                 status = await _exchange(reader, writer, request)
                 latencies.append((time.perf_counter() - t0) * 1000)
                 if status != 200:
-                    raise RuntimeError(f"{path}: HTTP {status}")
+                    raise RuntimeError(f"HTTP {status}")
         finally:
             writer.close()
 
     start = asyncio.Event()
     tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.3)
     t0 = time.perf_counter()
     start.set()
     await asyncio.gather(*tasks)
@@ -95,38 +109,121 @@ async def load(port: int, path: str, image: bytes, concurrency: int, total: int,
     return statistics.median(latencies), latencies[int(0.95 * (len(latencies) - 1))], total / elapsed
 
 
-def run_rows(name: str, port: int, image: bytes, requests: int) -> dict[tuple[str, int], tuple[float, float, float]]:
-    out = {}
-    for path in ("/predict", "/explain"):
-        for c in CONCURRENCY:
-            out[(path, c)] = p50, p95, ips = asyncio.run(load(port, path, image, c, max(requests, 2 * c)))
-            print(f"| {name} | {path} | {c} | {p50:.1f} | {p95:.1f} | {ips:.1f} |", flush=True)
+# -- servers -------------------------------------------------------------------------------------------
+@dataclass
+class Server:
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes]
+
+
+def _ready(port: int, path: str) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def launch_camserve(name: str, config: Path, env: dict[str, str], cwd: Path = ROOT) -> Server:
+    """Start without waiting (servers start side by side: on a busy machine each takes a minute).
+    From ``cwd``, ``python -m service`` imports the copy of the code there."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--port", str(port), "--config", str(config)],
+                            cwd=cwd, env={**os.environ, **env, "SERVICE_LOG_LEVEL": "warning"},
+                            stdout=subprocess.DEVNULL)
+    return Server(name, port, proc)
+
+
+def launch_baseline(device: str) -> Server:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "tests.bench.baseline_app:app", "--port", str(port),
+                             "--log-level", "warning"], cwd=ROOT, env={**os.environ, "BASELINE_DEVICE": device})
+    return Server("resnet18 baseline", port, proc)
+
+
+def wait_ready(servers: list[Server], timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    for s in servers:
+        path = "/docs" if s.name == "resnet18 baseline" else "/readyz"
+        while not _ready(s.port, path):
+            if s.proc.poll() is not None:
+                raise RuntimeError(f"{s.name} exited with {s.proc.returncode}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{s.name} was not ready within {timeout_s:g} s")
+            time.sleep(0.5)
+
+
+def export_commit(ref: str) -> Path:
+    """The tree of ``ref`` in a temporary directory (read-only use: no checkout is touched)."""
+    out = Path(tempfile.mkdtemp(prefix="camserve-before-"))
+    archive = subprocess.run(["git", "archive", ref], cwd=ROOT, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
     return out
 
 
-def in_process_ms(config: Path | None, image: bytes, device: str) -> float:
-    """Median time of the same single-image explain done in-process: decode, batcher, engine, PNG."""
-    from service.app import batch_settings, limits
+# -- cells and rounds ------------------------------------------------------------------------------------
+@dataclass
+class Cell:
+    server: str
+    path: str
+    concurrency: int
+    image: str  # key into the images table
+    requests: int
+    body: str = "multipart"
+    results: list[tuple[float, float, float]] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[str, str, int, str, str]:
+        return self.server, self.path, self.concurrency, self.image, self.body
+
+    def p50(self) -> float:
+        return statistics.median(r[0] for r in self.results)
+
+    def p95(self) -> float:
+        return statistics.median(r[1] for r in self.results)
+
+    def ips(self) -> float:
+        return statistics.median(r[2] for r in self.results)
+
+
+def measure(cells: list[Cell], servers: dict[str, Server], images: dict[str, bytes], rounds: int,
+            after_round: Callable[[int], None] | None = None) -> None:
+    for r in range(rounds):
+        shift = r % len(cells)
+        for cell in cells[shift:] + cells[:shift]:
+            port = servers[cell.server].port
+            request = _request_bytes(port, cell.path, images[cell.image], cell.body)
+            try:
+                cell.results.append(asyncio.run(load(port, request, cell.concurrency,
+                                                     max(cell.requests, 2 * cell.concurrency))))
+            except RuntimeError as exc:
+                raise RuntimeError(f"{cell.key}: {exc}") from None
+        print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+        if after_round is not None:
+            after_round(r + 1)
+
+
+def per_round_ratio(a: Cell, b: Cell, pick: Callable[[tuple[float, float, float]], float]) -> float:
+    return statistics.median(pick(x) / pick(y) for x, y in zip(a.results, b.results, strict=True))
+
+
+def engine_ms(config: Path, image: bytes, device: str, repeats: int = 200) -> float:
+    """Median time of the model thread's own work for one image (stack, normalise, forward, CAM)."""
+    from service.cam import CamQuery
     from service.config import load_settings
-    from service.dataplane import DataPlane, ExplainOptions
-    from service.repository import ModelRepository
+    from service.pipeline import Job, Pipeline
+    from service.registry import load_model
 
-    settings = load_settings(config)
-
-    async def go() -> float:
-        repository = ModelRepository(batch_settings(settings))
-        repository.start()
-        await repository.load(settings.models[0])
-        dataplane = DataPlane(repository, limits(settings))
-        times = []
-        for _ in range(60):
-            t0 = time.perf_counter()
-            await dataplane.infer(None, [image], explain=ExplainOptions())
-            times.append((time.perf_counter() - t0) * 1000)
-        await repository.close()
-        return statistics.median(times[10:])
-
-    return asyncio.run(go())
+    pipeline = Pipeline(load_model(load_settings(config).models[0]))
+    job = Job(pipeline.prepare(image, 10**8).pixels, CamQuery())
+    for _ in range(20):
+        pipeline.compute([job])
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        pipeline.compute([job])
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
 
 
 def _v2_request(port: int, image: bytes, as_binary: bool, outputs: list[str] | None) -> bytes:
@@ -174,8 +271,7 @@ def protocol_rows(config: Path, image: bytes, requests: int, concurrency: int = 
     try:
         for _ in range(rounds):
             for name, request in variants.items():
-                runs[name].append(asyncio.run(load(port, "", b"", concurrency, max(requests, 2 * concurrency),
-                                                   request)))
+                runs[name].append(asyncio.run(load(port, request, concurrency, max(requests, 2 * concurrency))))
     finally:
         proc.terminate()
         proc.wait(30)
@@ -195,78 +291,128 @@ def protocol_rows(config: Path, image: bytes, requests: int, concurrency: int = 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds over all cells; figures are medians")
     parser.add_argument("--requests", type=int, default=160, help="requests per shapes cell")
     parser.add_argument("--resnet-requests", type=int, default=48, help="requests per resnet18 cell")
+    parser.add_argument("--before", metavar="REF", help="also serve shapes from this older commit")
+    parser.add_argument("--table", action="store_true", help="also the full table at concurrency 1, 8, 32")
     parser.add_argument("--protocols-only", action="store_true", help="only the V2 vs native rows")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    shapes_png = _png(make_scene(rng).image)
-    if args.protocols_only:
-        cfg = Path(tempfile.mkdtemp()) / "shapes.toml"
-        cfg.write_text(f'[models.shapes]\nsource = "builtin:shapes"\ndevice = "{args.device}"\n')
-        protocol_rows(cfg, shapes_png, args.requests)
-        return
-    photo = _png(np.asarray(Image.fromarray(make_scene(rng).image).resize((256, 256), Image.BILINEAR)), "JPEG")
+    images = {"shapes": _png(make_scene(rng).image)}  # a 64x64 PNG
+    images["photo"] = _png(np.asarray(Image.fromarray(make_scene(rng).image).resize((256, 256), Image.BILINEAR)),
+                           "JPEG")
     tmp = Path(tempfile.mkdtemp())
     r18 = tmp / "r18.toml"
     r18.write_text(f'[models.r18]\nsource = "torchvision:resnet18"\nweights = "none"\ndevice = "{args.device}"\n')
     shapes_cfg = tmp / "shapes.toml"
     shapes_cfg.write_text(f'[models.shapes]\nsource = "builtin:shapes"\ndevice = "{args.device}"\n')
+    if args.protocols_only:
+        protocol_rows(shapes_cfg, images["shapes"], args.requests, rounds=args.rounds)
+        return
 
-    print(f"# HTTP benchmark on {platform.machine()}, {os.cpu_count()} cores, device {args.device}; "
-          "load generator on the same machine")
-    print("| server | endpoint | concurrency | p50 ms | p95 ms | images/s |")
-    print("|---|---|---|---|---|---|")
-    results = {}
-    runs: list[tuple[str, Path | None, dict[str, str], bytes, int]] = [
-        ("shapes batched", shapes_cfg, {}, shapes_png, args.requests),
-        ("shapes max_batch_size=1", shapes_cfg, {"SERVICE_MAX_BATCH_SIZE": "1"}, shapes_png, args.requests),
-        ("shapes max_wait_ms=0", shapes_cfg, {"SERVICE_MAX_WAIT_MS": "0"}, shapes_png, args.requests),
-        ("resnet18 camserve", r18, {}, photo, args.resnet_requests),
+    engine = engine_ms(shapes_cfg, images["shapes"], args.device)
+    off = {"SERVICE_MAX_BATCH_SIZE": "1"}
+    specs: list[tuple[str, Path, dict[str, str], Path]] = [
+        ("shapes default", shapes_cfg, {}, ROOT),
+        ("shapes max_batch_size=1", shapes_cfg, off, ROOT),
+        ("shapes fixed 5 ms", shapes_cfg, {"SERVICE_BATCH_POLICY": "fixed", "SERVICE_MAX_WAIT_MS": "5"}, ROOT),
+        ("shapes fixed 0 ms", shapes_cfg, {"SERVICE_BATCH_POLICY": "fixed", "SERVICE_MAX_WAIT_MS": "0"}, ROOT),
+        ("resnet18 default", r18, {}, ROOT),
+        ("resnet18 max_batch_size=1", r18, off, ROOT),
     ]
-    for name, cfg, env, image, n in runs:
-        port = free_port()
-        proc = start_server(port, {**env, "SERVICE_LOG_LEVEL": "warning"}, cfg)
-        try:
-            results[name] = run_rows(name, port, image, n)
-        finally:
-            proc.terminate()
-            proc.wait(30)
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "tests.bench.baseline_app:app", "--port", str(port),
-                             "--log-level", "warning"], cwd=ROOT, env={**os.environ, "BASELINE_DEVICE": args.device})
+    if args.before:
+        old = export_commit(args.before)
+        specs += [(f"shapes before ({args.before})", shapes_cfg, {}, old),
+                  (f"shapes before ({args.before}) max_batch_size=1", shapes_cfg, off, old)]
+    servers: dict[str, Server] = {}
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/docs", timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        results["baseline"] = run_rows("resnet18 pytorch-grad-cam baseline", port, photo, args.resnet_requests)
+        for name, cfg, env, cwd in specs:
+            servers[name] = launch_camserve(name, cfg, env, cwd)
+        servers["resnet18 baseline"] = launch_baseline(args.device)
+        wait_ready(list(servers.values()))
+        run_all(args, servers, images, engine)
     finally:
-        proc.terminate()
-        proc.wait(30)
+        for s in servers.values():
+            s.proc.terminate()
+        for s in servers.values():
+            try:
+                s.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                s.proc.kill()
+                s.proc.wait()
+    protocol_rows(shapes_cfg, images["shapes"], args.requests, rounds=args.rounds)  # its own server, alone
 
-    def ips(name: str, path: str, c: int) -> float:
-        return results[name][(path, c)][2]
 
-    print()
-    for path in ("/predict", "/explain"):
-        print(f"- shapes {path} at concurrency 32: batched / unbatched throughput = "
-              f"{ips('shapes batched', path, 32) / ips('shapes max_batch_size=1', path, 32):.2f}x")
-    for c in (1, 32):
-        waited, eager = results["shapes batched"][("/explain", c)], results["shapes max_wait_ms=0"][("/explain", c)]
-        print(f"- shapes /explain at concurrency {c}: max_wait_ms 5 -> 0 changes p50 {waited[0]:.1f} -> "
-              f"{eager[0]:.1f} ms and throughput {waited[2]:.0f} -> {eager[2]:.0f} images/s")
-    for path in ("/predict", "/explain"):
-        print(f"- resnet18 {path} at concurrency 8: camserve / baseline throughput = "
-              f"{ips('resnet18 camserve', path, 8) / ips('baseline', path, 8):.2f}x")
-    protocol_rows(shapes_cfg, shapes_png, args.requests)
-    inproc = in_process_ms(shapes_cfg, shapes_png, args.device)
-    http = results["shapes batched"][("/explain", 1)][0]
-    print(f"- shapes /explain at concurrency 1: HTTP p50 {http:.1f} ms, in-process p50 {inproc:.1f} ms "
-          f"(decode, batcher, engine, PNG): the HTTP round trip adds {http - inproc:.1f} ms")
+def run_all(args: argparse.Namespace, servers: dict[str, Server], images: dict[str, bytes], engine: float) -> None:
+    n, nr = args.requests, args.resnet_requests
+    cells: dict[tuple[str, str, int, str, str], Cell] = {}
+
+    def cell(server: str, path: str, c: int, image: str = "shapes", body: str = "multipart") -> Cell:
+        requests = nr if image == "photo" else n
+        new = Cell(server, path, c, image, requests if c == 1 else max(requests, 4 * c), body)
+        return cells.setdefault(new.key, new)
+
+    t1 = [(model, path, cell(f"{model} default", path, 1, img), cell(f"{model} max_batch_size=1", path, 1, img))
+          for model, img in (("shapes", "shapes"), ("resnet18", "photo")) for path in ("/predict", "/explain")]
+    t2 = [(path, cell("resnet18 default", path, 1, "photo"), cell("resnet18 baseline", path, 1, "photo"))
+          for path in ("/predict", "/explain")]
+    t3 = {name: cell(name, "/explain", 32) for name in
+          ("shapes default", "shapes fixed 5 ms", "shapes fixed 0 ms", "shapes max_batch_size=1")}
+    t4 = {(name, body): cell(name, "/explain", 1, body=body) for body in ("multipart", "json")
+          for name in ("shapes default", "shapes max_batch_size=1", *[s for s in servers if "before" in s])}
+    if args.table:
+        for name in servers:
+            img = "photo" if name.startswith("resnet18") else "shapes"
+            for path in ("/predict", "/explain"):
+                for c in CONCURRENCY:
+                    cell(name, path, c, img)
+    todo = list(cells.values())
+    print(f"{len(todo)} cells x {args.rounds} rounds", file=sys.stderr, flush=True)
+    measure(todo, servers, images, args.rounds,
+            lambda done: report(args, cells, t1, t2, t3, t4, engine, done))
+
+
+def report(args: argparse.Namespace, cells: dict[tuple[str, str, int, str, str], Cell],
+           t1: list[tuple[str, str, Cell, Cell]], t2: list[tuple[str, Cell, Cell]], t3: dict[str, Cell],
+           t4: dict[tuple[str, str], Cell], engine: float, done: int) -> None:
+    """The tables from the rounds done so far (printed after every round: a slow machine may not
+    let the last one finish)."""
+    p50: Callable[[tuple[float, float, float]], float] = lambda r: r[0]  # noqa: E731
+    ips: Callable[[tuple[float, float, float]], float] = lambda r: r[2]  # noqa: E731
+    print(f"# HTTP benchmark on {platform.machine()}, {os.cpu_count()} cores ({platform.processor() or 'cpu'}), "
+          f"device {args.device}; load generator on the same machine; {done} of {args.rounds} interleaved rounds, "
+          "medians", flush=True)
+    print("\n## Concurrency 1: default vs batching off (p50 ms; target ratio <= 1.05)\n")
+    print("| model | endpoint | default | max_batch_size=1 | ratio |")
+    print("|---|---|---|---|---|")
+    for model, path, a, b in t1:
+        r = per_round_ratio(a, b, p50)
+        print(f"| {model} | {path} | {a.p50():.1f} | {b.p50():.1f} | {r:.2f}{'' if r <= 1.05 else ' (missed)'} |")
+    print("\n## Concurrency 1: resnet18 camserve vs the newcomer baseline (p50 ms; /predict target <= 1.05x)\n")
+    print("| endpoint | camserve | baseline | ratio |")
+    print("|---|---|---|---|")
+    for path, a, b in t2:
+        r = per_round_ratio(a, b, p50)
+        print(f"| {path} | {a.p50():.1f} | {b.p50():.1f} | {r:.2f} |")
+    print("\n## Concurrency 32: shapes /explain throughput (images/s; target >= 1.0x best fixed, >= 2x unbatched)\n")
+    print("| server | p50 ms | p95 ms | images/s | default / this |")
+    print("|---|---|---|---|---|")
+    for name, c in t3.items():
+        print(f"| {name} | {c.p50():.1f} | {c.p95():.1f} | {c.ips():.1f} | "
+              f"{per_round_ratio(t3['shapes default'], c, ips):.2f}x |")
+    print(f"\n## Concurrency 1: shapes /explain, 64x64 PNG, overhead beyond the engine ({engine:.2f} ms in-process)\n")
+    print("| server | body | p50 ms | overhead ms |")
+    print("|---|---|---|---|")
+    for (name, body), c in t4.items():
+        print(f"| {name} | {body} | {c.p50():.2f} | {c.p50() - engine:.2f} |")
+    if args.table:
+        print("\n## All cells\n")
+        print("| server | endpoint | concurrency | p50 ms | p95 ms | images/s |")
+        print("|---|---|---|---|---|---|")
+        for c in sorted((c for c in cells.values() if c.body == "multipart"), key=lambda c: c.key):
+            print(f"| {c.server} | {c.path} | {c.concurrency} | {c.p50():.1f} | {c.p95():.1f} | {c.ips():.1f} |")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -88,9 +88,9 @@ def test_enable_ui_from_the_environment():
 def test_with_keys_the_page_is_open_and_the_api_is_not():
     with make_client(api_keys=("k1",)) as c:
         for path in ("/", "/ui", "/ui/", "/ui/static/app.js", "/ui/samples", "/ui/samples/0.png", "/ui/colormaps",
-                     "/docs-assets/swagger-ui.css", "/healthz"):
+                     "/docs-assets/swagger-ui.css", "/healthz", "/docs", "/openapi.json"):
             assert c.get(path, follow_redirects=False).status_code in (200, 307), path
-        for path in ("/models", "/uimodels", "/docs-assetsx", "/openapi.json"):
+        for path in ("/models", "/uimodels", "/docs-assetsx", "/openapi.jsonx"):
             assert c.get(path).status_code == 401, path
         png = c.get("/ui/samples/0.png").content
         assert c.post("/predict", files={"image": ("s.png", png, "image/png")}).status_code == 401

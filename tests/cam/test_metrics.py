@@ -1,0 +1,132 @@
+"""Faithfulness metrics: equal to torchcam's on the same maps, and telling Grad-CAM from uninformed maps."""
+
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+
+import pytest
+import torch
+from torchcam.metrics import ClassificationMetric, DeletionInsertionMetric
+
+from service.cam import CamEngine, CamQuery
+from service.cam.metrics import (
+    average_drop,
+    check_metrics,
+    deletion,
+    deletion_baseline,
+    increase,
+    insertion,
+    insertion_baseline,
+    metric_forwards,
+    metrics_work,
+    run,
+)
+from service.errors import InvalidArgument
+from service.models.scenes import make_scenes
+from service.models.shapes import load_shapes, to_input
+
+
+class _FixedMaps:
+    """The part of a torchcam extractor its metrics use, answering with maps computed beforehand."""
+
+    def __init__(self, model, maps):
+        self.model = model
+        self.maps = maps
+
+    def __call__(self, class_idx=None, scores=None, normalized=True, **kwargs):
+        return [self.maps]
+
+    def fuse_cams(self, cams):
+        return cams[0]
+
+    def _hooks_off(self):
+        return contextlib.nullcontext()
+
+
+@pytest.fixture(scope="module")
+def shapes_batch():
+    model, _ = load_shapes()
+    images, labels, _ = make_scenes(12, seed=123)
+    x = to_input(images)
+    classes = torch.as_tensor(labels, dtype=torch.long)
+    with CamEngine(model, x[:1]) as engine:
+        out = engine.explain(x, [CamQuery(classes=(int(c),)) for c in classes])
+    maps = torch.stack([cam.maps[0] for cam in out.cams])
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model, x, maps, classes
+
+
+def test_confidence_equals_torchcam(shapes_batch):
+    model, x, maps, classes = shapes_batch
+    ref = ClassificationMetric(_FixedMaps(model, maps), partial(torch.softmax, dim=-1))
+    ref.update(x, class_idx=classes.tolist())
+    expected = ref.summary()
+    assert average_drop(model, x, maps, classes, chunk_rows=5).mean().item() == pytest.approx(
+        expected["avg_drop"], abs=1e-4)
+    assert increase(model, x, maps, classes).mean().item() == pytest.approx(expected["conf_increase"], abs=1e-4)
+
+
+@pytest.mark.parametrize("steps", [4, 16, 64])
+def test_deletion_and_insertion_equal_torchcam(shapes_batch, steps):
+    model, x, maps, classes = shapes_batch
+    for kind, fn, baseline in (("deletion", deletion, deletion_baseline(x)),
+                               ("insertion", insertion, insertion_baseline(x))):
+        ref = DeletionInsertionMetric(_FixedMaps(model, maps), partial(torch.softmax, dim=-1), steps=steps,
+                                      baseline=baseline, batch_size=7)
+        ref.update(x, class_idx=classes.tolist())
+        ours = fn(model, x, maps, classes, steps=steps, chunk_rows=9)
+        assert ours.shape == (len(x),)
+        assert ours.mean().item() == pytest.approx(ref.summary()[f"{kind}_auc"], abs=1e-4), kind
+
+
+def test_metrics_work_yields_per_chunk_and_counts_forwards(shapes_batch):
+    model, x, maps, classes = shapes_batch
+    calls = []
+
+    def counted(batch):
+        calls.append(len(batch))
+        return model(batch)
+
+    work = metrics_work(counted, x[:2], maps[:2], classes[:2], ["confidence", "deletion", "insertion"], steps=4,
+                        chunk_rows=3)
+    chunks = 0
+    with contextlib.suppress(StopIteration):
+        while True:
+            next(work)
+            chunks += 1
+    assert max(calls) <= 3 and chunks == len(calls)
+    # One forward for the unperturbed scores, then what metric_forwards promises per explanation.
+    assert sum(calls) == 2 + 2 * metric_forwards(["confidence", "deletion", "insertion"], 4)
+
+
+def test_metric_options_are_validated():
+    assert check_metrics(["deletion", "confidence", "deletion"], 16) == ("deletion", "confidence")
+    with pytest.raises(InvalidArgument, match=r"`metrics`.*'faith'"):
+        check_metrics(["faith"], 16)
+    with pytest.raises(InvalidArgument, match="`metric_steps` must be between 4 and 64, got 65"):
+        check_metrics(["deletion"], 65)
+
+
+@pytest.mark.slow
+def test_gradcam_beats_random_and_centre_maps_over_200_scenes():
+    model, _ = load_shapes()
+    images, labels, _ = make_scenes(200, seed=2024)
+    x = to_input(images)
+    classes = torch.as_tensor(labels, dtype=torch.long)
+    with CamEngine(model, x[:1]) as engine:
+        out = engine.explain(x, [CamQuery(classes=(int(c),)) for c in classes])
+    gradcam = torch.stack([cam.maps[0] for cam in out.cams])
+    n, h, w = gradcam.shape
+    random = torch.rand(n, h, w, generator=torch.Generator().manual_seed(5))
+    yy, xx = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+    blob = torch.exp(-((yy - h / 2) ** 2 + (xx - w / 2) ** 2) / (2 * (h / 4) ** 2)).expand(n, h, w)
+    names = ["confidence", "deletion", "insertion"]
+    scores = {label: {k: v.mean().item() for k, v in run(metrics_work(model, x, maps, classes, names)).items()}
+              for label, maps in (("gradcam", gradcam), ("random", random), ("centre", blob))}
+    for other in ("random", "centre"):
+        assert scores["gradcam"]["average_drop"] < scores[other]["average_drop"], scores
+        assert scores["gradcam"]["increase"] > scores[other]["increase"], scores
+        assert scores["gradcam"]["deletion"] < scores[other]["deletion"], scores
+        assert scores["gradcam"]["insertion"] > scores[other]["insertion"], scores

@@ -1,0 +1,295 @@
+"""camserve on Ray Serve: a real local Ray cluster (2 CPUs, no dashboard, a small object store), one
+for the whole module; replicas of the built-in model behind Serve's HTTP proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import pytest
+import ray
+from fastapi.testclient import TestClient
+from ray import serve
+
+from service.app import create_app
+from service.cli import main
+from service.config import ConfigError, Settings, load_settings
+from service.models.scenes import make_scene
+from service.modelspec import ModelSpec
+from service.rayserve import (
+    APP_NAME,
+    REPLICA_HEADER,
+    CamServe,
+    DeployFailed,
+    ReplicaOptions,
+    build,
+    build_app,
+    deploy,
+    deployment_options,
+    models_ready,
+)
+from service.repository import ModelState
+from tests.api.conftest import png_bytes
+from tests.api.server import free_port
+
+# ---- without a cluster: what each replica asks of Ray ----
+
+
+def test_ongoing_requests_never_starve_the_batcher():
+    for size in (1, 8, 32, 64):
+        opts = deployment_options(Settings(max_batch_size=size), ReplicaOptions())
+        assert opts["max_ongoing_requests"] >= size
+    assert deployment_options(Settings(), ReplicaOptions())["max_ongoing_requests"] > 5  # Ray's default
+
+
+def test_replica_resources_and_scaling():
+    opts = deployment_options(Settings(), ReplicaOptions.from_args({"replicas": "3", "num_cpus": "0.5"}))
+    assert opts["num_replicas"] == 3 and opts["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0.0}
+    auto = deployment_options(Settings(), ReplicaOptions.from_args({"min_replicas": 1, "max_replicas": "4"}))
+    assert "num_replicas" not in auto and auto["autoscaling_config"]["max_replicas"] == 4
+    cuda = Settings(models=(ModelSpec("m", "torchvision:resnet18", device="cuda"),))
+    assert deployment_options(cuda, ReplicaOptions())["ray_actor_options"]["num_gpus"] == 1.0
+    assert deployment_options(cuda, ReplicaOptions(num_gpus=0.25))["ray_actor_options"]["num_gpus"] == 0.25
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ({"replicas": 0}, "`replicas` must be at least 1"),
+    ({"replicas": "two"}, "`replicas` must be int, got 'two'"),
+    ({"replicas": 2.5}, "`replicas` must be int"),
+    ({"replicas": 2, "max_replicas": 3}, "not both"),
+    ({"min_replicas": 1}, "go together"),
+    ({"min_replicas": 3, "max_replicas": 2}, "min_replicas <= max_replicas"),
+    ({"num_cpus": 0}, "`num_cpus` must be positive"),
+    ({"num_gpus": -1}, "`num_gpus` must not be negative"),
+])
+def test_bad_replica_options_name_the_argument(args, message):
+    with pytest.raises(ConfigError, match=message):
+        ReplicaOptions.from_args(args)
+
+
+def test_builder_refuses_unknown_arguments():
+    with pytest.raises(ConfigError, match="unknown camserve arguments"):
+        build_app({"replica": "2"})
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--replicas", "2"], "need --ray"),
+    (["--ray", "--autoscale", "3,2"], "min_replicas <= max_replicas"),
+    (["--ray", "--autoscale", "1,x"], "`max_replicas` must be int, got 'x'"),
+    (["--ray", "--num-cpus", "0"], "`num_cpus` must be positive"),
+])
+def test_cli_refuses_bad_ray_options_before_starting_ray(argv, message, capsys):
+    assert main(["serve", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_health_follows_model_readiness():
+    with TestClient(create_app(Settings())) as client:
+        app = client.app
+        assert models_ready(app)
+        # The health check as Serve calls it, on a stand-in (a real replica needs a cluster: below).
+        replica = SimpleNamespace(_app=app)
+        CamServe.check_health(replica)
+        repository = app.state.repository
+        repository.begin_drain()
+        assert not models_ready(app)
+        with pytest.raises(RuntimeError, match="not ready"):
+            CamServe.check_health(replica)
+        repository.draining = False
+        CamServe.check_health(replica)
+        next(iter(repository)).state = ModelState.LOADING
+        with pytest.raises(RuntimeError, match="not ready"):
+            CamServe.check_health(replica)
+    replica._app = None
+    with pytest.raises(RuntimeError, match="not ready"):
+        CamServe.check_health(replica)
+
+
+# ---- on a local Ray cluster ----
+
+
+@pytest.fixture(scope="module")
+def proxy_port():
+    saved = os.environ.get("RAY_USAGE_STATS_ENABLED")
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False,
+             logging_level="warning")
+    port = free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_USAGE_STATS_ENABLED", None)
+        else:
+            os.environ["RAY_USAGE_STATS_ENABLED"] = saved
+
+
+@pytest.fixture(scope="module")
+def two_replicas(proxy_port):
+    """Two replicas of the built-in model, 0.9 CPU each (leaving room for the start-up failure test)."""
+    deploy(build(Settings(), ReplicaOptions(replicas=2, num_cpus=0.9)), timeout_s=240)
+    yield f"http://127.0.0.1:{proxy_port}"
+    serve.delete(APP_NAME)
+
+
+def _images(n: int) -> list[bytes]:
+    rng = np.random.default_rng(7)
+    return [png_bytes(make_scene(rng).image) for _ in range(n)]
+
+
+def _body(i: int, image: bytes) -> tuple[str, dict]:
+    """Request ``i`` of a mixed stream: predict on even, explain (raw float maps) on odd."""
+    data = {"image": base64.b64encode(image).decode()}
+    if i % 2:
+        return "/explain", {**data, "output": "array", "size": "feature", "method": ("gradcam", "layercam")[i // 2 % 2]}
+    return "/predict", {**data, "top_k": 3}
+
+
+@dataclass
+class Sent:
+    index: int
+    at: float  # sent
+    done: float  # answered or failed
+    status: int  # 0: no HTTP answer (connection error)
+    replica: str
+    body: dict | None
+
+
+async def _load(base: str, bodies: list[tuple[str, dict]], concurrency: int = 8,
+                until: asyncio.Event | None = None) -> list[Sent]:
+    """Send ``bodies`` over ``concurrency`` connections; with ``until``, cycle through them until it is set."""
+    out: list[Sent] = []
+    count = iter(range(10**9 if until else len(bodies)))
+    async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+        async def worker() -> None:
+            for i in count:
+                if until is not None and until.is_set():
+                    return
+                path, body = bodies[i % len(bodies)]
+                at = time.monotonic()
+                try:
+                    r = await client.post(path, json=body)
+                    out.append(Sent(i, at, time.monotonic(), r.status_code, r.headers.get(REPLICA_HEADER, ""),
+                                    r.json() if r.status_code == 200 else None))
+                except httpx.HTTPError:
+                    out.append(Sent(i, at, time.monotonic(), 0, "", None))
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return sorted(out, key=lambda s: s.index)
+
+
+def _assert_same_answer(got: dict, want: dict) -> None:
+    assert got["model"] == want["model"]
+    for g, w in zip(got["results"], want["results"], strict=True):
+        assert [p["index"] for p in g["predictions"]] == [p["index"] for p in w["predictions"]]
+        np.testing.assert_allclose([p["score"] for p in g["predictions"]], [p["score"] for p in w["predictions"]],
+                                   atol=1e-5)
+        for ge, we in zip(g.get("explanations") or [], w.get("explanations") or [], strict=True):
+            assert (ge["index"], ge["method"], ge["layer"]) == (we["index"], we["method"], we["layer"])
+            # Batching changes float summation order only: the maps agree to rounding.
+            np.testing.assert_allclose(ge["heatmap"]["data"], we["heatmap"]["data"], atol=2e-4)
+
+
+@pytest.mark.slow
+def test_two_replicas_answer_like_a_plain_server(two_replicas):
+    images = _images(10)
+    bodies = [_body(i, images[i % len(images)]) for i in range(200)]
+    sent = asyncio.run(_load(two_replicas, bodies))
+    assert Counter(s.status for s in sent) == {200: 200}
+    served = Counter(s.replica for s in sent)
+    assert len(served) == 2 and all(served.values()), served  # both replicas took traffic
+    with TestClient(create_app(Settings())) as plain:
+        # Request i depends on i % 10 (image) and i % 4 (endpoint, method): the first 20 are every distinct one.
+        want = [plain.post(path, json=body).json() for path, body in bodies[:20]]
+    for s in sent:
+        _assert_same_answer(s.body, want[s.index % 20])
+
+
+def _replica_actors() -> dict[str, tuple[str, str]]:
+    """Live replica actors of the camserve app: replica id -> (actor name, namespace)."""
+    found = {}
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#"):
+            found[actor["name"].rsplit("#", 1)[-1]] = (actor["name"], actor["namespace"])
+    return found
+
+
+def _running_replicas() -> int:
+    app = serve.status().applications.get(APP_NAME)
+    return app.deployments["CamServe"].replica_states.get("RUNNING", 0) if app else 0
+
+
+@pytest.mark.slow
+def test_killed_replica_is_replaced_and_traffic_recovers(two_replicas):
+    """Kill one replica's actor under load: Serve starts another; once it is up, nothing fails."""
+    images = _images(4)
+    base = two_replicas
+    killed: dict[str, float] = {}
+
+    async def scenario() -> tuple[list[Sent], list[Sent], float]:
+        stop = asyncio.Event()
+        during = asyncio.create_task(_load(base, [_body(i, images[i % 4]) for i in range(8)], 4, until=stop))
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+            victim = (await client.get("/readyz")).headers[REPLICA_HEADER]
+            await asyncio.sleep(1.0)
+            actors = _replica_actors()
+            assert victim in actors and len(actors) == 2, actors
+            ray.kill(ray.get_actor(*actors[victim]), no_restart=True)
+            killed["at"] = time.monotonic()
+            # Replaced: a new replica actor exists (so the controller saw the death), two replicas run
+            # again, and the new one answers /readyz through the proxy.
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                new = set(_replica_actors()) - set(actors)
+                if new and _running_replicas() == 2:
+                    r = await client.get("/readyz")
+                    if r.status_code == 200 and r.headers[REPLICA_HEADER] in new:
+                        break
+                await asyncio.sleep(0.2)
+            else:
+                raise AssertionError(f"replica {victim} was not replaced in 120 s: {serve.status()}")
+            ready_at = time.monotonic()
+        await asyncio.sleep(2.0)  # the background load goes on past the replacement
+        stop.set()
+        before = await during
+        # Sent after the replacement is ready: every one succeeds.
+        after = await _load(base, [_body(i, images[i % 4]) for i in range(80)], concurrency=4)
+        return before, after, ready_at
+
+    before, after, ready_at = asyncio.run(scenario())
+    window = [s for s in before if s.done >= killed["at"] and s.at < ready_at]  # in flight at or after the kill
+    failed = [s for s in before if s.status != 200]
+    late = [s for s in before if s.at >= ready_at]
+    print(f"\nkill test: {len(before)} requests under load, {len(window)} in flight or sent in the kill window "
+          f"({ready_at - killed['at']:.1f} s), {len(failed)} failed (statuses {Counter(s.status for s in failed)}); "
+          f"{len(after)} sent after the replacement was ready, all 200: {all(s.status == 200 for s in after)}")
+    assert all(s.status == 200 for s in late), Counter(s.status for s in late)
+    assert Counter(s.status for s in after) == {200: 80}
+    assert all(s.done >= killed["at"] for s in failed), "a request failed before the kill"
+    assert len({s.replica for s in after}) == 2  # the replacement takes traffic too
+
+
+@pytest.mark.slow
+def test_replica_start_failure_is_reported_not_awaited(proxy_port, tmp_path):
+    config = tmp_path / "models.toml"
+    config.write_text('[models.broken]\nsource = "torchvision:resnet18"\nweights = "/nonexistent/r18.pth"\n')
+    app = build(load_settings(config), ReplicaOptions(num_cpus=0.1))
+    started = time.monotonic()
+    try:
+        with pytest.raises(DeployFailed, match="failed to start") as failure:
+            deploy(app, name="camserve-broken", route_prefix="/broken", timeout_s=150)
+    finally:
+        serve.delete("camserve-broken")
+    # Serve reports the lifespan's failure; its traceback (naming the weights file) is in the replica's log.
+    assert "lifespan startup failed" in str(failure.value)
+    assert time.monotonic() - started < 150
