@@ -482,8 +482,8 @@ async def _infer(request: Request, name: str, version: str | None, dataplane: Da
     done = await _unless_disconnected(request, run_all())
     png_results = done[1].results if len(done) > 1 else None
     args = (header, name, wanted, done[0].results, png_results, passes)
-    if any(heavy(r) for r in done):
-        # Megabytes of floats or PNGs: encoding them on the loop would stall every other request.
+    if passes.png == "arrays" or any(heavy(r) for r in done):
+        # PNG encoding, or megabytes of floats or PNGs: on the loop it would stall every other request.
         loop = asyncio.get_running_loop()
         content, header_length = await loop.run_in_executor(dataplane.repository.cpu_pool, encode_response, *args)
     else:  # a few kilobytes: a hop to the CPU pool (queued behind decodes) would cost more than it saves
