@@ -20,7 +20,10 @@ from service import __version__
 from service.api import errors as api_errors
 from service.api import openapi as api_openapi
 from service.api import ui
+from service.api.kserve_v1 import router as kserve_v1_router
 from service.api.middleware import ApiKeyAuth, BodyLimit, HttpEdges, RequestContext, request_notes
+from service.api.oip_repository import router as oip_repository_router
+from service.api.oip_v2 import router as oip_v2_router
 from service.api.routes import router
 from service.config import Settings
 from service.dataplane import DataPlane, Limits
@@ -83,6 +86,9 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
     app.state.repository = repository
     app.state.dataplane = dataplane
     app.include_router(router)
+    app.include_router(kserve_v1_router)
+    app.include_router(oip_v2_router)
+    app.include_router(oip_repository_router)
     ui.install(app, settings.enable_ui)
     api_errors.install(app)
     keys = settings.all_api_keys()
@@ -100,7 +106,7 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
 
     # Added innermost first: the request id wraps everything, so even a 401 or 413 carries one.
     if keys:
-        app.add_middleware(ApiKeyAuth, keys=keys, open_paths=settings.open_paths)
+        app.add_middleware(ApiKeyAuth, keys=keys + settings.admin_api_keys, open_paths=settings.open_paths)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["*"], expose_headers=[

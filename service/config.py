@@ -50,9 +50,13 @@ class Settings:
     max_render_pixels: int = 100_000_000  # heatmap pixels one request renders (images x targets x size)
     api_keys: tuple[str, ...] = ()
     api_keys_file: str | None = None
-    # Each also opens the paths below it. The page, its files and the API docs hold no data.
-    open_paths: tuple[str, ...] = ("/healthz", "/readyz", "/metrics", "/", "/ui", "/docs-assets", "/docs", "/redoc",
-                                   "/openapi.json")
+    # Keys for the operator actions (the OIP model repository extension); also valid wherever a key is.
+    admin_api_keys: tuple[str, ...] = ()
+    enable_repository_api: bool = False  # with no admin keys, the repository extension is off unless this is true
+    # Each also opens the paths below it. The page, its files and the API docs hold no data. /v2/health:
+    # the Open Inference Protocol's probes, open like /healthz and /readyz (Triton's are too).
+    open_paths: tuple[str, ...] = ("/healthz", "/readyz", "/metrics", "/v2/health", "/", "/ui", "/docs-assets",
+                                   "/docs", "/redoc", "/openapi.json")
     cors_origins: tuple[str, ...] = ()
     log_format: str = "text"
     log_level: str = "info"

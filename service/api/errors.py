@@ -93,7 +93,14 @@ def headers_of(exc: errors.CamserveError) -> dict[str, str]:
 def render(path: str, exc: errors.CamserveError) -> tuple[int, dict[str, str], bytes]:
     """(status, headers, body) of a domain error on the route at ``path``."""
     field = exc.field if isinstance(exc, errors.InvalidArgument) else None
-    return status_of(exc), headers_of(exc), body(path, exc.code, exc.message, field)
+    status, headers = status_of(exc), headers_of(exc)
+    if path.startswith(PLAIN_PREFIXES):
+        # KServe and Triton clients know bad input as 400 only, and retry a 503 after Retry-After.
+        if status == 422:
+            status = 400
+        if isinstance(exc, errors.NotReady):
+            headers = {**headers, "Retry-After": "1"}
+    return status, headers, body(path, exc.code, exc.message, field)
 
 
 def response(path: str, exc: errors.CamserveError) -> Response:

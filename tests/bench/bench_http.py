@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from service.models.scenes import make_scene
-from tests.api.server import ROOT, free_port
+from tests.api.server import ROOT, free_port, start_server
 
 CONCURRENCY = (1, 8, 32)
 
@@ -68,7 +68,7 @@ async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
     writer.write(request)
     await writer.drain()
     head = await reader.readuntil(b"\r\n\r\n")
-    match = re.search(rb"content-length:\s*(\d+)", head, re.IGNORECASE)
+    match = re.search(rb"\r\ncontent-length:\s*(\d+)", head, re.IGNORECASE)  # not Inference-Header-Content-Length
     assert match, head
     await reader.readexactly(int(match.group(1)))
     return int(head.split(b" ", 2)[1])
@@ -226,6 +226,68 @@ def engine_ms(config: Path, image: bytes, device: str, repeats: int = 200) -> fl
     return statistics.median(times)
 
 
+def _v2_request(port: int, image: bytes, as_binary: bool, outputs: list[str] | None) -> bytes:
+    """One Open Inference Protocol infer request: the image as a BYTES tensor, base64 in JSON or raw."""
+    import base64
+    import json
+    import struct
+
+    tensor: dict[str, object] = {"name": "image", "datatype": "BYTES", "shape": [1]}
+    raw = b""
+    if as_binary:
+        raw = struct.pack("<I", len(image)) + image
+        tensor["parameters"] = {"binary_data_size": len(raw)}
+    else:
+        tensor["data"] = [base64.b64encode(image).decode()]
+    header: dict[str, object] = {"inputs": [tensor]}
+    if outputs is not None:
+        header["outputs"] = [{"name": n, "parameters": {"binary_data": as_binary}} for n in outputs]
+    elif as_binary:
+        header["parameters"] = {"binary_data_output": True}
+    text = json.dumps(header).encode()
+    extra = f"Inference-Header-Content-Length: {len(text)}\r\n" if as_binary else ""
+    head = (f"POST /v2/models/shapes/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: "
+            f"{'application/octet-stream' if as_binary else 'application/json'}\r\n{extra}"
+            f"Content-Length: {len(text) + len(raw)}\r\n\r\n").encode()
+    return head + text + raw
+
+
+def protocol_rows(config: Path, image: bytes, requests: int, concurrency: int = 8, rounds: int = 5) -> None:
+    """The Open Inference Protocol beside the native multipart routes: same server, model and image.
+
+    The variants take turns, ``rounds`` times, and the median of each is shown, so drift on a shared
+    machine touches them all alike."""
+    port = free_port()
+    proc = start_server(port, {"SERVICE_LOG_LEVEL": "warning"}, config)
+    variants = {
+        "native /predict (multipart)": _request_bytes(port, "/predict", image),
+        "V2 scores, JSON base64": _v2_request(port, image, False, ["scores"]),
+        "V2 scores, binary": _v2_request(port, image, True, ["scores"]),
+        "native /explain (multipart, png)": _request_bytes(port, "/explain", image),
+        "V2 all outputs, JSON base64": _v2_request(port, image, False, None),
+        "V2 all outputs, binary": _v2_request(port, image, True, None),
+    }
+    runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in variants}
+    try:
+        for _ in range(rounds):
+            for name, request in variants.items():
+                runs[name].append(asyncio.run(load(port, request, concurrency, max(requests, 2 * concurrency))))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    print(f"\n| shapes, concurrency {concurrency}, median of {rounds} interleaved runs | p50 ms | p95 ms | images/s |")
+    print("|---|---|---|---|")
+    best = {}
+    for name, cells in runs.items():
+        best[name] = statistics.median(c[2] for c in cells)
+        p50, p95 = statistics.median(c[0] for c in cells), statistics.median(c[1] for c in cells)
+        print(f"| {name} | {p50:.1f} | {p95:.1f} | {best[name]:.1f} |", flush=True)
+    scores = best["V2 scores, binary"] / best["native /predict (multipart)"]
+    explained = best["V2 all outputs, binary"] / best["native /explain (multipart, png)"]
+    print(f"- V2 binary / native multipart throughput: scores vs /predict {scores:.2f}x, all outputs vs /explain "
+          f"{explained:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
@@ -234,6 +296,7 @@ def main() -> None:
     parser.add_argument("--resnet-requests", type=int, default=48, help="requests per resnet18 cell")
     parser.add_argument("--before", metavar="REF", help="also serve shapes from this older commit")
     parser.add_argument("--table", action="store_true", help="also the full table at concurrency 1, 8, 32")
+    parser.add_argument("--protocols-only", action="store_true", help="only the V2 vs native rows")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     images = {"shapes": _png(make_scene(rng).image)}  # a 64x64 PNG
@@ -244,6 +307,9 @@ def main() -> None:
     r18.write_text(f'[models.r18]\nsource = "torchvision:resnet18"\nweights = "none"\ndevice = "{args.device}"\n')
     shapes_cfg = tmp / "shapes.toml"
     shapes_cfg.write_text(f'[models.shapes]\nsource = "builtin:shapes"\ndevice = "{args.device}"\n')
+    if args.protocols_only:
+        protocol_rows(shapes_cfg, images["shapes"], args.requests, rounds=args.rounds)
+        return
 
     engine = engine_ms(shapes_cfg, images["shapes"], args.device)
     off = {"SERVICE_MAX_BATCH_SIZE": "1"}
@@ -275,6 +341,7 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 s.proc.kill()
                 s.proc.wait()
+    protocol_rows(shapes_cfg, images["shapes"], args.requests, rounds=args.rounds)  # its own server, alone
 
 
 def run_all(args: argparse.Namespace, servers: dict[str, Server], images: dict[str, bytes], engine: float) -> None:
