@@ -9,7 +9,6 @@ come from the top-level ``"parameters"`` or the query string, with ``/explain``'
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -20,8 +19,8 @@ from service.api.deps import DataPlaneDep, RepositoryDep, SettingsDep
 from service.api.encoding import explanation_json, heavy
 from service.api.middleware import note_request
 from service.api.oip_v2 import read_body
-from service.api.parsing import _query_options, _validation_message, decode_base64
-from service.api.routes import _unless_disconnected
+from service.api.parsing import decode_base64, json_object, query_options, validation_message
+from service.api.routes import unless_disconnected
 from service.api.schemas import ExplainOptions
 from service.dataplane import DataPlane
 from service.dataplane import ExplainOptions as ExplainRequest
@@ -66,12 +65,7 @@ def _instance_image(instance: Any, index: int) -> tuple[bytes, Any]:
 
 
 def parse_body(raw: bytes, max_images: int) -> tuple[list[bytes], list[Any], dict[str, Any]]:
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise InvalidInput(f"malformed JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise InvalidInput(f"the body must be a JSON object with `instances`, got {type(body).__name__}")
+    body = json_object(raw, "the body (with `instances`)")
     instances = body.get("instances", body.get("inputs"))
     if not isinstance(instances, list) or not instances:
         raise InvalidInput("`instances` (or `inputs`) must be a non-empty list of images")
@@ -86,7 +80,7 @@ def parse_body(raw: bytes, max_images: int) -> tuple[list[bytes], list[Any], dic
 
 def _options(request: Request, params: dict[str, Any], explain: bool) -> tuple[ExplainOptions, bool]:
     """Query string, then ``parameters``; checked by ``/explain``'s schema. Also whether ``top_k`` was given."""
-    merged = {**_query_options(request), **params}
+    merged = {**query_options(request), **params}
     if isinstance(merged.get("targets"), str):  # "3,ring", as in a query string
         merged["targets"] = [t.strip() for t in merged["targets"].split(",") if t.strip()]
     if not explain:
@@ -97,7 +91,7 @@ def _options(request: Request, params: dict[str, Any], explain: bool) -> tuple[E
     try:
         return ExplainOptions.model_validate(merged), "top_k" in merged
     except ValidationError as exc:
-        field, message = _validation_message(exc)
+        field, message = validation_message(exc)
         raise InvalidArgument(field, message) from None
 
 
@@ -129,7 +123,7 @@ async def _serve(request: Request, name: str, dataplane: DataPlane, max_images: 
         size=opts.size, colormap=opts.colormap, alpha=opts.alpha) if explain else None  # type: ignore[arg-type]
     plan = dataplane.plan(name, len(images), top_k=opts.top_k, explain=explain_opts)
     note_request(request.scope, model=plan.model_name, images=len(images))
-    result = await _unless_disconnected(request, dataplane.run(plan, images))
+    result = await unless_disconnected(request, dataplane.run(plan, images))
     if heavy(result):  # megabytes of base64 or floats: not on the event loop
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(dataplane.repository.cpu_pool,

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Request
 
 from service.api.deps import RepositoryDep, SettingsDep
 from service.api.oip_v2 import VERSION, read_body
+from service.api.parsing import json_object
 from service.config import Settings
 from service.errors import Forbidden, InvalidInput, ModelNotFound, Unauthorized
 from service.modelspec import ModelSpec, SpecError
@@ -70,13 +71,7 @@ async def _json_body(request: Request, settings: Settings) -> dict[str, Any]:
     raw = await read_body(request, settings.max_body_bytes)
     if not raw.strip():
         return {}
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise InvalidInput(f"malformed JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise InvalidInput(f"the body must be a JSON object, got {type(body).__name__}")
-    return body
+    return json_object(raw)
 
 
 @router.post("/v2/repository/index")

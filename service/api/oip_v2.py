@@ -35,8 +35,8 @@ from service.api import binary
 from service.api.deps import DataPlaneDep, RepositoryDep, SettingsDep
 from service.api.encoding import heavy
 from service.api.middleware import note_request
-from service.api.parsing import decode_base64
-from service.api.routes import _unless_disconnected
+from service.api.parsing import decode_base64, json_object
+from service.api.routes import unless_disconnected
 from service.dataplane import MAX_TARGETS, DataPlane, ExplainOptions, Plan
 from service.errors import InvalidArgument, InvalidInput, ModelNotFound, NotReady
 from service.imaging import encode_png
@@ -448,21 +448,11 @@ async def read_body(request: Request, limit: int) -> bytes:
     return binary.decompress(await request.body(), request.headers.get("content-encoding"), limit)
 
 
-def parse_header(raw: bytes) -> dict[str, Any]:
-    try:
-        header = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise InvalidInput(f"malformed JSON: {exc}") from None
-    if not isinstance(header, dict):
-        raise InvalidInput(f"the inference request must be a JSON object, got {type(header).__name__}")
-    return header
-
-
 async def _infer(request: Request, name: str, version: str | None, dataplane: DataPlane, limit: int) -> Response:
     _version(name, version)
     body = await read_body(request, limit)
     raw_header, rest = binary.split(body, request.headers.get(binary.HEADER))
-    header = parse_header(raw_header)
+    header = json_object(raw_header, "the inference request")
     params = _object(header.get("parameters"), "`parameters`")
     unknown = sorted(set(params) - {*_EXPLAIN_KEYS, *_RENDER_KEYS, *_IGNORED})
     if unknown:
@@ -479,7 +469,7 @@ async def _infer(request: Request, name: str, version: str | None, dataplane: Da
     async def run_all() -> list[InferenceResult]:
         return list(await asyncio.gather(*(dataplane.run(p, images) for p in plans)))
 
-    done = await _unless_disconnected(request, run_all())
+    done = await unless_disconnected(request, run_all())
     png_results = done[1].results if len(done) > 1 else None
     args = (header, name, wanted, done[0].results, png_results, passes)
     if passes.png == "arrays" or any(heavy(r) for r in done):

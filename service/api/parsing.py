@@ -7,6 +7,7 @@ import binascii
 import contextlib
 import json
 import re
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -46,7 +47,20 @@ def decode_base64(text: str, index: int) -> bytes:
         raise InvalidImage(f"image {index} is not valid base64") from None
 
 
-def _validation_message(exc: ValidationError) -> tuple[str, str]:
+def json_object(raw: bytes, what: str = "the body",
+                error: Callable[[str], Exception] = InvalidInput) -> dict[str, Any]:
+    """``raw`` parsed as a JSON object; anything else (bad syntax, bad UTF-8, too deep, not an object)
+    is ``error(message)``, a 400 in every dialect."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, Unicode, int digit limit, deep nesting
+        raise error(f"malformed JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise error(f"{what} must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def validation_message(exc: ValidationError) -> tuple[str, str]:
     err = exc.errors()[0]
     field = ".".join(str(p) for p in err["loc"]) or "body"
     shown = repr(err.get("input"))
@@ -58,11 +72,11 @@ def _validate(model: type[OptionsT], data: dict[str, Any]) -> OptionsT:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        field, message = _validation_message(exc)
+        field, message = validation_message(exc)
         raise InvalidArgument(field, message) from None
 
 
-def _query_options(request: Request) -> dict[str, Any]:
+def query_options(request: Request) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in request.query_params:
         values = request.query_params.getlist(key)
@@ -90,7 +104,7 @@ async def parse_request(request: Request, options: type[OptionsT], max_images: i
     """Read images and options from a JSON body or a multipart form; query parameters fill the gaps
     (an option given in both places takes the body's or form's value)."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    query = _query_options(request)
+    query = query_options(request)
     if ctype == "application/json" or ctype.endswith("+json"):
         images, fields = await _from_json(request)
     elif ctype == "multipart/form-data":
@@ -108,13 +122,7 @@ async def parse_request(request: Request, options: type[OptionsT], max_images: i
 
 
 async def _from_json(request: Request) -> tuple[list[bytes], dict[str, Any]]:
-    raw = await request.body()
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, Unicode, int digit limit, deep nesting
-        raise InvalidArgument("body", f"malformed JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise InvalidArgument("body", f"the JSON body must be an object, got {type(body).__name__}")
+    body = json_object(await request.body(), "the JSON body", lambda message: InvalidArgument("body", message))
     image, images = body.pop("image", None), body.pop("images", None)
     if image is not None and images is not None:
         raise InvalidArgument("image", "send either `image` or `images`, not both")

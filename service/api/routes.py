@@ -118,7 +118,7 @@ async def get_model(name: str, repository: RepositoryDep) -> dict[str, Any]:
     return {**_summary(served), "labels": served.model.labels}
 
 
-async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+async def unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
     """Run ``work``, cancelling it if the client goes away, so its images leave the batch queue.
 
     After the body is read, the next ASGI message is ``http.disconnect``, sent only if the connection
@@ -173,7 +173,7 @@ async def predict(request: Request, dataplane: DataPlaneDep, settings: SettingsD
     images, opts = await parse_request(request, PredictOptions, settings.max_images_per_request)
     plan = dataplane.plan(opts.model, len(images), top_k=opts.top_k)
     note_request(request.scope, model=plan.model_name, images=len(images))
-    result = await _unless_disconnected(request, dataplane.run(plan, images))
+    result = await unless_disconnected(request, dataplane.run(plan, images))
     return inference_json(result)
 
 
@@ -193,7 +193,7 @@ async def explain(request: Request, dataplane: DataPlaneDep, settings: SettingsD
     note_request(request.scope, model=plan.model_name, images=len(images))
     assert plan.query is not None
     png = _answer_as(request, len(images), len(plan.query.classes), opts.output) == PNG
-    result = await _unless_disconnected(request, dataplane.run(plan, images))
+    result = await unless_disconnected(request, dataplane.run(plan, images))
     if png:
         e = result.results[0].explanations[0]  # type: ignore[index]
         assert isinstance(e.heatmap.data, bytes)
