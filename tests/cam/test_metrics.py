@@ -109,8 +109,10 @@ def test_metric_options_are_validated():
         check_metrics(["deletion"], 65)
 
 
-@pytest.mark.slow
-def _scores_over_200_scenes() -> dict[str, dict[str, float]]:
+@pytest.fixture(scope="module")
+def maps_200():
+    """The shapes model, 200 fresh scenes, their labels, and three maps per scene: Grad-CAM's, a
+    random one and a centred Gaussian blob."""
     model, _ = load_shapes()
     images, labels, _ = make_scenes(200, seed=2024)
     x = to_input(images)
@@ -122,15 +124,15 @@ def _scores_over_200_scenes() -> dict[str, dict[str, float]]:
     random = torch.rand(n, h, w, generator=torch.Generator().manual_seed(5))
     yy, xx = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
     blob = torch.exp(-((yy - h / 2) ** 2 + (xx - w / 2) ** 2) / (2 * (h / 4) ** 2)).expand(n, h, w)
-    names = ["confidence", "deletion", "insertion"]
-    scores = {label: {k: v.mean().item() for k, v in run(metrics_work(model, x, maps, classes, names)).items()}
-              for label, maps in (("gradcam", gradcam), ("random", random), ("centre", blob))}
-    return scores
+    return model, x, classes, {"gradcam": gradcam, "random": random, "centre": blob}
 
 
 @pytest.fixture(scope="module")
-def scores_200() -> dict[str, dict[str, float]]:
-    return _scores_over_200_scenes()
+def scores_200(maps_200) -> dict[str, dict[str, float]]:
+    model, x, classes, maps = maps_200
+    names = ["confidence", "deletion", "insertion"]
+    return {label: {k: v.mean().item() for k, v in run(metrics_work(model, x, m, classes, names)).items()}
+            for label, m in maps.items()}
 
 
 @pytest.mark.parametrize("metric", ["average_drop", "deletion", "insertion"])
@@ -142,8 +144,35 @@ def test_gradcam_beats_random_and_centre_maps_over_200_scenes(scores_200, metric
 
 
 @pytest.mark.xfail(strict=True, reason="measured: on the shapes model Grad-CAM's `increase` (share of images whose "
-                   "confidence rises when multiplied by the map) is 0.06, below a random map's; an open finding, "
-                   "not yet explained")
+                   "confidence rises when multiplied by the map) is 0.06, below a random map's 0.155; the cause is "
+                   "the reference protocol's masking, shown by the next test")
 def test_gradcam_beats_random_and_centre_maps_on_increase(scores_200):
     for other in ("random", "centre"):
         assert scores_200["gradcam"]["increase"] > scores_200[other]["increase"], scores_200
+
+
+def test_increase_follows_the_map_when_masking_fades_to_the_models_own_neutral_input(maps_200):
+    """Why Grad-CAM loses on `increase` above. The reference protocol multiplies the normalised input
+    by the map, so masked pixels go to the dataset's mean colour. The shapes model first subtracts
+    each image's own mean colour (its scenes have random backgrounds), so for it the neutral input is
+    that mean, not the dataset's: multiplying by the map changes the contrast between the shape and
+    its background, which the classifier reads, and confidence falls even where the map keeps the
+    whole shape. Fading each image towards its own mean instead (``mean + (x - mean) * map``) leaves
+    a kept shape as the model saw it, and then Grad-CAM's maps raise confidence more often than a random
+    map or a centre blob, and drop it less (measured: increase 0.215 against 0.015 and 0.12, average
+    drop 0.063 against 0.32 and 0.11): the maps are faithful; the protocol's baseline does not suit
+    this model."""
+    model, x, classes, maps = maps_200
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    with torch.inference_mode():
+        base = model(x).softmax(1).gather(1, classes[:, None])[:, 0]
+        scores = {}
+        for label, m in maps.items():
+            up = torch.nn.functional.interpolate(m[:, None].float(), size=x.shape[-2:], mode="bilinear",
+                                                 align_corners=False)
+            p = model(mean + (x - mean) * up).softmax(1).gather(1, classes[:, None])[:, 0]
+            scores[label] = {"increase": (p > base).float().mean().item(),
+                             "average_drop": ((base - p).clamp(min=0) / base).mean().item()}
+    for other in ("random", "centre"):
+        assert scores["gradcam"]["increase"] > scores[other]["increase"], scores
+        assert scores["gradcam"]["average_drop"] < scores[other]["average_drop"], scores
