@@ -317,7 +317,10 @@ class ScoreCAM(CamMethod):
     """Wang et al. 2020: each channel, upsampled and scaled to [0, 1], masks the input; the target's
     logit on each masked input, softmaxed over channels, weighs the channels.
 
-    All targets of an image share its ``C`` masked forwards (the logits of every class come out of each)."""
+    All targets of an image share its ``C`` masked forwards (the logits of every class come out of each).
+    A channel that is constant over its map (a dead ReLU channel, common in the last block) scales to
+    an all-zero mask, and every image masked by one is the same all-zero input: one forward of it
+    serves all of them, exactly. The reference libraries run it once per such channel."""
 
     name = "scorecam"
     needs = Needs(forwards=True)
@@ -332,16 +335,30 @@ class ScoreCAM(CamMethod):
         n, c = a.shape[:2]
         size = (x.shape[2], x.shape[3])
 
-        def masked(start: int, stop: int) -> Tensor:
-            # Rows are (image, channel) pairs, flattened; only this chunk's masks exist at once.
-            rows = torch.arange(start, stop, device=a.device)
-            img, ch = rows // c, rows % c
-            up = F.interpolate(a[img, ch][:, None], size=size, mode="bilinear", align_corners=True)
-            lo = up.amin(dim=(2, 3), keepdim=True)
-            hi = up.amax(dim=(2, 3), keepdim=True)
-            return x[img] * ((up - lo) / (hi - lo + 1e-8)).to(x.dtype)
+        flat = a.flatten(2)
+        live = ((flat.amax(dim=2) - flat.amin(dim=2)) > 0).flatten().nonzero()[:, 0]  # (image, channel) rows
+        dead = n * c - live.numel()
 
-        logits = yield from ctx.run_rows(n * c, masked, ctx.forward)  # (n * C, K)
+        def masked(start: int, stop: int) -> Tensor:
+            # Only this chunk's masks exist at once. The row past the live ones is the shared zero input.
+            rows = live[start:stop]
+            parts = []
+            if rows.numel():
+                img, ch = rows // c, rows % c
+                up = F.interpolate(a[img, ch][:, None], size=size, mode="bilinear", align_corners=True)
+                lo = up.amin(dim=(2, 3), keepdim=True)
+                hi = up.amax(dim=(2, 3), keepdim=True)
+                parts.append(x[img] * ((up - lo) / (hi - lo + 1e-8)).to(x.dtype))
+            if stop > live.numel():
+                parts.append(torch.zeros_like(x[:1]))
+            return torch.cat(parts)
+
+        computed = yield from ctx.run_rows(live.numel() + (1 if dead else 0), masked, ctx.forward)
+        if dead:
+            logits = computed[-1:].expand(n * c, -1).clone()  # (n * C, K)
+            logits[live] = computed[:-1]
+        else:
+            logits = computed
         scores = _gather_targets(logits.view(n, c, -1), ctx.targets)  # (T, n, C)
         weights = scores.softmax(dim=-1)
         return reduce_weighted(weights[..., None, None] * a[None], ctx.smooth)

@@ -112,6 +112,51 @@ def test_scorecam_chunks_are_bounded_and_shared_by_targets(tiny):
     assert out.cams[0].maps.shape == (3, 16, 16)
 
 
+class _HalfDead(nn.Module):
+    """``tiny`` with a ReLU ending its features, and half of those channels dead (constant zero)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.features = nn.Sequential(*inner.features, nn.ReLU())
+        self.head = inner.head
+        with torch.no_grad():
+            self.features[4].bias[:8] = -1e3
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+def _brute_force_scorecam(model, x, c):
+    """ScoreCAM by its definition: a full forward per channel's mask, dead or not."""
+    with torch.no_grad():
+        a = model.features(x)
+        up = torch.nn.functional.interpolate(a.transpose(0, 1), size=x.shape[-2:], mode="bilinear",
+                                             align_corners=True)  # (C, 1, H, W)
+        lo, hi = up.amin(dim=(2, 3), keepdim=True), up.amax(dim=(2, 3), keepdim=True)
+        scores = torch.stack([model(x * m[None])[0, c] for m in (up - lo) / (hi - lo + 1e-8)])
+        cam = torch.relu((scores.softmax(0)[:, None, None] * a[0]).sum(0))
+    return cam / cam.max()
+
+
+def test_scorecam_runs_one_forward_for_all_dead_channels_and_equals_its_definition(tiny):
+    model = _HalfDead(tiny).eval()
+    x = _images(2)
+    sizes = []
+    with CamEngine(model, x[:1], chunk_rows=5) as engine:
+        top = [int(engine.predict(x[i : i + 1])[0].argmax()) for i in range(2)]
+        handle = model.register_forward_hook(lambda m, i, o: sizes.append(o.shape[0]))
+        job = engine.begin(x, [CamQuery(method="scorecam", layer="features", classes=(t,)) for t in top])
+        sizes.clear()
+        while job.step():
+            pass
+        handle.remove()
+        out = job.result()
+    assert sum(sizes) == 2 * 8 + 1  # the 8 live channels of each image, and one zero input for all 16 dead ones
+    for i in range(2):
+        torch.testing.assert_close(out.cams[i].maps[0], _brute_force_scorecam(model, x[i : i + 1], top[i]),
+                                   atol=1e-4, rtol=1e-3)
+
+
 def test_cancel_stops_the_remaining_chunks(tiny):
     x = _images(1)
     calls = []
