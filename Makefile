@@ -3,10 +3,14 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# KServe's own client needs python-dateutil<3 and protobuf<7, older than .venv's: it gets a venv of its own.
+KSERVE_VENV := .venv-kserve
+KSERVE_STAMP := $(KSERVE_VENV)/.installed
+KSERVE ?= kserve>=0.21,<0.22
 
 .DEFAULT_GOAL := help
-.PHONY: help install browser run test lint bench bench-http bench-stages bench-ray bench-gpu train-shapes docker clean \
-	docker-base docker-wheels docker-wheels-cuda docker-cpu docker-cuda docker-test
+.PHONY: help install browser run test test-kserve lint bench bench-http bench-stages bench-ray bench-gpu train-shapes \
+	docker clean docker-base docker-wheels docker-wheels-cuda docker-cpu docker-cuda docker-test
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-19s %s\n", $$1, $$2}'
@@ -33,6 +37,16 @@ browser: ## Debian's chromium + chromedriver for the browser tests (apt-get as r
 
 test: $(STAMP) browser ## run the test suite (browser tests included)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+$(KSERVE_STAMP): pyproject.toml
+	@command -v $(PY) >/dev/null || { echo "need $(PY) on PATH (or make PY=python3.X)"; exit 1; }
+	test -d $(KSERVE_VENV) || $(PY) -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/pip install --quiet --upgrade pip
+	$(KSERVE_VENV)/bin/pip install --quiet -e '.[dev]' '$(KSERVE)'
+	touch $(KSERVE_STAMP)
+
+test-kserve: $(KSERVE_STAMP) ## KServe's own Python client against camserve, in a venv of its own (.venv-kserve)
+	$(KSERVE_VENV)/bin/python -m pytest tests/api/test_kserve_client.py $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff and mypy
 	$(BIN)/ruff check service tests
@@ -90,5 +104,5 @@ docker: docker-cpu docker-cuda ## build the CPU and CUDA images
 docker-test: docker-cpu ## build and run the CPU image, probe it end to end (minutes; not in `make test`)
 	$(BIN)/python tests/docker_check.py --image $(IMAGE)
 
-clean: ## remove the virtualenv and caches
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+clean: ## remove the virtualenvs and caches
+	rm -rf $(VENV) $(KSERVE_VENV) .pytest_cache .mypy_cache .ruff_cache
