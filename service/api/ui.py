@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from service.api.negotiation import choose
 from service.colormaps import COLORMAPS, lookup_table
 from service.errors import InvalidArgument
 from service.imaging import encode_png
@@ -43,11 +44,6 @@ def _samples() -> tuple[tuple[str, bytes], ...]:
         scene = make_scene(rng)
         found.setdefault(scene.label, scene.image)
     return tuple((SHAPE_CLASSES[i], encode_png(found[i])) for i in range(len(SHAPE_CLASSES)))
-
-
-@page.get("/")
-async def root() -> RedirectResponse:
-    return RedirectResponse("/ui")
 
 
 @page.get("/ui")
@@ -103,6 +99,15 @@ def install(app: FastAPI, enable_ui: bool) -> None:
     ``docs_url=None, redoc_url=None`` so FastAPI's CDN-based pages do not take these paths first."""
     app.include_router(_docs(app))
     app.mount(DOCS_ASSETS, StaticFiles(packages=[("fastapi_offline", "static")]), name="docs-assets")
+
+    @app.get("/", include_in_schema=False, response_model=None)
+    async def root(request: Request) -> RedirectResponse | dict[str, str]:
+        """A browser goes to the page; any other client gets the liveness answer of KServe's model
+        server, which its Python client's V1 ``is_server_live`` and some probes read at ``/``."""
+        if enable_ui and choose(request.headers.get("accept"), ["application/json", "text/html"]) == "text/html":
+            return RedirectResponse("/ui")
+        return {"status": "alive"}
+
     if enable_ui:
         app.include_router(page)
         app.mount("/ui/static", StaticFiles(directory=UI_DIR), name="ui-static")

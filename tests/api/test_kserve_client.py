@@ -171,6 +171,7 @@ def test_v1_predict(clients, circle_file):
     assert pred["key"] == "c-1" and pred["label"] == "circle" and pred["index"] == SHAPE_CLASSES.index("circle")
     np.testing.assert_allclose(pred["scores"], native_scores(c, circle_file), atol=1e-5)
     assert c.run(c.v1.is_model_ready(c.base, "shapes")) is True
+    assert c.run(c.v1.is_server_live(c.base)) is True  # GET / answers non-browsers as KServe's server does
 
 
 def test_v1_explain(clients, circle_file, unrounded_heatmap):

@@ -33,9 +33,13 @@ def test_page_loads_nothing_from_elsewhere(client):
         assert "http://" not in text and "https://" not in text.replace("https://github.com", ""), path
 
 
-def test_root_redirects_to_the_page(client):
-    r = client.get("/", follow_redirects=False)
+def test_root_redirects_a_browser_to_the_page_and_tells_other_clients_it_is_alive(client):
+    browser = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+    r = client.get("/", headers={"Accept": browser}, follow_redirects=False)
     assert r.status_code in (302, 307) and r.headers["location"] == "/ui"
+    for accept in ("*/*", "application/json", ""):  # curl, a KServe client, a bare probe
+        r = client.get("/", headers={"Accept": accept}, follow_redirects=False)
+        assert r.status_code == 200 and r.json() == {"status": "alive"}, accept
 
 
 def test_samples_are_fixed_scenes_the_model_gets_right(client):
@@ -72,8 +76,9 @@ def test_docs_use_packaged_assets(client):
 
 def test_ui_can_be_switched_off():
     with make_client(enable_ui=False) as c:
-        for path in ("/ui", "/ui/static/app.js", "/ui/samples", "/"):
+        for path in ("/ui", "/ui/static/app.js", "/ui/samples"):
             assert c.get(path).status_code == 404, path
+        assert c.get("/", headers={"Accept": "text/html"}).json() == {"status": "alive"}  # no page to go to
         assert c.get("/docs").status_code == 200
 
 
