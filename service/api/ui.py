@@ -3,7 +3,8 @@
 The page is static HTML, CSS and JavaScript shipped in the package (``service/static/ui``); it talks
 to the same public endpoints as any client. Beside it, this module serves what the page needs that
 the API does not carry: a few sample scenes of the built-in shapes model and the colormap tables, so
-the browser blends heatmaps with exactly the colours the server's ``output=overlay`` uses.
+the browser blends heatmaps with exactly the colours the server's ``output=overlay`` uses. ``/`` sends
+a browser to the page and answers every other client as KServe's model server does (liveness).
 
 Swagger UI and ReDoc normally load from a CDN and render nothing air-gapped; their scripts come from
 the ``fastapi-offline`` package instead (it ships both, and is kept up to date).
