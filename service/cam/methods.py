@@ -175,10 +175,14 @@ class GradientMethod(CamMethod):
     def channel_weights(a: Tensor, g: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def weighted(self, ctx: CamContext) -> Tensor:
-        g = ctx.gradients
-        if g is None:
+    def gradients(self, ctx: CamContext) -> Tensor:
+        """``ctx.gradients``, which the engine fills for every method that declares it needs them."""
+        if ctx.gradients is None:
             raise ValueError(f"method {self.name!r} needs gradients")
+        return ctx.gradients
+
+    def weighted(self, ctx: CamContext) -> Tensor:
+        g = self.gradients(ctx)
         t, n, c, h, w = g.shape
         a = ctx.activations.expand(t, n, c, h, w).reshape(t * n, c, h, w)
         flat = g.reshape(t * n, c, h, w)
@@ -253,9 +257,7 @@ class GradCAMElementwise(GradientMethod):
     citation = "pytorch-grad-cam's GradCAMElementWise"
 
     def weighted(self, ctx: CamContext) -> Tensor:
-        g = ctx.gradients
-        if g is None:
-            raise ValueError(f"method {self.name!r} needs gradients")
+        g = self.gradients(ctx)
         return (g * ctx.activations[None]).clamp(min=0)
 
 
@@ -267,9 +269,7 @@ class EigenGradCAM(GradientMethod):
     citation = "pytorch-grad-cam's EigenGradCAM, after Muhammad & Yeasin 2020"
 
     def run(self, ctx: CamContext) -> Work:
-        g = ctx.gradients
-        if g is None:
-            raise ValueError(f"method {self.name!r} needs gradients")
+        g = self.gradients(ctx)
         t, n, c, h, w = g.shape
         prod = (g * ctx.activations[None]).reshape(t * n, c, h, w)
         return _immediately(principal_projection(prod).view(t, n, h, w))

@@ -44,15 +44,20 @@ class _FixedMaps:
         return contextlib.nullcontext()
 
 
-@pytest.fixture(scope="module")
-def shapes_batch():
+def _gradcam_on_scenes(n: int, seed: int):
+    """The shapes model, ``n`` fresh scenes as its input, their labels, and Grad-CAM's map of each label."""
     model, _ = load_shapes()
-    images, labels, _ = make_scenes(12, seed=123)
+    images, labels, _ = make_scenes(n, seed=seed)
     x = to_input(images)
     classes = torch.as_tensor(labels, dtype=torch.long)
     with CamEngine(model, x[:1]) as engine:
         out = engine.explain(x, [CamQuery(classes=(int(c),)) for c in classes])
-    maps = torch.stack([cam.maps[0] for cam in out.cams])
+    return model, x, classes, torch.stack([cam.maps[0] for cam in out.cams])
+
+
+@pytest.fixture(scope="module")
+def shapes_batch():
+    model, x, classes, maps = _gradcam_on_scenes(12, seed=123)
     for p in model.parameters():
         p.requires_grad_(True)
     return model, x, maps, classes
@@ -113,13 +118,7 @@ def test_metric_options_are_validated():
 def maps_200():
     """The shapes model, 200 fresh scenes, their labels, and three maps per scene: Grad-CAM's, a
     random one and a centred Gaussian blob."""
-    model, _ = load_shapes()
-    images, labels, _ = make_scenes(200, seed=2024)
-    x = to_input(images)
-    classes = torch.as_tensor(labels, dtype=torch.long)
-    with CamEngine(model, x[:1]) as engine:
-        out = engine.explain(x, [CamQuery(classes=(int(c),)) for c in classes])
-    gradcam = torch.stack([cam.maps[0] for cam in out.cams])
+    model, x, classes, gradcam = _gradcam_on_scenes(200, seed=2024)
     n, h, w = gradcam.shape
     random = torch.rand(n, h, w, generator=torch.Generator().manual_seed(5))
     yy, xx = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")

@@ -1,0 +1,82 @@
+"""A/B of server variants (``make bench-http`` is the full grid): the same model served several ways
+(environment settings), one endpoint and concurrency, measured in interleaved rounds.
+
+    python -m tests.bench.bench_variants --model resnet18 --path /predict --concurrency 1 --rounds 5 \\
+        --variant default= --variant passive=OMP_WAIT_POLICY=PASSIVE --baseline
+
+Each ``--variant NAME=K=V,K=V`` is one camserve server with those environment variables (none after
+``NAME=``); ``--baseline`` adds the newcomer baseline (resnet18 only). Prints per-variant medians and
+the median of per-round ratios to the first variant (to the baseline, when there is one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tests.bench.bench_http import (
+    ROOT,
+    Cell,
+    Server,
+    _png,
+    launch_baseline,
+    launch_camserve,
+    make_scene,
+    measure,
+    wait_ready,
+)
+
+
+def _variant(text: str) -> tuple[str, dict[str, str]]:
+    name, _, settings = text.partition("=")
+    env = dict(item.split("=", 1) for item in settings.split(",") if item)
+    return name, env
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=("shapes", "resnet18"), default="shapes")
+    parser.add_argument("--path", default="/explain")
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--requests", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--variant", action="append", type=_variant, required=True)
+    parser.add_argument("--baseline", action="store_true", help="also the newcomer baseline (resnet18)")
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    scene = make_scene(rng).image
+    if args.model == "shapes":
+        image = _png(scene)
+        source = 'source = "builtin:shapes"'
+    else:  # the same 256x256 photo-like JPEG as bench_http's resnet18 cells
+        image = _png(np.asarray(Image.fromarray(make_scene(rng).image).resize((256, 256), Image.BILINEAR)), "JPEG")
+        source = 'source = "torchvision:resnet18"\nweights = "none"'
+    config = Path(tempfile.mkdtemp()) / "models.toml"
+    config.write_text(f'[models.m]\n{source}\ndevice = "cpu"\n')
+    servers: dict[str, Server] = {name: launch_camserve(name, config, env, ROOT) for name, env in args.variant}
+    if args.baseline:
+        servers["resnet18 baseline"] = launch_baseline("cpu")
+    try:
+        wait_ready(list(servers.values()))
+        cells = [Cell(name, args.path, args.concurrency, "img", args.requests) for name in servers]
+        measure(cells, servers, {"img": image}, args.rounds)
+    finally:
+        for s in servers.values():
+            s.proc.terminate()
+    ref = cells[-1] if args.baseline else cells[0]
+    print(f"| {args.model} {args.path} c={args.concurrency} | p50 ms | images/s | p50 / {ref.server} | "
+          f"images/s / {ref.server} |")
+    print("|---|---|---|---|---|")
+    for c in cells:
+        p50 = statistics.median(a[0] / b[0] for a, b in zip(c.results, ref.results, strict=True))
+        ips = statistics.median(a[2] / b[2] for a, b in zip(c.results, ref.results, strict=True))
+        print(f"| {c.server} | {c.p50():.1f} | {c.ips():.1f} | {p50:.2f} | {ips:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
