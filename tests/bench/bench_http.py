@@ -5,6 +5,12 @@ body) are measured in rounds, each round visiting every cell once in a rotated o
 of a shared machine hit all variants alike. Each figure is the median over rounds; each ratio is the
 median of the per-round ratios of two cells measured minutes apart at most.
 
+The concurrency-1 targets are measured more finely (``paired``): the servers compared take turns
+request by request on one keep-alive connection each, and a ratio is the median of per-turn ratios.
+This machine's speed drifts by tens of percent within a minute (the same in-process resnet18 forward
+took a median of 104 ms in one minute and 134 ms a few minutes later), and a few seconds' cell of
+resnet18 requests lands wherever the drift is; two requests a fraction of a second apart do not.
+
 Variants: the built-in ``shapes`` model with the default (adaptive) batch policy, with batching off
 (``max_batch_size=1``) and with the fixed 5 ms and 0 ms waits; a torchvision resnet18 (random weights,
 224x224) served by camserve, with batching off, and by the per-request pytorch-grad-cam baseline
@@ -29,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,6 +113,60 @@ async def load(port: int, request: bytes, concurrency: int, total: int) -> tuple
     elapsed = time.perf_counter() - t0
     latencies.sort()
     return statistics.median(latencies), latencies[int(0.95 * (len(latencies) - 1))], total / elapsed
+
+
+async def paired(targets: list[tuple[int, bytes]], turns: int) -> list[list[float]]:
+    """Concurrency 1, servers taking turns: in each of ``turns`` turns one request to every server, in
+    an order rotated turn by turn. ``targets``: ``(port, request)`` per server; latencies in ms per
+    server, turn by turn, so that ``a[i] / b[i]`` compares two requests made moments apart."""
+    conns = [await asyncio.open_connection("127.0.0.1", port) for port, _ in targets]
+    try:
+        for (reader, writer), (_, request) in zip(conns, targets, strict=True):
+            for _ in range(3):  # warm each connection and server
+                await _exchange(reader, writer, request)
+        out: list[list[float]] = [[] for _ in targets]
+        for turn in range(turns):
+            for k in [(turn + j) % len(targets) for j in range(len(targets))]:
+                (reader, writer), (_, request) = conns[k], targets[k]
+                t0 = time.perf_counter()
+                status = await _exchange(reader, writer, request)
+                out[k].append((time.perf_counter() - t0) * 1000)
+                if status != 200:
+                    raise RuntimeError(f"HTTP {status}")
+        return out
+    finally:
+        for _, writer in conns:
+            writer.close()
+            await writer.wait_closed()
+
+
+@dataclass
+class Turns:
+    """Servers compared at concurrency 1 with ``paired``; latencies per server, accumulated over rounds."""
+
+    servers: tuple[str, ...]
+    path: str
+    image: str
+    turns: int
+    body: str = "multipart"
+    latencies: list[list[float]] = field(default_factory=list)
+
+    def run(self, servers: dict[str, Server], images: dict[str, bytes]) -> None:
+        targets = [(servers[n].port, _request_bytes(servers[n].port, self.path, images[self.image], self.body))
+                   for n in self.servers]
+        got = asyncio.run(paired(targets, self.turns))
+        self.latencies = [old + new for old, new in zip(self.latencies or [[] for _ in got], got, strict=True)]
+
+    def p50(self, k: int) -> float:
+        return statistics.median(self.latencies[k])
+
+    def p95(self, k: int) -> float:
+        ordered = sorted(self.latencies[k])
+        return ordered[int(0.95 * (len(ordered) - 1))]
+
+    def ratio(self, k: int, ref: int) -> float:
+        """Median of per-turn latency ratios, server ``k`` over server ``ref``."""
+        return statistics.median(a / b for a, b in zip(self.latencies[k], self.latencies[ref], strict=True))
 
 
 # -- servers -------------------------------------------------------------------------------------------
@@ -187,7 +247,8 @@ class Cell:
 
 
 def measure(cells: list[Cell], servers: dict[str, Server], images: dict[str, bytes], rounds: int,
-            after_round: Callable[[int], None] | None = None) -> None:
+            after_round: Callable[[int], None] | None = None, turns: Sequence[Turns] = ()) -> None:
+    """Each round: every cell once, in an order rotated round by round, then every set of ``turns``."""
     for r in range(rounds):
         shift = r % len(cells)
         for cell in cells[shift:] + cells[:shift]:
@@ -198,6 +259,11 @@ def measure(cells: list[Cell], servers: dict[str, Server], images: dict[str, byt
                                                      max(cell.requests, 2 * cell.concurrency))))
             except RuntimeError as exc:
                 raise RuntimeError(f"{cell.key}: {exc}") from None
+        for t in turns:
+            try:
+                t.run(servers, images)
+            except RuntimeError as exc:
+                raise RuntimeError(f"{t.servers} {t.path}: {exc}") from None
         print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
         if after_round is not None:
             after_round(r + 1)
@@ -207,23 +273,31 @@ def per_round_ratio(a: Cell, b: Cell, pick: Callable[[tuple[float, float, float]
     return statistics.median(pick(x) / pick(y) for x, y in zip(a.results, b.results, strict=True))
 
 
-def engine_ms(config: Path, image: bytes, device: str, repeats: int = 200) -> float:
-    """Median time of the model thread's own work for one image (stack, normalise, forward, CAM)."""
-    from service.cam import CamQuery
-    from service.config import load_settings
-    from service.pipeline import Job, Pipeline
-    from service.registry import load_model
+class EngineClock:
+    """The model thread's own work for one image (stack, normalise, forward, CAM), timed in this
+    process a few dozen calls at a time between rounds, so that it sees the machine's drift as the
+    servers do; ``ms`` is the median of every call so far."""
 
-    pipeline = Pipeline(load_model(load_settings(config).models[0]))
-    job = Job(pipeline.prepare(image, 10**8).pixels, CamQuery())
-    for _ in range(20):
-        pipeline.compute([job])
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        pipeline.compute([job])
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+    def __init__(self, config: Path, image: bytes, device: str) -> None:
+        from service.cam import CamQuery
+        from service.config import load_settings
+        from service.pipeline import Job, Pipeline
+        from service.registry import load_model
+
+        self.pipeline = Pipeline(load_model(load_settings(config).models[0]))
+        self.job = Job(self.pipeline.prepare(image, 10**8).pixels, CamQuery())
+        self.times: list[float] = []
+        for _ in range(20):
+            self.pipeline.compute([self.job])
+
+    def sample(self, repeats: int = 60) -> None:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            self.pipeline.compute([self.job])
+            self.times.append((time.perf_counter() - t0) * 1000)
+
+    def ms(self) -> float:
+        return statistics.median(self.times)
 
 
 def _v2_request(port: int, image: bytes, as_binary: bool, outputs: list[str] | None) -> bytes:
@@ -311,7 +385,7 @@ def main() -> None:
         protocol_rows(shapes_cfg, images["shapes"], args.requests, rounds=args.rounds)
         return
 
-    engine = engine_ms(shapes_cfg, images["shapes"], args.device)
+    engine = EngineClock(shapes_cfg, images["shapes"], args.device)
     off = {"SERVICE_MAX_BATCH_SIZE": "1"}
     specs: list[tuple[str, Path, dict[str, str], Path]] = [
         ("shapes default", shapes_cfg, {}, ROOT),
@@ -344,7 +418,8 @@ def main() -> None:
     protocol_rows(shapes_cfg, images["shapes"], args.requests, rounds=args.rounds)  # its own server, alone
 
 
-def run_all(args: argparse.Namespace, servers: dict[str, Server], images: dict[str, bytes], engine: float) -> None:
+def run_all(args: argparse.Namespace, servers: dict[str, Server], images: dict[str, bytes],
+            engine: EngineClock) -> None:
     n, nr = args.requests, args.resnet_requests
     cells: dict[tuple[str, str, int, str, str], Cell] = {}
 
@@ -353,14 +428,14 @@ def run_all(args: argparse.Namespace, servers: dict[str, Server], images: dict[s
         new = Cell(server, path, c, image, requests if c == 1 else max(requests, 4 * c), body)
         return cells.setdefault(new.key, new)
 
-    t1 = [(model, path, cell(f"{model} default", path, 1, img), cell(f"{model} max_batch_size=1", path, 1, img))
-          for model, img in (("shapes", "shapes"), ("resnet18", "photo")) for path in ("/predict", "/explain")]
-    t2 = [(path, cell("resnet18 default", path, 1, "photo"), cell("resnet18 baseline", path, 1, "photo"))
-          for path in ("/predict", "/explain")]
+    # Concurrency 1: default, batching off and (resnet18) the baseline take turns (see ``paired``).
+    compared = (("shapes", "shapes", n, ()), ("resnet18", "photo", nr, ("resnet18 baseline",)))
+    t1 = [Turns((f"{model} default", f"{model} max_batch_size=1", *extra), path, img, turns)
+          for model, img, turns, extra in compared for path in ("/predict", "/explain")]
     t3 = {name: cell(name, "/explain", 32) for name in
           ("shapes default", "shapes fixed 5 ms", "shapes fixed 0 ms", "shapes max_batch_size=1")}
-    t4 = {(name, body): cell(name, "/explain", 1, body=body) for body in ("multipart", "json")
-          for name in ("shapes default", "shapes max_batch_size=1", *[s for s in servers if "before" in s])}
+    t4 = [Turns(("shapes default", "shapes max_batch_size=1", *[s for s in servers if "before" in s]),
+                "/explain", "shapes", n, body) for body in ("multipart", "json")]
     if args.table:
         for name in servers:
             img = "photo" if name.startswith("resnet18") else "shapes"
@@ -369,43 +444,56 @@ def run_all(args: argparse.Namespace, servers: dict[str, Server], images: dict[s
                     cell(name, path, c, img)
     todo = list(cells.values())
     print(f"{len(todo)} cells x {args.rounds} rounds", file=sys.stderr, flush=True)
-    measure(todo, servers, images, args.rounds,
-            lambda done: report(args, cells, t1, t2, t3, t4, engine, done))
+
+    def after_round(done: int) -> None:
+        engine.sample()
+        report(args, cells, t1, t3, t4, engine.ms(), done)
+
+    measure(todo, servers, images, args.rounds, after_round, [*t1, *t4])
 
 
 def report(args: argparse.Namespace, cells: dict[tuple[str, str, int, str, str], Cell],
-           t1: list[tuple[str, str, Cell, Cell]], t2: list[tuple[str, Cell, Cell]], t3: dict[str, Cell],
-           t4: dict[tuple[str, str], Cell], engine: float, done: int) -> None:
+           t1: list[Turns], t3: dict[str, Cell],
+           t4: list[Turns], engine: float, done: int) -> None:
     """The tables from the rounds done so far (printed after every round: a slow machine may not
     let the last one finish)."""
-    p50: Callable[[tuple[float, float, float]], float] = lambda r: r[0]  # noqa: E731
     ips: Callable[[tuple[float, float, float]], float] = lambda r: r[2]  # noqa: E731
     print(f"# HTTP benchmark on {platform.machine()}, {os.cpu_count()} cores ({platform.processor() or 'cpu'}), "
           f"device {args.device}; load generator on the same machine; {done} of {args.rounds} interleaved rounds, "
           "medians", flush=True)
-    print("\n## Concurrency 1: default vs batching off (p50 ms; target ratio <= 1.05)\n")
+    print(f"\n## Concurrency 1: default vs batching off (p50 ms; {t1[0].turns} turns a round for shapes, "
+          f"{t1[-1].turns} for resnet18; ratio: median of per-turn ratios; target <= 1.05)\n")
     print("| model | endpoint | default | max_batch_size=1 | ratio |")
     print("|---|---|---|---|---|")
-    for model, path, a, b in t1:
-        r = per_round_ratio(a, b, p50)
-        print(f"| {model} | {path} | {a.p50():.1f} | {b.p50():.1f} | {r:.2f}{'' if r <= 1.05 else ' (missed)'} |")
-    print("\n## Concurrency 1: resnet18 camserve vs the newcomer baseline (p50 ms; /predict target <= 1.05x)\n")
+    for t in t1:
+        r = t.ratio(0, 1)
+        print(f"| {t.servers[0].split()[0]} | {t.path} | {t.p50(0):.1f} | {t.p50(1):.1f} | "
+              f"{r:.3f}{'' if r <= 1.05 else ' (missed)'} |")
+    print("\n## Concurrency 1: resnet18 camserve vs the newcomer baseline (p50 ms; per-turn ratios as above; "
+          "/predict target <= 1.05x)\n")
     print("| endpoint | camserve | baseline | ratio |")
     print("|---|---|---|---|")
-    for path, a, b in t2:
-        r = per_round_ratio(a, b, p50)
-        print(f"| {path} | {a.p50():.1f} | {b.p50():.1f} | {r:.2f} |")
+    for t in t1[2:]:
+        r = t.ratio(0, 2)
+        miss = " (missed)" if t.path == "/predict" and r > 1.05 else ""
+        print(f"| {t.path} | {t.p50(0):.1f} | {t.p50(2):.1f} | {r:.3f}{miss} |")
     print("\n## Concurrency 32: shapes /explain throughput (images/s; target >= 1.0x best fixed, >= 2x unbatched)\n")
     print("| server | p50 ms | p95 ms | images/s | default / this |")
     print("|---|---|---|---|---|")
     for name, c in t3.items():
         print(f"| {name} | {c.p50():.1f} | {c.p95():.1f} | {c.ips():.1f} | "
               f"{per_round_ratio(t3['shapes default'], c, ips):.2f}x |")
-    print(f"\n## Concurrency 1: shapes /explain, 64x64 PNG, overhead beyond the engine ({engine:.2f} ms in-process)\n")
-    print("| server | body | p50 ms | overhead ms |")
-    print("|---|---|---|---|")
-    for (name, body), c in t4.items():
-        print(f"| {name} | {body} | {c.p50():.2f} | {c.p50() - engine:.2f} |")
+    print(f"\n## Concurrency 1: shapes /explain, 64x64 PNG, overhead beyond the engine ({engine:.2f} ms in-process; "
+          "servers taking turns)\n")
+    print("| server | body | p50 ms | overhead ms | p50 / default (per-turn median) |")
+    print("|---|---|---|---|---|")
+    for t in t4:
+        for k, name in enumerate(t.servers):
+            print(f"| {name} | {t.body} | {t.p50(k):.2f} | {t.p50(k) - engine:.2f} | {t.ratio(k, 0):.3f} |")
+        if len(t.servers) > 2:
+            ours, before = t.p50(0) - engine, t.p50(2) - engine
+            print(f"- {t.body}: overhead at default settings {before:.2f} -> {ours:.2f} ms "
+                  f"({ours / before:.2f}x; target <= 0.5x)")
     if args.table:
         print("\n## All cells\n")
         print("| server | endpoint | concurrency | p50 ms | p95 ms | images/s |")

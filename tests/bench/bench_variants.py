@@ -7,6 +7,8 @@
 Each ``--variant NAME=K=V,K=V`` is one camserve server with those environment variables (none after
 ``NAME=``); ``--baseline`` adds the newcomer baseline (resnet18 only). Prints per-variant medians and
 the median of per-round ratios to the first variant (to the baseline, when there is one).
+``--paired`` (concurrency 1) has the servers take turns request by request instead, ``--requests``
+turns a round, and gives medians of per-turn ratios (see ``bench_http.paired``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tests.bench.bench_http import (
     ROOT,
     Cell,
     Server,
+    Turns,
     _png,
     launch_baseline,
     launch_camserve,
@@ -47,7 +50,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--variant", action="append", type=_variant, required=True)
     parser.add_argument("--baseline", action="store_true", help="also the newcomer baseline (resnet18)")
+    parser.add_argument("--paired", action="store_true", help="concurrency 1, servers taking turns request by request")
     args = parser.parse_args()
+    if args.paired and args.concurrency != 1:
+        parser.error("--paired measures concurrency 1")
     rng = np.random.default_rng(0)
     scene = make_scene(rng).image
     if args.model == "shapes":
@@ -63,11 +69,21 @@ def main() -> None:
         servers["resnet18 baseline"] = launch_baseline("cpu")
     try:
         wait_ready(list(servers.values()))
-        cells = [Cell(name, args.path, args.concurrency, "img", args.requests) for name in servers]
-        measure(cells, servers, {"img": image}, args.rounds)
+        turns = Turns(tuple(servers), args.path, "img", args.requests)
+        cells = [] if args.paired else [Cell(name, args.path, args.concurrency, "img", args.requests)
+                                        for name in servers]
+        measure(cells, servers, {"img": image}, args.rounds, turns=[turns] if args.paired else [])
     finally:
         for s in servers.values():
             s.proc.terminate()
+    if args.paired:
+        ref = len(servers) - 1 if args.baseline else 0
+        print(f"| {args.model} {args.path}, {args.rounds} x {args.requests} turns | p50 ms | p95 ms | "
+              f"per-turn p50 / {turns.servers[ref]} |")
+        print("|---|---|---|---|")
+        for k, name in enumerate(turns.servers):
+            print(f"| {name} | {turns.p50(k):.1f} | {turns.p95(k):.1f} | {turns.ratio(k, ref):.3f} |")
+        return
     ref = cells[-1] if args.baseline else cells[0]
     print(f"| {args.model} {args.path} c={args.concurrency} | p50 ms | images/s | p50 / {ref.server} | "
           f"images/s / {ref.server} |")
