@@ -83,12 +83,28 @@ def resample(maps: Tensor, size: Size, geom: Geometry, input_size: tuple[int, in
     return normalize_by_peak(sized.clamp(0, 1))[0]
 
 
-def _two_taps(weights: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+Taps = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _two_taps(weights: Tensor) -> Taps:
     """Bilinear weights ``(n_out, n_in)`` hold at most two non-zeros a row: their columns and values."""
     w = weights.cpu().numpy()
     cols = np.argsort(-w, axis=1, kind="stable")[:, :2] if w.shape[1] > 1 else np.zeros((len(w), 2), np.int64)
     vals = np.take_along_axis(w, cols, axis=1) if w.shape[1] > 1 else np.concatenate([w, 0 * w], axis=1)
     return cols[:, 0], cols[:, 1], vals[:, 0].astype(np.float32), vals[:, 1].astype(np.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def _host_weights(geom: Geometry, feature: tuple[int, int]) -> tuple[np.ndarray, Taps]:
+    """``wx.T`` ``(w, W)`` and the two taps a row of ``wy``, as read-only host arrays, for one geometry.
+
+    Cached because a service sees few image sizes, and deriving them (an argsort over ``(H, h)``, the
+    transposed copy) cost as much as the rest of rendering a small heatmap."""
+    wy, wx = resample_weights(geom, feature, torch.device("cpu"))
+    out = np.ascontiguousarray(wx.numpy().T), _two_taps(wy)
+    for a in (out[0], *out[1]):
+        a.flags.writeable = False
+    return out
 
 
 class _Levels:
@@ -108,10 +124,9 @@ class _Levels:
                           np.ones(self.height, np.float32), np.zeros(self.height, np.float32))
         else:
             g = Geometry(input_size, input_size, (0, 0, *input_size)) if spec.size == "input" else geom
-            wy, wx = resample_weights(g, (host.shape[0], host.shape[1]), torch.device("cpu"))
+            wxt, self._taps = _host_weights(g, (host.shape[0], host.shape[1]))
             self.height, self.width = g.original
-            self._cols = (host @ wx.T).numpy()  # (h, W)
-            self._taps = _two_taps(wy)
+            self._cols = host.numpy() @ wxt  # (h, W)
         self.rows = max(1, BAND_PIXELS // max(1, self.width))
         self._scale = 1.0
         peak = max((float(self._float_band(t, b).max()) for t, b in self.bands()), default=0.0)

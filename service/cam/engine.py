@@ -122,6 +122,8 @@ class CamEngine:
         self._wanted: set[str] = set()  # the layers this pass explains
         self._tails: dict[str, nn.Module | None] = {}
         self._closed_form: dict[str, bool] = {}
+        # Widths of the model's linear layers: a layer feeding one may have a closed-form head.
+        self._linear_inputs = {m.in_features for m in self._modules.values() if isinstance(m, nn.Linear)}
         self._lock = threading.Lock()
         self._has_relu = has_relu_modules(self.model)
         if self.layers.candidates:
@@ -199,14 +201,14 @@ class CamEngine:
         for name in query.layers:
             layer = self.layers.resolve(name)
             channels = self.layers.channels.get(layer, 0)
-            total += method.extra_forwards(channels, self._closed_form.get(layer, self._may_be_closed(channels)))
+            closed = self._closed_form.get(layer)
+            if closed is None:  # not run yet: a linear layer of this width makes a closed form possible
+                closed = channels in self._linear_inputs
+            total += method.extra_forwards(channels, closed)
         if method.needs.input_gradients:
             total += 1
         targets = max(len(query.classes), query.top)
         return total * variants + targets * metric_forwards(query.metrics, query.metric_steps)
-
-    def _may_be_closed(self, channels: int) -> bool:
-        return any(isinstance(m, nn.Linear) and m.in_features == channels for m in self.model.modules())
 
     # -- compute ---------------------------------------------------------------------------------
     def _forward(self, x: Tensor) -> Tensor:

@@ -250,7 +250,7 @@ def measure(cells: list[Cell], servers: dict[str, Server], images: dict[str, byt
             after_round: Callable[[int], None] | None = None, turns: Sequence[Turns] = ()) -> None:
     """Each round: every cell once, in an order rotated round by round, then every set of ``turns``."""
     for r in range(rounds):
-        shift = r % len(cells)
+        shift = r % max(1, len(cells))
         for cell in cells[shift:] + cells[:shift]:
             port = servers[cell.server].port
             request = _request_bytes(port, cell.path, images[cell.image], cell.body)

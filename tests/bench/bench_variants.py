@@ -5,7 +5,8 @@
         --variant default= --variant passive=OMP_WAIT_POLICY=PASSIVE --baseline
 
 Each ``--variant NAME=K=V,K=V`` is one camserve server with those environment variables (none after
-``NAME=``); ``--baseline`` adds the newcomer baseline (resnet18 only). Prints per-variant medians and
+``NAME=``); ``--before REF`` adds a server running commit ``REF``'s code with default settings, and
+``--baseline`` the newcomer baseline (resnet18 only). Prints per-variant medians and
 the median of per-round ratios to the first variant (to the baseline, when there is one).
 ``--paired`` (concurrency 1) has the servers take turns request by request instead, ``--requests``
 turns a round, and gives medians of per-turn ratios (see ``bench_http.paired``).
@@ -27,6 +28,7 @@ from tests.bench.bench_http import (
     Server,
     Turns,
     _png,
+    export_commit,
     launch_baseline,
     launch_camserve,
     make_scene,
@@ -50,6 +52,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--variant", action="append", type=_variant, required=True)
     parser.add_argument("--baseline", action="store_true", help="also the newcomer baseline (resnet18)")
+    parser.add_argument("--before", metavar="REF", help="also a server of this commit's code, default settings")
     parser.add_argument("--paired", action="store_true", help="concurrency 1, servers taking turns request by request")
     args = parser.parse_args()
     if args.paired and args.concurrency != 1:
@@ -65,6 +68,8 @@ def main() -> None:
     config = Path(tempfile.mkdtemp()) / "models.toml"
     config.write_text(f'[models.m]\n{source}\ndevice = "cpu"\n')
     servers: dict[str, Server] = {name: launch_camserve(name, config, env, ROOT) for name, env in args.variant}
+    if args.before:
+        servers[f"before ({args.before})"] = launch_camserve("before", config, {}, export_commit(args.before))
     if args.baseline:
         servers["resnet18 baseline"] = launch_baseline("cpu")
     try:
