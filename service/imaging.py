@@ -78,7 +78,8 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         canvas.alpha_composite(rgba)
         im = canvas
-    return np.array(im.convert("RGB"), dtype=np.uint8)  # a writable copy: torch refuses read-only arrays
+    # A writable copy (torch refuses read-only arrays); an RGB image needs no convert, which copies too.
+    return np.array(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

@@ -128,8 +128,13 @@ class _Levels:
             self.height, self.width = g.original
             self._cols = host.numpy() @ wxt  # (h, W)
         self.rows = max(1, BAND_PIXELS // max(1, self.width))
-        self._scale = 1.0
-        peak = max((float(self._float_band(t, b).max()) for t, b in self.bands()), default=0.0)
+        bands = self.bands()
+        # A map that fits in one band (most do) keeps its float band for `band`, not computing it twice.
+        self._whole = self._float_band(*bands[0]) if len(bands) == 1 else None
+        if self._whole is not None:
+            peak = float(self._whole.max()) if self._whole.size else 0.0
+        else:
+            peak = max((float(self._float_band(t, b).max()) for t, b in bands), default=0.0)
         self._scale = 255.0 / peak if peak > 0 else 0.0  # an all-zero map stays zero
 
     def bands(self) -> list[tuple[int, int]]:
@@ -144,7 +149,10 @@ class _Levels:
 
     def band(self, top: int, bottom: int) -> np.ndarray:
         """``(bottom - top, W)`` uint8 levels."""
-        band = self._float_band(top, bottom)
+        if self._whole is not None and (top, bottom) == (0, self.height):
+            band, self._whole = self._whole, None  # scaled in place below, so used once
+        else:
+            band = self._float_band(top, bottom)
         band *= self._scale
         np.rint(band, out=band)
         return band.astype(np.uint8)
