@@ -95,14 +95,14 @@ def _two_taps(weights: Tensor) -> Taps:
 
 
 @functools.lru_cache(maxsize=64)
-def _host_weights(geom: Geometry, feature: tuple[int, int]) -> tuple[np.ndarray, Taps]:
-    """``wx.T`` ``(w, W)`` and the two taps a row of ``wy``, as read-only host arrays, for one geometry.
+def _host_taps(geom: Geometry, feature: tuple[int, int]) -> tuple[Taps, Taps]:
+    """The two taps a row of ``wy`` and of ``wx``, as read-only host arrays, for one geometry.
 
-    Cached because a service sees few image sizes, and deriving them (an argsort over ``(H, h)``, the
-    transposed copy) cost as much as the rest of rendering a small heatmap."""
+    Cached because a service sees few image sizes, and deriving them (an argsort over each weight
+    matrix) cost as much as the rest of rendering a small heatmap."""
     wy, wx = resample_weights(geom, feature, torch.device("cpu"))
-    out = np.ascontiguousarray(wx.numpy().T), _two_taps(wy)
-    for a in (out[0], *out[1]):
+    out = _two_taps(wy), _two_taps(wx)
+    for a in (*out[0], *out[1]):
         a.flags.writeable = False
     return out
 
@@ -110,9 +110,10 @@ def _host_weights(geom: Geometry, feature: tuple[int, int]) -> tuple[np.ndarray,
 class _Levels:
     """One ``(h, w)`` map as uint8 levels at the output size, produced a band of rows at a time, on the host.
 
-    The resampled map is ``wy @ map @ wx.T``; ``map @ wx.T`` is only ``h`` rows, and each output row
-    mixes at most two of them, so a band is two scaled row gathers (no BLAS, whose spinning threads
-    fight the model thread for the cores). The peak comes from a first pass over the bands, so the
+    The resampled map is ``wy @ map @ wx.T``. Each output column of ``map @ wx.T`` (only ``h`` rows)
+    mixes at most two of the map's columns, and each output row of the band at most two of those rows,
+    so both products are two scaled gathers (no BLAS, whose spinning threads fight the model thread
+    for the cores). The peak comes from a first pass over the bands, so the
     full-size float map is never held."""
 
     def __init__(self, cam: Tensor, spec: HeatmapSpec, geom: Geometry, input_size: tuple[int, int]) -> None:
@@ -124,9 +125,11 @@ class _Levels:
                           np.ones(self.height, np.float32), np.zeros(self.height, np.float32))
         else:
             g = Geometry(input_size, input_size, (0, 0, *input_size)) if spec.size == "input" else geom
-            wxt, self._taps = _host_weights(g, (host.shape[0], host.shape[1]))
+            self._taps, (a, b, wa, wb) = _host_taps(g, (host.shape[0], host.shape[1]))
             self.height, self.width = g.original
-            self._cols = host.numpy() @ wxt  # (h, W)
+            m = host.numpy()
+            self._cols = m[:, a] * wa  # (h, W)
+            self._cols += m[:, b] * wb
         self.rows = max(1, BAND_PIXELS // max(1, self.width))
         bands = self.bands()
         # A map that fits in one band (most do) keeps its float band for `band`, not computing it twice.

@@ -47,8 +47,9 @@ def _float_reference(maps, spec, geom, image):
 
 @pytest.mark.parametrize("output", ["png", "overlay"])
 @pytest.mark.parametrize("alpha", [0.0, 0.37, 1.0])
-def test_banded_render_matches_the_float_maths(monkeypatch, output, alpha):
-    monkeypatch.setattr("service.rendering.BAND_PIXELS", 300)  # many bands even on a small image
+@pytest.mark.parametrize("band_pixels", [300, 1 << 20])  # many bands even on a small image; one band
+def test_banded_render_matches_the_float_maths(monkeypatch, output, alpha, band_pixels):
+    monkeypatch.setattr("service.rendering.BAND_PIXELS", band_pixels)
     geom = PRE.geometry(45, 61)
     image = torch.randint(0, 256, (45, 61, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     maps = _maps()
