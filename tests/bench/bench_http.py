@@ -7,9 +7,9 @@ median of the per-round ratios of two cells measured minutes apart at most.
 
 The concurrency-1 targets are measured more finely (``paired``): the servers compared take turns
 request by request on one keep-alive connection each, and a ratio is the median of per-turn ratios.
-This machine's speed drifts by tens of percent within a minute (the same in-process resnet18 forward
-took a median of 104 ms in one minute and 134 ms a few minutes later), and a few seconds' cell of
-resnet18 requests lands wherever the drift is; two requests a fraction of a second apart do not.
+This machine's speed drifts by tens of percent within minutes (``make bench-stages``' engine row, the
+same code and call, has read 5.7 to 8.4 ms from run to run), and a few seconds' cell of resnet18
+requests lands wherever the drift is; two requests a fraction of a second apart do not.
 
 Variants: the built-in ``shapes`` model with the default (adaptive) batch policy, with batching off
 (``max_batch_size=1``) and with the fixed 5 ms and 0 ms waits; a torchvision resnet18 (random weights,
@@ -350,6 +350,8 @@ def protocol_rows(config: Path, image: bytes, requests: int, concurrency: int = 
         for r in range(rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
                 runs[name].append(asyncio.run(load(port, variants[name], concurrency, max(requests, 2 * concurrency))))
+        # Per request, at concurrency 1: the variants take turns (see ``paired``) on this one server.
+        alone = asyncio.run(paired([(port, variants[name]) for name in names], requests))
     finally:
         proc.terminate()
         proc.wait(30)
@@ -370,6 +372,13 @@ def protocol_rows(config: Path, image: bytes, requests: int, concurrency: int = 
     print(f"- V2 binary / native multipart throughput (median of per-round ratios; target >= 0.95x): scores vs "
           f"/predict {scores:.2f}x, the same outputs as /explain vs /explain {explained:.2f}x; all outputs (the "
           f"FP32 heatmap too) vs /explain {everything:.2f}x")
+    print(f"\n| shapes, concurrency 1, {requests} turns | p50 ms | p50 / native (per-turn median) |")
+    print("|---|---|---|")
+    predictions = {"native /predict (multipart)", "V2 scores, JSON base64", "V2 scores, binary"}
+    for k, name in enumerate(names):
+        ref = names.index("native /predict (multipart)" if name in predictions else "native /explain (multipart, png)")
+        ratio_1 = statistics.median(a / b for a, b in zip(alone[k], alone[ref], strict=True))
+        print(f"| {name} | {statistics.median(alone[k]):.2f} | {ratio_1:.3f} |")
 
 
 def main() -> None:

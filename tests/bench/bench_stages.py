@@ -76,13 +76,14 @@ async def measure(rounds: int, reps: int) -> dict[str, float]:
     noop.start()
     batcher.start()
 
-    def in_model_thread() -> float:
+    def in_model_thread(pause_s: float) -> float:
+        time.sleep(pause_s)
         t0 = time.perf_counter()
         pipeline.compute([job])
         return time.perf_counter() - t0
 
-    async def engine() -> float:
-        times = [await loop.run_in_executor(model_thread, in_model_thread) for _ in range(reps)]
+    async def engine(pause_s: float = 0.0) -> float:
+        times = [await loop.run_in_executor(model_thread, in_model_thread, pause_s) for _ in range(reps)]
         return statistics.median(times) * 1000
 
     async def whole() -> object:
@@ -95,6 +96,8 @@ async def measure(rounds: int, reps: int) -> dict[str, float]:
         "JSON body + base64 decode": lambda: _timed(lambda: decode_base64(json.loads(body)["image"], 0), reps),
         "decode + preprocess (prepare)": lambda: _timed(lambda: pipeline.prepare(png, 10**8), reps),
         "engine, in the model thread (compute)": engine,
+        # What a lone request meets: the model thread (and its OpenMP workers) idle since the last one.
+        "engine after a 6 ms idle pause": lambda: engine(0.006),
         "render: topk, resample, PNG (finish)": lambda: _timed(lambda: pipeline.finish(prepared, result, 5, spec),
                                                                reps),
         "response JSON (base64 + dumps)": lambda: _timed(
