@@ -91,8 +91,18 @@ class Settings:
             out.append(f"setting `log_format` must be text or json, got {self.log_format!r}")
         if self.log_level.lower() not in LOG_LEVELS:
             out.append(f"setting `log_level` must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
-        if self.api_keys_file is not None and not Path(self.api_keys_file).is_file():
-            out.append(f"setting `api_keys_file`: no such file {self.api_keys_file!r}")
+        for name in ("api_keys", "admin_api_keys"):
+            for key in getattr(self, name):
+                if not key.strip() or key != key.strip():
+                    # An empty key would match a request that sends none; one with spaces at its ends can
+                    # never be sent (HTTP trims header values).
+                    out.append(f"setting `{name}` holds an empty key or one with spaces at its ends: {key!r}")
+        if self.api_keys_file is not None:
+            if not Path(self.api_keys_file).is_file():
+                out.append(f"setting `api_keys_file`: no such file {self.api_keys_file!r}")
+            elif not self._file_keys():
+                # An operator who names a key file means to require keys: an empty one must not open the server.
+                out.append(f"setting `api_keys_file`: {self.api_keys_file!r} holds no keys")
         names = [m.name for m in self.models]
         for dup in sorted({n for n in names if names.count(n) > 1}):
             out.append(f"model {dup!r} is defined twice")
@@ -102,15 +112,28 @@ class Settings:
             out.append(f"`default_model` {self.default_model!r} is not among the models: {', '.join(names)}")
         return out
 
+    def _file_keys(self) -> list[str]:
+        """The keys of ``api_keys_file``: one a line; blank lines and ``#`` comments skipped."""
+        if not self.api_keys_file:
+            return []
+        text = Path(self.api_keys_file).read_text(encoding="utf-8")
+        return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
     def all_api_keys(self) -> tuple[str, ...]:
-        keys = list(self.api_keys)
-        if self.api_keys_file:
-            text = Path(self.api_keys_file).read_text(encoding="utf-8")
-            keys += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-        return tuple(k for k in keys if k)
+        """The user keys (``api_keys`` and the file's). Never an empty one: see ``problems``."""
+        return tuple(k for k in (*self.api_keys, *self._file_keys()) if k.strip())
 
 
 _SETTABLE = [f for f in dataclasses.fields(Settings) if f.name != "models"]
+_KEY_LISTS = ("api_keys", "admin_api_keys")
+
+
+def _split(name: str, value: str) -> tuple[str, ...]:
+    """A comma-separated list. Key lists keep their empty pieces (``"a,,b"``, ``" "``), so that
+    ``problems`` reports them rather than a typo passing silently; other lists drop them."""
+    if name in _KEY_LISTS:
+        return tuple(v.strip() for v in value.split(",")) if value else ()
+    return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
 def _coerce(name: str, kind: Any, value: Any, from_env: bool) -> Any:
@@ -128,7 +151,7 @@ def _coerce(name: str, kind: Any, value: Any, from_env: bool) -> Any:
         if value == "" and optional:
             return None  # an empty variable clears an optional setting
         if base is tuple:
-            return tuple(v.strip() for v in value.split(",") if v.strip())
+            return _split(name, value)
         if base is bool:
             if value.lower() not in _TRUE + _FALSE:
                 raise bad
@@ -139,7 +162,7 @@ def _coerce(name: str, kind: Any, value: Any, from_env: bool) -> Any:
             raise bad from None
     if base is tuple:
         if isinstance(value, str):
-            return tuple(v.strip() for v in value.split(",") if v.strip())
+            return _split(name, value)
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return tuple(value)
         raise bad

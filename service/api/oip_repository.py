@@ -41,13 +41,14 @@ def _given_key(request: Request) -> str | None:
 
 
 def check_admin(request: Request, settings: Settings) -> None:
+    admin_keys = [k for k in settings.admin_api_keys if k.strip()]  # fail closed, whatever the list holds
     if settings.admin_api_keys:
         given = _given_key(request)
-        if not given:
+        if not given or not admin_keys:
             raise Unauthorized("the model repository API needs an admin key: send `Authorization: Bearer <key>` "
                                "or `X-API-Key: <key>`")
         ok = False
-        for key in settings.admin_api_keys:  # every key compared, so timing tells nothing
+        for key in admin_keys:  # every key compared, so timing tells nothing
             ok |= hmac.compare_digest(given.encode(), key.encode())
         if not ok:
             raise Forbidden("this key may not use the model repository API; it needs an admin key")

@@ -9,9 +9,13 @@ import logging
 import httpx
 import numpy as np
 import pytest
+from starlette.requests import Request
 
+from service.api.middleware import ApiKeyAuth
+from service.api.oip_repository import check_admin
 from service.app import create_app
-from service.config import Settings
+from service.config import ConfigError, Settings, load_settings
+from service.errors import Unauthorized
 from service.logs import JsonFormatter
 from tests.api.conftest import b64, png_bytes
 from tests.api.hardening_helpers import tiny_client
@@ -37,6 +41,50 @@ def test_api_keys(tmp_path):
         assert c.get("/models").status_code == 401
         for path in ("/healthz", "/readyz", "/metrics"):
             assert c.get(path).status_code == 200, path
+
+
+@pytest.mark.parametrize("settings", [
+    {"api_keys": ("realkey",), "admin_api_keys": ("",)},
+    {"api_keys": ("realkey", "  ")},
+    {"api_keys": (" realkey",)},
+    {"admin_api_keys": ("\t",)},
+])
+def test_empty_or_padded_keys_are_a_config_error(settings):
+    with pytest.raises(ConfigError, match="empty key"):
+        Settings(**settings)
+
+
+def test_empty_keys_from_variables_and_files_are_config_errors(tmp_path):
+    for value in (",", "realkey,", " "):
+        with pytest.raises(ConfigError, match="admin_api_keys"):
+            load_settings(env={"SERVICE_API_KEYS": "realkey", "SERVICE_ADMIN_API_KEYS": value})
+    empty = tmp_path / "keys"
+    empty.write_text("# no keys yet\n\n")
+    with pytest.raises(ConfigError, match="holds no keys"):
+        Settings(api_keys_file=str(empty))
+    # An unset variable is no key list at all, not an empty key.
+    assert load_settings(env={"SERVICE_ADMIN_API_KEYS": ""}).admin_api_keys == ()
+
+
+def test_auth_fails_closed_whatever_the_key_list_holds():
+    """Settings refuse empty keys; the middleware and the admin check must refuse a missing key even
+    when a list built another way holds one."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    inner = Starlette(routes=[Route("/x", lambda r: PlainTextResponse("in"))])
+    with TestClient(ApiKeyAuth(inner, keys=["realkey", "", " "], open_paths=())) as c:
+        assert c.get("/x").status_code == 401
+        assert c.get("/x", headers={"X-API-Key": ""}).status_code == 401
+        assert c.get("/x", headers={"Authorization": "Bearer "}).status_code == 401
+        assert c.get("/x", headers={"X-API-Key": "realkey"}).status_code == 200
+    settings = Settings()
+    object.__setattr__(settings, "admin_api_keys", ("",))  # past validation, as a buggy caller might
+    request = Request({"type": "http", "method": "GET", "path": "/", "headers": []})
+    with pytest.raises(Unauthorized):
+        check_admin(request, settings)
 
 
 def test_open_paths_are_configurable():
