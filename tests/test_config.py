@@ -4,6 +4,7 @@ line and exit code 2, never a traceback."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -97,6 +98,39 @@ def test_labels_are_read_for_every_source(tmp_path):
     assert str(info.value) == f"model 'p': 3 labels in {tmp_path / 'three.txt'} but the model has 4 outputs"
     with pytest.raises(ModelLoadError, match="model 's': cannot read labels file"):
         load_model(ModelSpec("s", "builtin:shapes", labels=str(tmp_path / "missing.txt")))
+
+
+@pytest.mark.parametrize(("name", "content", "needle"), [
+    ("passwd", "root:x:0:0:root:/root:/bin/bash\n", "must end in .txt, .json, .labels"),
+    ("bin.txt", b"\xff\xfe\x00binary", "is not UTF-8 text"),
+    ("ctl.txt", "a\nb\x1b[31mred\n", "control characters"),
+    ("long.txt", "x" * 300 + "\n", "longer than 256"),
+])
+def test_labels_files_must_be_what_an_operator_meant(tmp_path, name, content, needle):
+    """Labels are shown to every caller: a mistyped path (/etc/passwd) or a binary is refused at load,
+    even with `weights = "none"`, where the head would otherwise be sized to fit the file."""
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ModelLoadError, match=re.escape(needle)):
+        load_model(ModelSpec("pw", "torchvision:resnet18", weights="none", labels=str(path)))
+
+
+def test_weights_files_that_hold_something_else_say_what(tmp_path):
+    cases = {"list.pth": [torch.zeros(3)], "tensor.pth": torch.zeros(3), "empty.pth": {},
+             "notes.pth": {"epoch": 3, "lr": 0.1}}
+    for name, obj in cases.items():
+        torch.save(obj, tmp_path / name)
+        with pytest.raises(ModelLoadError, match=r"holds .*; expected a"):
+            load_model(ModelSpec("ev", "torchvision:resnet18", weights=str(tmp_path / name)))
+        with pytest.raises(ModelLoadError, match=r"holds .*; expected a shapes checkpoint"):
+            load_model(ModelSpec("ev", "builtin:shapes", weights=str(tmp_path / name)))
+    # A checkpoint nesting the state_dict under `model` loads; one for another architecture is named so.
+    import torchvision
+
+    torch.save({"epoch": 3, "model": torchvision.models.resnet18(num_classes=4).state_dict()}, tmp_path / "ck.pth")
+    assert load_model(ModelSpec("ev", "torchvision:resnet18", weights=str(tmp_path / "ck.pth"))).num_classes == 4
+    with pytest.raises(ModelLoadError, match="do not fit torchvision's resnet34: .* missing keys"):
+        load_model(ModelSpec("ev", "torchvision:resnet34", weights=str(tmp_path / "ck.pth")))
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")

@@ -126,7 +126,7 @@ async def load(name: str, request: Request, repository: RepositoryDep, settings:
     try:
         served = await repository.load(spec)
     except ModelLoadError as exc:
-        raise InvalidInput(f"model {name!r} failed to load: {exc}") from None
+        raise InvalidInput(str(exc)) from None  # the message already names the model
     return _entry(served)
 
 

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from service.cam import FUSIONS, METHODS, SMOOTHINGS
 from service.cam.metrics import DEFAULT_STEPS, MAX_STEPS, METRICS, MIN_STEPS
 from service.colormaps import COLORMAPS
+from service.dataplane import ExplainOptions as ExplainRequest
 from service.rendering import OUTPUTS, SIZES
 
 
@@ -58,6 +59,13 @@ class ExplainOptions(PredictOptions):
 
     _check_targets = field_validator("targets", mode="before")(_no_bools)
     _check_steps = field_validator("metric_steps", mode="before")(_no_bools)
+
+    def request(self) -> ExplainRequest:
+        """The data plane's options: every field passes through, so no front-end can drop one."""
+        return ExplainRequest(
+            method=self.method, layer=self.layer, targets=tuple(self.targets or ()), fuse=self.fuse,
+            smooth=self.smooth, metrics=tuple(self.metrics or ()), metric_steps=self.metric_steps,
+            output=self.output, size=self.size, colormap=self.colormap, alpha=self.alpha)  # type: ignore[arg-type]
 
 
 class _Images(BaseModel):
