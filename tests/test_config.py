@@ -129,7 +129,7 @@ def test_weights_files_that_hold_something_else_say_what(tmp_path):
 
     torch.save({"epoch": 3, "model": torchvision.models.resnet18(num_classes=4).state_dict()}, tmp_path / "ck.pth")
     assert load_model(ModelSpec("ev", "torchvision:resnet18", weights=str(tmp_path / "ck.pth"))).num_classes == 4
-    with pytest.raises(ModelLoadError, match="do not fit torchvision's resnet34: .* missing keys"):
+    with pytest.raises(ModelLoadError, match=r"do not fit torchvision.s resnet34: .* missing keys"):
         load_model(ModelSpec("ev", "torchvision:resnet34", weights=str(tmp_path / "ck.pth")))
 
 
