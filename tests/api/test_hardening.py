@@ -16,7 +16,7 @@ from service.api.oip_repository import check_admin
 from service.app import create_app
 from service.config import ConfigError, Settings, load_settings
 from service.errors import Unauthorized
-from service.logs import JsonFormatter
+from service.logs import JsonFormatter, TextFormatter
 from tests.api.conftest import b64, png_bytes
 from tests.api.hardening_helpers import tiny_client
 from tests.api.models import tiny_model
@@ -202,6 +202,18 @@ def test_soak_mixed_requests_no_errors_and_flat_memory():
     assert len(codes) == 2200
     assert set(codes) == {200}
     assert end - warm < 50, f"RSS grew {end - warm:.1f} MB over 2000 requests"
+
+
+def test_text_logs_cannot_be_forged_with_control_characters(caplog):
+    caplog.set_level(logging.INFO, logger="camserve.access")
+    forged = "2026-12-04 14:00:00,000 INFO camserve.access: POST /admin 200 FORGED"
+    with tiny_client(api_keys=("k",)) as c:
+        assert c.get(f"/healthz%0a{forged}%0d%1b[2K%e2%80%a8").status_code == 401
+    record = next(r for r in caplog.records if "FORGED" in r.getMessage())
+    line = TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s").format(record)
+    assert "\n" not in line and "\r" not in line and "\x1b" not in line and "\u2028" not in line
+    assert "/healthz\\n2026-12-04" in line and "\\r\\x1b[2K\\u2028" in line
+    assert record.getMessage().count("\n") == 1  # the record itself is untouched (JSON logs escape it their way)
 
 
 def test_json_logs_carry_the_request_id_and_no_secrets(caplog):
