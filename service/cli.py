@@ -133,6 +133,9 @@ def _explain(args: argparse.Namespace) -> int:
         data = Path(args.image).read_bytes()
     except OSError as exc:
         return _fail(f"cannot read {args.image}: {exc.strerror}")
+    out = Path(args.out)
+    if not out.parent.is_dir():  # before the model loads and the map is computed, not after
+        return _fail(f"--out {args.out}: no such folder {str(out.parent)!r}")
     targets = tuple(dict.fromkeys(args.target or ()))  # a target asked twice is explained once
 
     async def run() -> Any:
@@ -151,13 +154,15 @@ def _explain(args: argparse.Namespace) -> int:
     except (CamserveError, ModelLoadError) as exc:
         return _fail(getattr(exc, "message", str(exc)))
     explanations = result.explanations or []
-    out = Path(args.out)
     for e in explanations:
         path = out
         if len(explanations) > 1:  # one file per target, named after it
             safe = re.sub(r"[^\w.-]+", "_", e.label)
             path = out.with_name(f"{out.stem}-{e.index}-{safe}{out.suffix or '.png'}")
-        path.write_bytes(e.heatmap.data)
+        try:
+            path.write_bytes(e.heatmap.data)
+        except OSError as exc:
+            return _fail(f"cannot write {path}: {exc.strerror}")
         print(f"{e.label} ({e.index}) score {e.score:.4f} -> {path}")
     return 0
 
@@ -170,6 +175,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from service.registry import ModelLoadError, load_model
 
     settings = _settings(args.config)
+    if settings is None:
+        return 2
     spec = next((m for m in settings.models if m.name == (args.model or m.name)), None)
     if spec is None:
         return _fail(f"unknown model {args.model!r}; configured: {', '.join(m.name for m in settings.models)}")

@@ -226,9 +226,12 @@ def load_settings(config: str | Path | None = None, env: Mapping[str, str] | Non
                 except SpecError as exc:
                     problems += exc.problems
             values["models"] = tuple(specs)
+    # Range checks run on every value that has the right type, so that one pass reports every problem
+    # (`max_batch_size = 4.5` and `drain_timeout_s = -1` both), not the type errors first.
+    try:
+        settings = Settings(**values)
+    except ConfigError as exc:
+        problems += [p for p in exc.problems if p not in problems]
     if problems:
         raise ConfigError(problems)
-    try:
-        return Settings(**values)
-    except ConfigError as exc:
-        raise ConfigError(exc.problems) from None
+    return settings

@@ -225,3 +225,37 @@ def test_camserve_explain_user_errors_are_one_line(tmp_path, args, expected):
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("camserve: ") and expected in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("config", "expected"), [
+    ("[server]\nmax_queue = 'lots'\n", ["setting `max_queue` must be an integer"]),
+    ("models = 5\n", ["`models` must hold [models.<name>] tables"]),
+    ("[server]\nmax_batch_size = 4.5\ndrain_timeout_s = -1\n",
+     ["setting `max_batch_size` must be an integer", "setting `drain_timeout_s` must be a finite number"]),
+    (None, ["config file not found"]),
+])
+@pytest.mark.parametrize("command", ["evaluate", "explain"])
+def test_cli_config_problems_are_lines_and_exit_2(tmp_path, capsys, config, expected, command):
+    """In process (the subprocess tests above cover the entry point): every problem, one line each,
+    type and range errors together, no traceback."""
+    from service.cli import main
+
+    if config is not None:
+        (tmp_path / "bad.toml").write_text(config)
+    args = ["--config", str(tmp_path / "bad.toml")]
+    argv = ["evaluate", *args, "--shapes", "2"] if command == "evaluate" else ["explain", "img.png", *args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == len(expected) and all(line.startswith("camserve: ") for line in lines), err
+    for line, needle in zip(lines, expected, strict=True):
+        assert needle in line, err
+
+
+def test_cli_explain_checks_the_output_folder_first(tmp_path, capsys, monkeypatch):
+    from service import cli
+
+    (tmp_path / "img.png").write_bytes(png_bytes(scene("circle")[0]))
+    monkeypatch.setattr("service.repository.load_model", lambda spec: pytest.fail("loaded before checking --out"))
+    assert cli.main(["explain", str(tmp_path / "img.png"), "--out", str(tmp_path / "missing" / "heat.png")]) == 2
+    assert "no such folder" in capsys.readouterr().err
