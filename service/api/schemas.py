@@ -108,6 +108,8 @@ class ExplanationOut(PredictionOut):
     metrics: dict[str, float] | None = Field(
         None, description="Faithfulness figures when `metrics` was asked for: average_drop, increase (confidence), "
         "deletion, insertion (areas under the curves) and the curves' steps.")
+    note: str | None = Field(None, description="Why the map is what it is, when it would puzzle: an all-zero map "
+                             "says whether the model ignores its input or the layer does not raise the class.")
 
 
 class ResultOut(BaseModel):

@@ -9,6 +9,7 @@ import logging
 import httpx
 import numpy as np
 import pytest
+import torch
 from starlette.requests import Request
 
 from service.api.middleware import ApiKeyAuth
@@ -17,6 +18,7 @@ from service.app import create_app
 from service.config import ConfigError, Settings, load_settings
 from service.errors import Unauthorized
 from service.logs import JsonFormatter, TextFormatter
+from service.registry import ModelSpec, serve_module
 from tests.api.conftest import b64, png_bytes
 from tests.api.hardening_helpers import tiny_client
 from tests.api.models import tiny_model
@@ -227,3 +229,23 @@ def test_json_logs_carry_the_request_id_and_no_secrets(caplog):
     assert line["model"] == "tiny"
     assert "sekret" not in caplog.text
     assert b64(IMG)[:40] not in caplog.text
+
+
+def test_a_model_that_ignores_its_input_is_named_at_load_and_in_each_map(caplog):
+    """torchvision's ViT with weights = "none" has a zero head: every gradient map is zero. Say so at
+    load, and say why in each explanation, rather than return blank maps without a word."""
+    from tests.api.models import TINY_PRE, Tiny
+
+    zero = Tiny()
+    torch.nn.init.zeros_(zero.head.weight)
+    caplog.set_level(logging.WARNING, logger="camserve")
+    model = serve_module(zero, ModelSpec(name="zero", source="python:x:y"), ["a", "b", "c", "d"], TINY_PRE)
+    assert model.input_independent
+    assert "does not depend on its input" in caplog.text
+    assert not tiny_model().input_independent
+    with tiny_client(models=[model]) as c:
+        (e,) = c.post("/explain", json={"image": b64(IMG), "output": "array"}).json()["results"][0]["explanations"]
+        assert np.max(e["heatmap"]["data"]) == 0 and "does not depend on its input" in e["note"]
+    with tiny_client() as c:
+        (e,) = c.post("/explain", json={"image": b64(IMG)}).json()["results"][0]["explanations"]
+        assert "note" not in e
