@@ -249,3 +249,23 @@ def test_a_model_that_ignores_its_input_is_named_at_load_and_in_each_map(caplog)
     with tiny_client() as c:
         (e,) = c.post("/explain", json={"image": b64(IMG)}).json()["results"][0]["explanations"]
         assert "note" not in e
+
+
+def test_a_perturbation_request_that_cannot_finish_in_time_is_refused_up_front():
+    """ScoreCAM's cost is priced at the model's forward time measured at load; a request that could
+    only time out is a 422 naming the cost and the limit, before any work."""
+    with tiny_client(request_timeout_s=2) as c:
+        served = c.app.state.repository.get("tiny")
+        assert served.model.forward_s is not None and 0 < served.model.forward_s < 1  # measured at load
+        assert c.post("/explain?method=scorecam", json={"image": b64(IMG)}).status_code == 200
+        served.model.forward_s = 0.5  # as a large model on a small CPU: 8 channels x 0.5 s > 2 s
+        r = c.post("/explain?method=scorecam", json={"image": b64(IMG)})
+        assert r.status_code == 422, r.text
+        message = r.json()["error"]["message"]
+        assert "8 extra forward images, about 4 s" in message and "request timeout of 2 s" in message
+        # Replays and gradient methods are not priced as whole forwards.
+        assert c.post("/explain?method=ablationcam", json={"image": b64(IMG)}).status_code == 200
+        assert c.post("/explain", json={"image": b64(IMG)}).status_code == 200
+    with tiny_client(request_timeout_s=0) as c:  # no timeout: nothing to refuse for
+        c.app.state.repository.get("tiny").model.forward_s = 0.5
+        assert c.post("/explain?method=scorecam", json={"image": b64(IMG)}).status_code == 200
