@@ -50,7 +50,7 @@ from service.results import ImageResult, InferenceResult
 router = APIRouter(tags=["open inference protocol (v2)"], include_in_schema=False)
 
 VERSION = "1"  # every model has one version; its path form `/versions/1` is accepted too
-EXTENSIONS = ["binary_tensor_data", "model_repository", "parameters"]
+EXTENSIONS = ["binary_tensor_data", "model_repository", "parameters", "model_configuration", "statistics"]
 OUTPUTS = ("scores", "heatmap", "heatmap_png", "target_class")
 INPUTS = ("image", "pixels")
 # Request parameters that Triton's clients may send and that mean nothing here.
@@ -79,7 +79,7 @@ async def server_ready(repository: RepositoryDep) -> dict[str, bool]:
     return {"ready": True}
 
 
-def _version(name: str, version: str | None) -> None:
+def check_version(name: str, version: str | None) -> None:
     if version is not None and version != VERSION:
         raise ModelNotFound(f"model {name!r} has no version {version!r}; versions: {VERSION}")
 
@@ -106,12 +106,12 @@ async def model_metadata(name: str, repository: RepositoryDep) -> dict[str, Any]
 
 @router.get("/v2/models/{name}/versions/{version}")
 async def model_version_metadata(name: str, version: str, repository: RepositoryDep) -> dict[str, Any]:
-    _version(name, version)
+    check_version(name, version)
     return metadata(repository.get(name))
 
 
 def _model_ready(repository: ModelRepository, name: str, version: str | None) -> dict[str, Any]:
-    _version(name, version)
+    check_version(name, version)
     served = repository.get(name)  # 404 unknown or unloaded, 503 loading, failed or draining
     return {"name": served.name, "ready": True}
 
@@ -463,7 +463,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 async def _infer(request: Request, name: str, version: str | None, dataplane: DataPlane, limit: int) -> Response:
-    _version(name, version)
+    check_version(name, version)
     body = await read_body(request, limit)
     raw_header, rest = binary.split(body, request.headers.get(binary.HEADER))
     header = json_object(raw_header, "the inference request")
