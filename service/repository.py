@@ -102,6 +102,7 @@ class ModelRepository:
         self.cpu_pool: ThreadPoolExecutor | None = None
         self.render_pool: ThreadPoolExecutor | None = None
         self.draining = False
+        self.withdrawn = False  # readiness off while requests are still served: the shutdown grace
         # Set when a drain's deadline passes: requests still in flight then answer 503 (the data plane
         # waits on it), before the server cancels their tasks into bare 500s.
         self.stopping = asyncio.Event()
@@ -141,7 +142,7 @@ class ModelRepository:
     def ready(self) -> bool:
         """Every model this server was asked to serve is ready, and the server is not draining."""
         serving = [m for m in self._models.values() if m.state is not ModelState.UNLOADED]
-        return bool(serving) and not self.draining and all(m.ready for m in serving)
+        return bool(serving) and not (self.draining or self.withdrawn) and all(m.ready for m in serving)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:

@@ -74,7 +74,7 @@ async def server_live() -> dict[str, bool]:
 async def server_ready(repository: RepositoryDep) -> dict[str, bool]:
     if not repository.ready:
         waiting = [f"{m.name} ({m.state.value})" for m in repository if not m.ready and m.state.value != "unloaded"]
-        raise NotReady("the server is shutting down" if repository.draining
+        raise NotReady("the server is shutting down" if repository.draining or repository.withdrawn
                        else f"models not ready: {', '.join(waiting) or 'none loaded'}")
     return {"ready": True}
 

@@ -94,7 +94,7 @@ async def readyz(repository: RepositoryDep) -> dict[str, Any]:
     """200 when every model is loaded and warm and the server is not draining; the body shows each
     model's state."""
     states = {m.name: m.state.value for m in repository}
-    if repository.draining:
+    if repository.draining or repository.withdrawn:
         raise NotReady("the server is shutting down")
     if not repository.ready:
         waiting = [f"{name} ({state})" for name, state in states.items() if state != "ready"]
