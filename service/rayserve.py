@@ -8,6 +8,7 @@ server; this module adds only what a replica needs to be a good Serve citizen:
 - torch threads and the decode pool sized from the replica's ``num_cpus``, not the node's cores, so
   replicas sharing a node do not oversubscribe it;
 - ``check_health`` that fails while the replica's models are not ready;
+- the model repository API read-only: a load or unload would reach one replica only;
 - GPUs asked of Ray when a model wants CUDA (Ray hides the GPUs of actors that did not ask for one).
 
 Use it as a Serve application builder::
@@ -45,6 +46,10 @@ log = logging.getLogger("camserve.ray")
 APP_NAME = "camserve"
 # Which replica answered: lets operators (and the tests) see how Serve spread the load.
 REPLICA_HEADER = "x-camserve-replica"
+# Why the repository API's load and unload are refused on a replica (the index still answers).
+REPOSITORY_FIXED = ("the model repository API cannot load or unload models under Ray Serve: each replica has its "
+                    "own models and the change would reach only the replica that took this request; change the "
+                    "config and redeploy (`serve deploy`, or restart `camserve serve --ray`)")
 
 
 class DeployFailed(RuntimeError):
@@ -177,6 +182,7 @@ class CamServe:
 
         app = create_app(self._settings)
         app.add_middleware(_ReplicaHeaders, replica=serve.get_replica_context().replica_id.unique_id)
+        app.state.repository_fixed = REPOSITORY_FIXED
         self._app = app
         return app
 
