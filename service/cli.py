@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,8 +33,7 @@ def _settings(config: str | None, **overrides: Any) -> Any:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    from service.api.server import Server
     from service.app import create_app
     from service.logs import setup_logging
     from service.registry import ModelLoadError, load_model
@@ -56,21 +54,7 @@ def _serve(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     app = create_app(settings, models)
 
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            # Readiness flips first, so a load balancer stops routing here while in-flight work drains.
-            app.state.repository.begin_drain(settings.drain_timeout_s)
-            super().handle_exit(sig, frame)
-            # uvicorn re-raises captured signals once shut down, so the process would die by SIGTERM;
-            # a drained, orderly stop is a success for process supervisors, so exit 0 instead.
-            captured = getattr(self, "_captured_signals", None)
-            if sig == signal.SIGTERM and captured and captured[-1] == sig:
-                captured.pop()
-
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                            timeout_graceful_shutdown=settings.drain_timeout_s,
-                            access_log=False)
-    server = Server(config)
+    server = Server(app, settings)
     log.info("camserve serving %s on http://%s:%d (docs at /docs)", ", ".join(m.name for m in settings.models),
              settings.host, settings.port)
     server.run()

@@ -61,6 +61,13 @@ class Settings:
     log_format: str = "text"
     log_level: str = "info"
     drain_timeout_s: float = 30.0
+    # On SIGTERM, readiness answers 503 for this long while requests are still accepted and served, so
+    # load balancers (Kubernetes endpoints) stop routing here before the listener closes; 0: close at once.
+    shutdown_grace_s: float = 5.0
+    # Request head bounds (service.api.header_limits); 431 beyond them.
+    max_header_bytes: int = 64 * 1024
+    max_header_line_bytes: int = 16 * 1024
+    max_headers: int = 100
     enable_ui: bool = True
     # Decode/render threads; None sizes them to the machine. A Ray Serve replica sets its own CPU share.
     cpu_threads: int | None = None
@@ -75,13 +82,14 @@ class Settings:
     def problems(self) -> list[str]:
         out = []
         for name in ("max_batch_size", "max_queue", "max_images_per_request", "max_body_bytes", "max_image_pixels",
-                     "cpu_threads", "max_extra_forwards", "max_render_pixels"):
+                     "cpu_threads", "max_extra_forwards", "max_render_pixels", "max_header_bytes",
+                     "max_header_line_bytes", "max_headers"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 out.append(f"setting `{name}` must be at least 1, got {value}")
         if not 0 <= self.port <= 65535:
             out.append(f"setting `port` must be in 0..65535, got {self.port}")
-        for name in ("max_wait_ms", "request_timeout_s", "drain_timeout_s"):
+        for name in ("max_wait_ms", "request_timeout_s", "drain_timeout_s", "shutdown_grace_s"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 out.append(f"setting `{name}` must be a finite number of at least 0, got {value}")

@@ -107,6 +107,7 @@ class ModelRepository:
         self.cpu_pool: ThreadPoolExecutor | None = None
         self.render_pool: ThreadPoolExecutor | None = None
         self.draining = False
+        self.withdrawn = False  # readiness off while requests are still served: the shutdown grace
         # Set when a drain's deadline passes: requests still in flight then answer 503 (the data plane
         # waits on it), before the server cancels their tasks into bare 500s.
         self.stopping = asyncio.Event()
@@ -155,7 +156,7 @@ class ModelRepository:
         """Why the server is not ready, or None. A model loaded through the repository API has its own
         readiness (``/v2/models/{m}/ready``): its failure or its loading must not take the server
         out of a load balancer, nor get a Ray replica that serves every other model replaced."""
-        if self.draining:
+        if self.draining or self.withdrawn:
             return "the server is shutting down"
         waiting = [m for m in self._models.values() if m.configured and m.state is not ModelState.UNLOADED
                    and not m.ready]

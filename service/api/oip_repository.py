@@ -5,6 +5,10 @@ Loading runs code chosen by the caller (a ``python:`` source, a TorchScript file
 operator actions. With ``admin_api_keys`` set they need one of those keys (401 with none, 403 with any
 other key); with none set they are refused (403) unless ``enable_repository_api`` is true, and then
 they are open to whoever may call the server (a server with ``api_keys`` but no admin key refuses them).
+
+A server that is one of several replicas (Ray Serve) sets ``app.state.repository_fixed`` to why: a load
+or unload would reach only the replica that takes the request, so they are refused (403, like
+Triton's load and unload outside explicit model control); the index, read-only, stays.
 """
 
 from __future__ import annotations
@@ -57,6 +61,12 @@ def check_admin(request: Request, settings: Settings) -> None:
         raise Forbidden("the model repository API is disabled: set admin_api_keys, or enable_repository_api = true")
     if settings.all_api_keys():
         raise Forbidden("the model repository API needs an admin key (admin_api_keys), and none is configured")
+
+
+def check_changeable(request: Request) -> None:
+    reason: str | None = getattr(request.app.state, "repository_fixed", None)
+    if reason:
+        raise Forbidden(reason)
 
 
 def _entry(served: ServedModel) -> dict[str, Any]:
@@ -116,6 +126,7 @@ def _spec(name: str, body: dict[str, Any], settings: Settings, known: ServedMode
 async def load(name: str, request: Request, repository: RepositoryDep, settings: SettingsDep) -> dict[str, Any]:
     """Load a model (or reload it with a new table); the others keep serving meanwhile."""
     check_admin(request, settings)
+    check_changeable(request)
     body = await _json_body(request, settings)
     try:
         known: ServedModel | None = repository.find(name)
@@ -134,6 +145,7 @@ async def load(name: str, request: Request, repository: RepositoryDep, settings:
 async def unload(name: str, request: Request, repository: RepositoryDep, settings: SettingsDep) -> dict[str, Any]:
     """Stop taking requests for the model, let its queued ones finish, free it."""
     check_admin(request, settings)
+    check_changeable(request)
     await _json_body(request, settings)  # Triton's clients send `unload_dependents`; there are none here
     log.info("repository API: unloading model %r", name)
     return _entry(await repository.unload(name))

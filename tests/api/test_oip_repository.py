@@ -163,3 +163,15 @@ def test_a_reload_under_traffic_loses_nothing(circle_png):
                    for _ in range(12)]
         assert c.post("/v2/repository/models/shapes/load").json()["state"] == "READY"
         assert [f.result().status_code for f in pending] == [200] * 12
+
+
+def test_a_replica_refuses_changes_but_lists():
+    """A server that is one of several replicas (``repository_fixed``, set by service.rayserve) refuses
+    load and unload with the reason, and still answers the index."""
+    with make_client(enable_repository_api=True) as c:
+        c.app.state.repository_fixed = "changes would reach one replica only"
+        for path in ("/v2/repository/models/shapes/load", "/v2/repository/models/shapes/unload"):
+            r = c.post(path)
+            assert r.status_code == 403 and r.json() == {"error": "changes would reach one replica only"}, path
+        assert c.post(INDEX).json() == [{"name": "shapes", "version": "1", "state": "READY"}]
+        assert c.get("/v2/models/shapes/ready").status_code == 200
