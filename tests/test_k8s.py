@@ -100,7 +100,8 @@ def test_deployment_probes_and_shutdown():
     env = {e["name"]: e for e in c["env"]}
     assert float(env["SERVICE_DRAIN_TIMEOUT_S"]["value"]) == DRAIN_TIMEOUT_S
     assert c["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(PRESTOP_S)]
-    assert pod["terminationGracePeriodSeconds"] > PRESTOP_S + DRAIN_TIMEOUT_S
+    grace = float(env["SERVICE_SHUTDOWN_GRACE_S"]["value"]) if "SERVICE_SHUTDOWN_GRACE_S" in env else 5.0
+    assert pod["terminationGracePeriodSeconds"] > PRESTOP_S + grace + DRAIN_TIMEOUT_S
     # Torch threads follow the pod's CPU limit, not the node's core count.
     assert env["OMP_NUM_THREADS"]["valueFrom"]["resourceFieldRef"]["resource"] == "limits.cpu"
     assert "cpu" in c["resources"]["limits"] and "memory" in c["resources"]["limits"]
