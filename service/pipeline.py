@@ -8,7 +8,7 @@ as one batch.
 
 Small work stays on the event loop: a trip to the pool costs two thread switches, and on a busy
 machine the wait for the pool thread to be scheduled, which is more than decoding a thumbnail or
-encoding its heatmap (see README, "Where the time goes"). Each request may do at most
+encoding its heatmap (see docs/benchmarks.md, "Where the time goes"). Each request may do at most
 ``INLINE_PIXELS`` of such work on the loop, so no request can stall the others for long.
 """
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import base64
-import re
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -12,11 +10,11 @@ import pytest
 
 from service.models.scenes import SHAPE_CLASSES
 from tests.api.conftest import png_bytes, scene
+from tests.doc_examples import ROOT, fenced
 
 httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
 K = len(SHAPE_CLASSES)
 
 
@@ -137,15 +135,15 @@ def test_bad_input_is_400(triton):
     assert str(info.value.status()) == "400" and "image" in info.value.message()
 
 
-def test_readme_tritonclient_snippet(server, tmp_path, monkeypatch):
-    """The README's ```python block that uses tritonclient, run as written (against this server)."""
+def test_documented_tritonclient_snippet(server, tmp_path, monkeypatch):
+    """The Protocols page's ```python block that uses tritonclient, run as written (against this server)."""
     _, port = server
-    text = (ROOT / "README.md").read_text()
-    (snippet,) = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "tritonclient" in b]
+    page = ROOT / "docs" / "protocols.md"
+    (snippet,) = [b for b in fenced(page, "python") if "tritonclient" in b]
     (tmp_path / "circle.png").write_bytes(png_bytes(scene("circle")[0]))
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, object] = {}
-    exec(compile(snippet.replace("localhost:8000", f"localhost:{port}"), "README.md", "exec"), namespace)
+    exec(compile(snippet.replace("localhost:8000", f"localhost:{port}"), str(page), "exec"), namespace)
     assert namespace["label"] == "circle"
     assert (tmp_path / "heatmap.png").read_bytes().startswith(b"\x89PNG")
 

@@ -133,7 +133,7 @@ def test_smoothing(arch, method, ref_cls, smooth):
     call = {"eigen_smooth": True} if smooth == "eigen" else {"aug_smooth": True}
     expected = _reference(ref_cls, model, layer, x, classes, **call)
     if smooth == "eigen":
-        # A principal component: the reference's SVD picks either sign, ours follows README's rule.
+        # A principal component: the reference's SVD picks either sign, ours follows the documented rule (docs/api.md).
         for t, c in enumerate(classes):
             a, g = activation_and_gradient(model, layer, x, c)
             weighted = (g.mean(dim=(2, 3), keepdim=True) if method == "gradcam" else g) * a
