@@ -233,7 +233,10 @@ def load_settings(config: str | Path | None = None, env: Mapping[str, str] | Non
                     specs.append(ModelSpec.from_table(name, table))
                 except SpecError as exc:
                     problems += exc.problems
-            values["models"] = tuple(specs)
+            if len(specs) == len(data["models"]):
+                values["models"] = tuple(specs)
+            else:  # the defaults stand in for the range checks below, which must not report the models again
+                values.pop("default_model", None)
     # Range checks run on every value that has the right type, so that one pass reports every problem
     # (`max_batch_size = 4.5` and `drain_timeout_s = -1` both), not the type errors first.
     try:
