@@ -396,6 +396,10 @@ class AblationCAM(CamMethod):
             drop = ctx.head.weight.float()[ctx.targets] * a.mean(dim=(2, 3))[None]
             yield from ()
         else:
+            # The unablated score from the same replay, not the shared forward: the replay may run at
+            # another precision, and the drops are small differences of two scores.
+            base = _gather_targets(ctx.replay(a, torch.arange(n, device=a.device))[:, None, :], ctx.targets)[..., 0]
+            yield
             step = ctx.replay_rows or ctx.chunk_rows
             outs: list[Tensor] = []
             for start in range(0, n * c, step):

@@ -28,20 +28,30 @@ from service.cam.methods import LinearHead
 _TRACE_LOCK = threading.Lock()
 
 
-def linear_head(model: nn.Module, activations: Tensor, logits: Tensor) -> LinearHead | None:
+def linear_head(model: nn.Module, activations: Tensor, logits: Tensor,
+                precision: torch.dtype = torch.float32) -> LinearHead | None:
     """A linear layer ``W`` with ``logits == W @ mean_hw(activations) + b`` on this batch, if there is one.
 
-    ``activations``: ``(n, C, h, w)``; ``logits``: ``(n, K)``."""
+    ``activations``: ``(n, C, h, w)``; ``logits``: ``(n, K)``; ``precision``: the dtype the model computed
+    in (bf16 or fp16 under autocast), which sets how closely the logits must match the formula."""
     c = activations.shape[1]
-    pooled = activations.float().mean(dim=(2, 3))
-    scale = float(logits.abs().max()) if logits.numel() else 0.0
-    for module in reversed(list(model.modules())):
-        if isinstance(module, nn.Linear) and module.in_features == c and module.out_features == logits.shape[1]:
-            w = module.weight.detach().float()
-            b = module.bias.detach().float() if module.bias is not None else None
-            expected = F.linear(pooled, w, b)
-            if torch.allclose(expected, logits.float(), rtol=1e-4, atol=1e-4 * max(1.0, scale)):
-                return LinearHead(w, b)
+    # The check runs in float32 whatever autocast is on: a bf16 matmul here would compare two roundings.
+    with torch.autocast(activations.device.type, enabled=False):
+        pooled = activations.float().mean(dim=(2, 3))
+        scale = float(logits.abs().max()) if logits.numel() else 0.0
+        eps = torch.finfo(precision).eps if precision.is_floating_point else 0.0
+        for module in reversed(list(model.modules())):
+            if isinstance(module, nn.Linear) and module.in_features == c and module.out_features == logits.shape[1]:
+                w = module.weight.detach().float()
+                b = module.bias.detach().float() if module.bias is not None else None
+                expected = F.linear(pooled, w, b)
+                # float32: a fixed tolerance. Reduced precision rounds the pooled input, the weights and the
+                # output, each by half an eps: 2 eps times the sum of the magnitudes bounds the difference.
+                tol = 1e-4 * max(1.0, scale) + 1e-4 * expected.abs()
+                if eps > torch.finfo(torch.float32).eps:
+                    tol = tol + 2 * eps * F.linear(pooled.abs(), w.abs(), None if b is None else b.abs())
+                if bool(((expected - logits.float()).abs() <= tol).all()):
+                    return LinearHead(w, b)
     return None
 
 
