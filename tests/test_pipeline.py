@@ -67,8 +67,6 @@ def test_one_image_that_does_not_fit_fails_alone_with_503():
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_reduced_precision_keeps_the_maps(precision):
-    if precision == "fp16" and not torch.cuda.is_available():
-        pytest.skip("fp16 autocast is a CUDA feature")
     fp32 = _pipeline(Tiny())
     low = _pipeline(Tiny(), precision=precision)
 

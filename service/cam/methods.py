@@ -385,7 +385,7 @@ class AblationCAM(CamMethod):
     citation = "Desai & Ramaswamy 2020"
 
     def extra_forwards(self, channels: int, closed_form: bool) -> int:
-        return 0 if closed_form else channels
+        return 0 if closed_form else channels + 1  # one replay per channel, and one of the image as it is
 
     def run(self, ctx: CamContext) -> Work:
         a = ctx.activations
@@ -396,20 +396,22 @@ class AblationCAM(CamMethod):
             drop = ctx.head.weight.float()[ctx.targets] * a.mean(dim=(2, 3))[None]
             yield from ()
         else:
-            # The unablated score from the same replay, not the shared forward: the replay may run at
-            # another precision, and the drops are small differences of two scores.
-            base = _gather_targets(ctx.replay(a, torch.arange(n, device=a.device))[:, None, :], ctx.targets)[..., 0]
-            yield
+            # The first n rows replay the activations as they are: the base score comes from the same replay
+            # as the ablated ones, not the shared forward, because the replay may run at another precision
+            # and the drops are small differences of two scores. Row n + i * C + k zeroes channel k of image i.
+            total = n + n * c
             step = ctx.replay_rows or ctx.chunk_rows
             outs: list[Tensor] = []
-            for start in range(0, n * c, step):
-                rows = torch.arange(start, min(n * c, start + step), device=a.device)
-                img, ch = rows // c, rows % c
-                ablated = a[img].clone()
-                ablated[torch.arange(len(rows), device=a.device), ch] = 0
-                outs.append(ctx.replay(ablated, img))
+            for start in range(0, total, step):
+                rows = torch.arange(start, min(total, start + step), device=a.device)
+                ablated = rows - n
+                img = torch.where(ablated >= 0, ablated.div(c, rounding_mode="floor"), rows)
+                zero = F.one_hot(ablated.remainder(c), c).to(a.dtype) * (ablated >= 0).to(a.dtype)[:, None]
+                outs.append(ctx.replay(a[img] * (1 - zero)[:, :, None, None], img))
                 yield
-            drop = base[..., None] - _gather_targets(torch.cat(outs).view(n, c, -1), ctx.targets)
+            replayed = torch.cat(outs)
+            base = _gather_targets(replayed[:n, None, :], ctx.targets)[..., 0]
+            drop = base[..., None] - _gather_targets(replayed[n:].view(n, c, -1), ctx.targets)
         weights = drop / base[..., None]
         return reduce_weighted(weights[..., None, None] * a[None], ctx.smooth)
 

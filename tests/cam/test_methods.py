@@ -88,12 +88,12 @@ def test_ablationcam_equals_its_definition(tiny, kind):
         while job.step():
             chunks += 1
         assert engine.extra_forwards(CamQuery(method="ablationcam", layer=layer)) == (
-            0 if kind == "closed-form" else 16)
+            0 if kind == "closed-form" else 17)  # 16 channels and the base
     for p in model.parameters():
         p.requires_grad_(True)
     expected = _brute_force_ablation(model, layer, x, top)
     torch.testing.assert_close(cam.maps[0], expected, atol=1e-4, rtol=1e-3)
-    # The closed form needs no chunk; a tail replays all 16 small activations at once; whole forwards go 5 at a time.
+    # The closed form needs no chunk; a tail replays all 17 small activations at once; whole forwards go 5 at a time.
     assert chunks == {"closed-form": 0, "tail": 1, "whole-forward": 4}[kind]
 
 
