@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-from service.errors import CamserveError, ModelError, NotReady, Overloaded, RequestTimeout
+from service.errors import CamserveError, ModelError, NotReady, Overloaded, RequestTimeout, describe
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -335,7 +335,7 @@ class Batcher(Generic[T, R]):
         except CamserveError as exc:
             results = [exc] * len(batch)
         except Exception as exc:
-            err = ModelError(f"model {self.name!r} failed on a batch of {len(batch)}: {type(exc).__name__}")
+            err = ModelError(f"model {self.name!r} failed on a batch of {len(batch)}: {describe(exc)}")
             err.__cause__ = exc
             results = [err] * len(batch)
         # (Cancelled by stop(): `_running` stays set, so stop() can answer this batch's callers.)

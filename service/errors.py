@@ -26,6 +26,21 @@ Messages name the argument and the bad value, and never contain paths, keys or i
 
 from __future__ import annotations
 
+import re
+
+# A path of two components or more (absolute, Windows, ./ or ~/), as exception texts quote source files.
+_PATH = re.compile(r"""(?<![\w.])(?:[A-Za-z]:|\.{1,2}|~)?[\\/](?:[^\s\\/'"`:,;()]+[\\/])+[^\s\\/'"`:,;()]*""")
+_MAX_DETAIL = 300
+
+
+def describe(exc: BaseException) -> str:
+    """``"RuntimeError: <text>"`` for an error body: paths replaced by ``<path>``, whitespace collapsed, the
+    text cut at a few hundred characters (framework errors can quote whole graphs)."""
+    text = " ".join(_PATH.sub("<path>", str(exc)).split())
+    if len(text) > _MAX_DETAIL:
+        text = text[: _MAX_DETAIL - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
 
 class CamserveError(Exception):
     """Base of every domain error. ``code`` is stable; ``message`` is for people."""

@@ -104,7 +104,7 @@ def test_failure_fails_only_that_batch():
     b = Batcher(fn, max_batch_size=1, max_wait_s=0.001)
 
     async def body():
-        with pytest.raises(ModelError, match="ValueError"):
+        with pytest.raises(ModelError, match=r"failed on a batch of 1: ValueError: boom$"):
             await b.submit([1])
         return await b.submit([2])
 

@@ -29,7 +29,7 @@ class Tiny(nn.Module):
         if self.delay_s:
             time.sleep(self.delay_s)
         if self.poison and bool((x.mean(dim=(1, 2, 3)) > 1.9).any()):
-            raise RuntimeError("poisoned input")
+            raise RuntimeError(f"poisoned input, see {os.path.abspath(__file__)}")
         return self.head(torch.relu(self.features(x)).mean(dim=(2, 3)))
 
 

@@ -180,3 +180,12 @@ def test_multipart_limits_are_413():
 
         r = c.post("/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"})
         _err(r, 413, "payload_too_large")
+
+
+def test_an_exception_is_described_by_class_and_text_without_paths():
+    from service.errors import describe
+
+    exc = RuntimeError('File "/srv/app/model.py", line 3: BFloat16 did not match Float (C:\\w\\m.py, ./a/b.py)\n  x')
+    assert describe(exc) == 'RuntimeError: File "<path>", line 3: BFloat16 did not match Float (<path>, <path>) x'
+    assert describe(ValueError()) == "ValueError"
+    assert len(describe(RuntimeError("y" * 5000))) < 320
