@@ -131,7 +131,8 @@ def test_a_failing_batch_fails_only_its_requests():
         assert bad.json()["error"]["code"] == "model_error"
         assert "Traceback" not in bad.text
         # The exception's class and text, without the path it quoted.
-        assert bad.json()["error"]["message"] == "model 'tiny' failed on a batch of 1: RuntimeError: poisoned input, see <path>"
+        message = bad.json()["error"]["message"]
+        assert message == "model 'tiny' failed on a batch of 1: RuntimeError: poisoned input, see <path>"
         assert c.post("/predict", json={"image": b64(IMG)}).status_code == 200
         assert c.get("/readyz").status_code == 200
 
