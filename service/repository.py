@@ -247,8 +247,8 @@ class ModelRepository:
             pipeline = Pipeline(model, self.cpu_pool, self.render_pool)
             await self._warm_up(pipeline)
         except Exception as exc:
-            if not isinstance(source, LoadedModel):
-                model.close()
+            if not isinstance(source, LoadedModel):  # e.g. out of memory even for one image
+                _evict(model)
             raise ModelLoadError(f"model {source.name!r} failed its warm-up: {exc}") from exc
         return model, pipeline
 
@@ -258,14 +258,17 @@ class ModelRepository:
         model = pipeline.model
         h, w = model.preprocess.input_size
         png = encode_png(np.full((h, w, 3), 127, dtype=np.uint8))
-        sizes = [1]
-        if model.device.type == "cuda" and self.settings.max_batch_size > 1:
-            sizes.append(min(self.settings.max_batch_size, self.settings.max_queue))
-        for n in sizes:
+        # A batch that runs out of memory here is split like any other (Pipeline.compute); only an image
+        # that does not fit alone fails the load.
+        for n in self._warm_up_sizes(model):
             await pipeline.run([png] * n, top_k=1, query=CamQuery() if model.explainable else None,
                                spec=HeatmapSpec(), max_pixels=self.settings.max_image_pixels)
         model.forward_s = await asyncio.to_thread(_forward_seconds, model)
 
+    def _warm_up_sizes(self, model: LoadedModel) -> list[int]:
+        if model.device.type == "cuda" and self.settings.max_batch_size > 1:
+            return [1, min(self.settings.max_batch_size, self.settings.max_queue)]
+        return [1]
 
     async def unload(self, name: str) -> ServedModel:
         """Stop admitting requests for ``name``, let its queued ones finish, free it."""
@@ -334,3 +337,13 @@ def _forward_seconds(model: LoadedModel, rows: int = 8) -> float:
             torch.cuda.synchronize(model.device)
         best = min(best, time.perf_counter() - started)
     return best / x.shape[0]
+
+
+def _evict(model: LoadedModel) -> None:
+    """Remove the hooks of a model that failed to start and give its device memory back to the driver. The
+    weights move to the CPU first: the failure's traceback still holds the model."""
+    model.close()
+    if model.device.type == "cuda":
+        model.module.to("cpu")
+        gc.collect()
+        torch.cuda.empty_cache()

@@ -62,3 +62,16 @@ def binary() -> nn.Module:
 
 def tiny() -> nn.Module:
     return Tiny()
+
+
+class OutOfMemoryWhenExplaining(Tiny):
+    """Predicts, but runs out of (simulated CUDA) memory in any pass that records gradients."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().forward(x)
+
+
+def out_of_memory_when_explaining() -> nn.Module:
+    return OutOfMemoryWhenExplaining()
