@@ -9,7 +9,8 @@ KSERVE_STAMP := $(KSERVE_VENV)/.installed
 KSERVE ?= kserve>=0.21,<0.22
 
 .DEFAULT_GOAL := help
-.PHONY: help install browser run test test-kserve lint docs bench bench-http bench-stages bench-ray bench-gpu train-shapes \
+.PHONY: help install browser run test test-kserve lint docs bench bench-http bench-stages bench-ray bench-gpu gpu-check \
+	gpu-wheels train-shapes \
 	docker clean docker-base docker-wheels docker-wheels-cuda docker-cpu docker-cuda docker-test
 
 help: ## list the targets
@@ -70,6 +71,22 @@ bench-ray: $(STAMP) ## Ray Serve (one and two replicas) vs a plain server: resne
 bench-gpu: $(STAMP) ## both benchmarks on CUDA, where a GPU exists
 	$(BIN)/python -m tests.bench.bench_engine --device cuda
 	$(BIN)/python -m tests.bench.bench_http --device cuda
+
+gpu-check: $(STAMP) ## the GPU check on this machine's CUDA device: parity, HTTP, memory cap, CUDA tests (gpu-results/)
+	$(BIN)/python -m tests.gpu.gpu_check --out gpu-results all
+
+# Pinned to .venv's versions; Python 3.12 manylinux wheels, as the lent CUDA machines run (tests/gpu/run_device.sh).
+GPU_WHEELS := fastapi starlette pydantic pydantic_core annotated-types typing-inspection typing_extensions \
+	annotated-doc uvicorn httptools python-multipart fastapi_offline captum torchcam ttach
+GPU_PY ?= 3.12
+gpu-wheels: $(STAMP) ## the wheels a bare CUDA image lacks, in .whl/ (carried with tests/gpu/run_device.sh)
+	rm -rf .whl && mkdir -p .whl
+	$(BIN)/pip freeze | grep -iE '^($(shell echo $(GPU_WHEELS) | sed 's/[-_]/[-_]/g; s/ /|/g'))==' > .whl/pins.txt
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --dest .whl --python-version $(GPU_PY) \
+		--implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		--platform manylinux_2_28_x86_64 --platform any -r .whl/pins.txt
+	$(BIN)/pip wheel --quiet --no-deps --wheel-dir .whl "grad-cam==$$($(BIN)/pip freeze | sed -n 's/^grad-cam==//p')"
+	@ls .whl/*.whl | wc -l | xargs echo "wheels in .whl:"; du -sh .whl
 
 train-shapes: $(STAMP) ## retrain the built-in shapes model (deterministic, a few minutes on 2 cores)
 	$(BIN)/camserve train-shapes
