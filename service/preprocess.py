@@ -96,17 +96,18 @@ def _axis_weights(n_out: int, n_in: int, scale: float, offset: float, extent: fl
     covered by the ``n_in`` map cells (align_corners=False, border clamped, as ``F.interpolate``);
     centres outside the span get a zero row: that is the part the crop cut away.
     """
-    pos = (torch.arange(n_out, dtype=torch.float64) + 0.5) * scale - offset  # in the span's pixels
+    # Built where it is used: no host-to-device copy for a new geometry.
+    pos = (torch.arange(n_out, dtype=torch.float64, device=device) + 0.5) * scale - offset  # in the span's pixels
     src = (pos / extent * n_in - 0.5).clamp(0, n_in - 1)
     lo = src.floor().long()
     hi = (lo + 1).clamp(max=n_in - 1)
     frac = src - lo
-    w = torch.zeros(n_out, n_in, dtype=torch.float64)
-    rows = torch.arange(n_out)
+    w = torch.zeros(n_out, n_in, dtype=torch.float64, device=device)
+    rows = torch.arange(n_out, device=device)
     w.index_put_((rows, lo), 1 - frac, accumulate=True)
     w.index_put_((rows, hi), frac, accumulate=True)
     inside = (pos >= 0) & (pos <= extent)
-    return (w * inside[:, None]).float().to(device)
+    return (w * inside[:, None]).float()
 
 
 @functools.lru_cache(maxsize=256)

@@ -339,8 +339,8 @@ def part_oom(c: Check) -> None:
                         one, one_type = _multipart(files[:1])
                         alone = client.post("/predict", content=one, headers={"Content-Type": one_type}).json()
                         batch = r.json()
-                        record["predict_top_matches_alone"] = (
-                            batch["results"][0]["predictions"][0] == alone["results"][0]["predictions"][0])
+                        record["predict_top_matches_alone"] = (batch["results"][0]["predictions"][0]["index"]
+                                                               == alone["results"][0]["predictions"][0]["index"])
                 record["healthz_after"] = client.get("/healthz").status_code
         except Exception as exc:
             record["error"] = f"{type(exc).__name__}: {exc}"[:400]
