@@ -29,6 +29,7 @@ from torch import Tensor
 from service.cam import CamMaps, CamQuery, ExplainJob
 from service.errors import CamserveError, InvalidInput, OutOfMemory, PayloadTooLarge
 from service.imaging import decode_image, load_rgb, open_image
+from service.memory_format import FormatPlan, measure
 from service.preprocess import Geometry
 from service.registry import LoadedModel
 from service.rendering import HeatmapSpec, output_size, render
@@ -104,6 +105,36 @@ class Pipeline:
         self.model = model
         self.cpu_pool = cpu_pool
         self.render_pool = render_pool or cpu_pool
+        # channels_last until measured (see plan_memory_format): the format the registry loads models in.
+        self.formats = FormatPlan()
+
+    def plan_memory_format(self, sizes: Sequence[int], reps: int = 3) -> FormatPlan:
+        """Measure which memory format runs batches of ``sizes`` fastest, at the model's precision, and use it."""
+        m = self.model
+        h, w = m.preprocess.input_size
+        example = torch.randn(1, 3, h, w, device=m.device)
+
+        def sync() -> None:
+            if m.device.type == "cuda":
+                torch.cuda.synchronize(m.device)
+
+        try:
+            with self._autocast():
+                self.formats = measure(m.module, m.engine.predict, example, sizes, reps, sync)
+        except RuntimeError as exc:
+            if not _is_oom(exc):
+                raise
+            if m.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(sizes) > 1:  # the larger batch does not fit: measure for a lone image only
+                return self.plan_memory_format(sorted(sizes)[:1], reps)
+            m.module.to(memory_format=torch.channels_last)  # nothing fits: as loaded, for the warm-up to report
+            self.formats = FormatPlan()
+        return self.formats
+
+    def _autocast(self) -> torch.autocast:
+        m = self.model
+        return torch.autocast(m.device.type, dtype=m.precision or torch.float32, enabled=m.precision is not None)
 
     # -- stage 1: CPU pool -----------------------------------------------------------------------
     def prepare(self, data: ImageInput, max_pixels: int) -> PreparedImage:
@@ -166,7 +197,7 @@ class Pipeline:
         results: list[JobResult | BaseException | None] = [None] * len(jobs)
         fresh = [i for i, j in enumerate(jobs) if j.resume is None]
         deferred = {i for i in fresh if jobs[i].query is not None and engine.deferred(jobs[i].query)}  # type: ignore[arg-type]
-        with torch.autocast(m.device.type, dtype=m.precision or torch.float32, enabled=m.precision is not None):
+        with self._autocast():
             for i, job in enumerate(jobs):
                 if job.resume is not None:
                     results[i] = self._advance(job.resume)
@@ -186,7 +217,7 @@ class Pipeline:
             x = torch.stack([j.pixels if j.normalized else pre.normalize(j.pixels) for j in jobs])
         else:
             x = pre.normalize(torch.stack([j.pixels for j in jobs]))
-        return x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous(memory_format=self.formats.input_format(len(jobs)))
 
     @staticmethod
     def _advance(job: ExplainJob, step: bool = True) -> JobResult:

@@ -245,6 +245,8 @@ class ModelRepository:
         model = source if isinstance(source, LoadedModel) else await asyncio.to_thread(load_model, source)
         try:
             pipeline = Pipeline(model, self.cpu_pool, self.render_pool)
+            plan = await asyncio.to_thread(pipeline.plan_memory_format, self._format_sizes(model))
+            log.info("model %r memory format: %s", source.name, plan.describe())
             await self._warm_up(pipeline)
         except Exception as exc:
             if not isinstance(source, LoadedModel):  # e.g. out of memory even for one image
@@ -264,6 +266,12 @@ class ModelRepository:
             await pipeline.run([png] * n, top_k=1, query=CamQuery() if model.explainable else None,
                                spec=HeatmapSpec(), max_pixels=self.settings.max_image_pixels)
         model.forward_s = await asyncio.to_thread(_forward_seconds, model)
+
+    def _format_sizes(self, model: LoadedModel) -> list[int]:
+        """A lone request's batch and a loaded server's; on a CPU, time grows with the batch, and 8 images
+        already show which format wins there."""
+        largest = min(self.settings.max_batch_size, self.settings.max_queue)
+        return [1, largest if model.device.type == "cuda" else min(largest, 8)]
 
     def _warm_up_sizes(self, model: LoadedModel) -> list[int]:
         if model.device.type == "cuda" and self.settings.max_batch_size > 1:

@@ -48,16 +48,21 @@ def _repository(monkeypatch: pytest.MonkeyPatch, sizes: list[int]) -> ModelRepos
 
 
 def test_a_warm_up_batch_that_does_not_fit_is_split_and_the_model_loads(monkeypatch):
-    async def go() -> list[int]:
+    """Batches of 8 do not fit: the memory format is measured for a lone image only, and the warm-up's batch
+    of 8 is split."""
+    async def go() -> tuple[list[int], set[str]]:
         repository = _repository(monkeypatch, [1, 8])
         model = _oom_model(limit=2)
         model.module.sizes.clear()
         entry = await repository.load(model)
-        assert entry.state is ModelState.READY
+        assert entry.state is ModelState.READY and entry.pipeline is not None
+        measured = {key.rsplit(" ", 1)[1] for key in entry.pipeline.formats.timings_ms}
         await repository.close()
-        return model.module.sizes
+        return model.module.sizes, measured
 
-    assert asyncio.run(go()) == [1, 8, 4, 2, 2, 4, 2, 2]
+    sizes, measured = asyncio.run(go())
+    assert measured == {"1"} and 8 in sizes[:-8]  # tried, out of memory, then a lone image only
+    assert sizes[-8:] == [1, 8, 4, 2, 2, 4, 2, 2]
 
 
 def test_a_warm_up_that_does_not_fit_one_image_fails_the_load_and_releases_the_model(monkeypatch):
