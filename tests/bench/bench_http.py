@@ -14,10 +14,11 @@ requests lands wherever the drift is; two requests a fraction of a second apart 
 Variants: the built-in ``shapes`` model with the default (adaptive) batch policy, with batching off
 (``max_batch_size=1``) and with the fixed 5 ms and 0 ms waits; a torchvision resnet18 (random weights,
 224x224) served by camserve, with batching off, and by the per-request pytorch-grad-cam baseline
-(``baseline_app.py``); with ``--before REF``, the shapes server of an older commit (default and
+(``baseline_app.py``) and by KServe's Python model server (``kserve_peer.py``, from ``.venv-kserve`` when it
+exists; ``--no-peer`` leaves it out); with ``--before REF``, the shapes server of an older commit (default and
 batching off), to measure what a change did to the overhead of a request.
 
-Targets (issue 13) are printed with their verdicts. ``--table`` adds the full concurrency table.
+Targets are printed with their verdicts. ``--table`` adds the full concurrency table.
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ def _request_bytes(port: int, path: str, image: bytes, body: str = "multipart") 
     """One POST, built once and replayed: the client must cost far less than the server."""
     if body == "json":
         payload = json.dumps({"image": base64.b64encode(image).decode()}).encode()
+        ctype = "application/json"
+    elif body == "v1":  # KServe V1: what the KServe peer reads, and camserve's /v1 routes
+        payload = json.dumps({"instances": [{"image": {"b64": base64.b64encode(image).decode()}}]}).encode()
         ctype = "application/json"
     else:
         boundary = b"camservebench"
@@ -150,10 +154,15 @@ class Turns:
     turns: int
     body: str = "multipart"
     latencies: list[list[float]] = field(default_factory=list)
+    # (path, body) per server where they differ from ``path`` and ``body`` (a peer with its own protocol)
+    routes: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def run(self, servers: dict[str, Server], images: dict[str, bytes]) -> None:
-        targets = [(servers[n].port, _request_bytes(servers[n].port, self.path, images[self.image], self.body))
-                   for n in self.servers]
+        targets = []
+        for name in self.servers:
+            path, body = self.routes.get(name, (self.path, self.body))
+            port = servers[name].port
+            targets.append((port, _request_bytes(port, path, images[self.image], body)))
         got = asyncio.run(paired(targets, self.turns))
         self.latencies = [old + new for old, new in zip(self.latencies or [[] for _ in got], got, strict=True)]
 
@@ -175,6 +184,7 @@ class Server:
     name: str
     port: int
     proc: subprocess.Popen[bytes]
+    ready_path: str = "/readyz"
 
 
 def _ready(port: int, path: str) -> bool:
@@ -199,14 +209,27 @@ def launch_baseline(device: str) -> Server:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "tests.bench.baseline_app:app", "--port", str(port),
                              "--log-level", "warning"], cwd=ROOT, env={**os.environ, "BASELINE_DEVICE": device})
-    return Server("resnet18 baseline", port, proc)
+    return Server("resnet18 baseline", port, proc, "/docs")
+
+
+PEER_PYTHON = ROOT / ".venv-kserve" / "bin" / "python"
+PEER = "resnet18 kserve"
+PEER_PREDICT, PEER_EXPLAIN = "/v1/models/resnet18:predict", "/v1/models/resnet18:explain"
+
+
+def launch_kserve_peer(device: str) -> Server:
+    """KServe's Python model server (``kserve_peer.py``) in ``.venv-kserve``, where KServe's pins live."""
+    port = free_port()
+    proc = subprocess.Popen([str(PEER_PYTHON), "-m", "tests.bench.kserve_peer", "--http_port", str(port)], cwd=ROOT,
+                            env={**os.environ, "PEER_DEVICE": device}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    return Server(PEER, port, proc, "/v1/models/resnet18")
 
 
 def wait_ready(servers: list[Server], timeout_s: float = 600) -> None:
     deadline = time.monotonic() + timeout_s
     for s in servers:
-        path = "/docs" if s.name == "resnet18 baseline" else "/readyz"
-        while not _ready(s.port, path):
+        while not _ready(s.port, s.ready_path):
             if s.proc.poll() is not None:
                 raise RuntimeError(f"{s.name} exited with {s.proc.returncode}")
             if time.monotonic() > deadline:
@@ -391,11 +414,13 @@ def main() -> None:
     parser.add_argument("--before", metavar="REF", help="also serve shapes from this older commit")
     parser.add_argument("--table", action="store_true", help="also the full table at concurrency 1, 8, 32")
     parser.add_argument("--protocols-only", action="store_true", help="only the V2 vs native rows")
+    parser.add_argument("--no-peer", action="store_true", help="leave out the KServe peer (.venv-kserve)")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     images = {"shapes": _png(make_scene(rng).image)}  # a 64x64 PNG
-    images["photo"] = _png(np.asarray(Image.fromarray(make_scene(rng).image).resize((256, 256), Image.BILINEAR)),
-                           "JPEG")
+    photo = np.asarray(Image.fromarray(make_scene(rng).image).resize((256, 256), Image.BILINEAR))
+    images["photo"] = _png(photo, "JPEG")
+    images["photo png"] = _png(photo)  # the KServe peer comparison: the same PNG to both
     tmp = Path(tempfile.mkdtemp())
     r18 = tmp / "r18.toml"
     r18.write_text(f'[models.r18]\nsource = "torchvision:resnet18"\nweights = "none"\ndevice = "{args.device}"\n')
@@ -424,6 +449,11 @@ def main() -> None:
         for name, cfg, env, cwd in specs:
             servers[name] = launch_camserve(name, cfg, env, cwd)
         servers["resnet18 baseline"] = launch_baseline(args.device)
+        if PEER_PYTHON.exists() and not args.no_peer:
+            servers[PEER] = launch_kserve_peer(args.device)
+        elif not args.no_peer:
+            print(f"no {PEER_PYTHON}: the KServe peer is left out (`make .venv-kserve/.installed` creates it)",
+                  file=sys.stderr)
         wait_ready(list(servers.values()))
         run_all(args, servers, images, engine)
     finally:
@@ -444,7 +474,7 @@ def run_all(args: argparse.Namespace, servers: dict[str, Server], images: dict[s
     cells: dict[tuple[str, str, int, str, str], Cell] = {}
 
     def cell(server: str, path: str, c: int, image: str = "shapes", body: str = "multipart") -> Cell:
-        requests = nr if image == "photo" else n
+        requests = nr if image.startswith("photo") else n
         new = Cell(server, path, c, image, requests if c == 1 else max(requests, 4 * c), body)
         return cells.setdefault(new.key, new)
 
@@ -462,14 +492,23 @@ def run_all(args: argparse.Namespace, servers: dict[str, Server], images: dict[s
             for path in ("/predict", "/explain"):
                 for c in CONCURRENCY:
                     cell(name, path, c, img)
+    # The KServe peer: the same PNG as JSON base64 to both, camserve's /predict and /explain against KServe's
+    # V1 :predict and :explain; in turns at concurrency 1, in rounds at concurrency 8.
+    peer: list[tuple[Turns, Cell, Cell]] = []
+    if PEER in servers:
+        for path, peer_path in (("/predict", PEER_PREDICT), ("/explain", PEER_EXPLAIN)):
+            turns = Turns(("resnet18 default", PEER), path, "photo png", nr, "json", routes={PEER: (peer_path, "v1")})
+            peer.append((turns, cell("resnet18 default", path, 8, "photo png", "json"),
+                         cell(PEER, peer_path, 8, "photo png", "v1")))
     todo = list(cells.values())
     print(f"{len(todo)} cells x {args.rounds} rounds", file=sys.stderr, flush=True)
 
     def after_round(done: int) -> None:
         engine.sample()
         report(args, cells, t1, t3, t4, engine.ms(), done)
+        report_peer(peer)
 
-    measure(todo, servers, images, args.rounds, after_round, [*t1, *t4])
+    measure(todo, servers, images, args.rounds, after_round, [*t1, *t4, *(t for t, _, _ in peer)])
 
 
 def report(args: argparse.Namespace, cells: dict[tuple[str, str, int, str, str], Cell],
@@ -520,6 +559,29 @@ def report(args: argparse.Namespace, cells: dict[tuple[str, str, int, str, str],
         print("|---|---|---|---|---|---|")
         for c in sorted((c for c in cells.values() if c.body == "multipart"), key=lambda c: c.key):
             print(f"| {c.server} | {c.path} | {c.concurrency} | {c.p50():.1f} | {c.p95():.1f} | {c.ips():.1f} |")
+    sys.stdout.flush()
+
+
+PEER_TARGETS = {("/predict", 1): 1.0, ("/explain", 1): 1.5, ("/explain", 8): 2.0}
+
+
+def report_peer(peer: list[tuple[Turns, Cell, Cell]]) -> None:
+    """camserve against KServe's Python model server: speed = KServe's time / camserve's time (concurrency 1,
+    median of per-turn ratios) or camserve's throughput / KServe's (concurrency 8, median of per-round ratios)."""
+    if not peer:
+        return
+    print("\n## resnet18: camserve vs a KServe Python model server (the same PNG as JSON base64; concurrency 1 in "
+          "turns, 8 in rounds)\n")
+    print("| endpoint | concurrency | camserve p50 ms | KServe p50 ms | camserve speed / KServe | target |")
+    print("|---|---|---|---|---|---|")
+    for turns, ours, theirs in peer:
+        rows = [(1, turns.p50(0), turns.p50(1), turns.ratio(1, 0))]
+        if ours.results and theirs.results:
+            rows.append((8, ours.p50(), theirs.p50(), per_round_ratio(ours, theirs, lambda r: r[2])))
+        for c, a, b, speed in rows:
+            need = PEER_TARGETS.get((turns.path, c))
+            verdict = "-" if need is None else f">= {need:.1f}x{'' if speed >= need else ' (missed)'}"
+            print(f"| {turns.path} | {c} | {a:.1f} | {b:.1f} | {speed:.2f}x | {verdict} |")
     sys.stdout.flush()
 
 
