@@ -213,11 +213,12 @@ class Pipeline:
 
     def _inputs(self, jobs: list[Job]) -> Tensor:
         pre = self.model.preprocess
+        fmt = self.formats.input_format(len(jobs))
         if any(j.normalized for j in jobs):
             x = torch.stack([j.pixels if j.normalized else pre.normalize(j.pixels) for j in jobs])
-        else:
-            x = pre.normalize(torch.stack([j.pixels for j in jobs]))
-        return x.contiguous(memory_format=self.formats.input_format(len(jobs)))
+            return x.contiguous(memory_format=fmt)
+        # The uint8 batch changes format (a quarter of the float bytes); normalising keeps it.
+        return pre.normalize(torch.stack([j.pixels for j in jobs]).contiguous(memory_format=fmt))
 
     @staticmethod
     def _advance(job: ExplainJob, step: bool = True) -> JobResult:

@@ -76,16 +76,25 @@ class Preprocess:
         return chw
 
     def normalize(self, pixels: Tensor) -> Tensor:
-        """``(..., 3, h, w)`` uint8 -> float32 normalised."""
-        mean = torch.tensor(self.mean, device=pixels.device).view(3, 1, 1) * 255
-        std = torch.tensor(self.std, device=pixels.device).view(3, 1, 1) * 255
-        return (pixels.float() - mean) / std
+        """``(..., 3, h, w)`` uint8 -> float32 normalised, in the memory format of ``pixels``."""
+        scale, shift = _affine(self.mean, self.std, pixels.device)
+        # (x - mean) / std as one fused multiply-add, with constants made once per device: a lone resnet18
+        # request spent 0.7 ms here, a third of it building the two small tensors.
+        return torch.addcmul(shift, pixels.float(), scale)
 
     def denormalize(self, x: Tensor) -> Tensor:
         """``(..., 3, h, w)`` normalised float -> uint8 pixels (clipped), the inverse of :meth:`normalize`."""
         mean = torch.tensor(self.mean, device=x.device).view(3, 1, 1) * 255
         std = torch.tensor(self.std, device=x.device).view(3, 1, 1) * 255
         return (x.float() * std + mean).round().clamp(0, 255).to(torch.uint8)
+
+
+@functools.lru_cache(maxsize=64)
+def _affine(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)``, each ``(3, 1, 1)``, with ``x * scale + shift == (x - 255 mean) / (255 std)``."""
+    m = torch.tensor(mean, dtype=torch.float64, device=device).view(3, 1, 1) * 255
+    s = torch.tensor(std, dtype=torch.float64, device=device).view(3, 1, 1) * 255
+    return (1 / s).float(), (-m / s).float()
 
 
 def _axis_weights(n_out: int, n_in: int, scale: float, offset: float, extent: float,

@@ -217,10 +217,10 @@ PEER = "resnet18 kserve"
 PEER_PREDICT, PEER_EXPLAIN = "/v1/models/resnet18:predict", "/v1/models/resnet18:explain"
 
 
-def launch_kserve_peer(device: str) -> Server:
+def launch_kserve_peer(device: str, python: Path = PEER_PYTHON) -> Server:
     """KServe's Python model server (``kserve_peer.py``) in ``.venv-kserve``, where KServe's pins live."""
     port = free_port()
-    proc = subprocess.Popen([str(PEER_PYTHON), "-m", "tests.bench.kserve_peer", "--http_port", str(port)], cwd=ROOT,
+    proc = subprocess.Popen([str(python), "-m", "tests.bench.kserve_peer", "--http_port", str(port)], cwd=ROOT,
                             env={**os.environ, "PEER_DEVICE": device}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     return Server(PEER, port, proc, "/v1/models/resnet18")
@@ -415,6 +415,8 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="also the full table at concurrency 1, 8, 32")
     parser.add_argument("--protocols-only", action="store_true", help="only the V2 vs native rows")
     parser.add_argument("--no-peer", action="store_true", help="leave out the KServe peer (.venv-kserve)")
+    parser.add_argument("--peer-only", action="store_true", help="only resnet18 against the KServe peer")
+    parser.add_argument("--peer-python", default=str(PEER_PYTHON), help="the Python that runs the KServe peer")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     images = {"shapes": _png(make_scene(rng).image)}  # a 64x64 PNG
@@ -428,6 +430,9 @@ def main() -> None:
     shapes_cfg.write_text(f'[models.shapes]\nsource = "builtin:shapes"\ndevice = "{args.device}"\n')
     if args.protocols_only:
         protocol_rows(shapes_cfg, images["shapes"], args.requests, rounds=args.rounds)
+        return
+    if args.peer_only:
+        peer_only(args, r18, images)
         return
 
     engine = EngineClock(shapes_cfg, images["shapes"], args.device)
@@ -449,10 +454,10 @@ def main() -> None:
         for name, cfg, env, cwd in specs:
             servers[name] = launch_camserve(name, cfg, env, cwd)
         servers["resnet18 baseline"] = launch_baseline(args.device)
-        if PEER_PYTHON.exists() and not args.no_peer:
-            servers[PEER] = launch_kserve_peer(args.device)
+        if Path(args.peer_python).exists() and not args.no_peer:
+            servers[PEER] = launch_kserve_peer(args.device, Path(args.peer_python))
         elif not args.no_peer:
-            print(f"no {PEER_PYTHON}: the KServe peer is left out (`make .venv-kserve/.installed` creates it)",
+            print(f"no {args.peer_python}: the KServe peer is left out (`make .venv-kserve/.installed` creates it)",
                   file=sys.stderr)
         wait_ready(list(servers.values()))
         run_all(args, servers, images, engine)
@@ -492,14 +497,9 @@ def run_all(args: argparse.Namespace, servers: dict[str, Server], images: dict[s
             for path in ("/predict", "/explain"):
                 for c in CONCURRENCY:
                     cell(name, path, c, img)
-    # The KServe peer: the same PNG as JSON base64 to both, camserve's /predict and /explain against KServe's
-    # V1 :predict and :explain; in turns at concurrency 1, in rounds at concurrency 8.
-    peer: list[tuple[Turns, Cell, Cell]] = []
-    if PEER in servers:
-        for path, peer_path in (("/predict", PEER_PREDICT), ("/explain", PEER_EXPLAIN)):
-            turns = Turns(("resnet18 default", PEER), path, "photo png", nr, "json", routes={PEER: (peer_path, "v1")})
-            peer.append((turns, cell("resnet18 default", path, 8, "photo png", "json"),
-                         cell(PEER, peer_path, 8, "photo png", "v1")))
+    peer = peer_rows(servers, nr)
+    for _, ours, theirs in peer:
+        cells[ours.key], cells[theirs.key] = ours, theirs
     todo = list(cells.values())
     print(f"{len(todo)} cells x {args.rounds} rounds", file=sys.stderr, flush=True)
 
@@ -560,6 +560,34 @@ def report(args: argparse.Namespace, cells: dict[tuple[str, str, int, str, str],
         for c in sorted((c for c in cells.values() if c.body == "multipart"), key=lambda c: c.key):
             print(f"| {c.server} | {c.path} | {c.concurrency} | {c.p50():.1f} | {c.p95():.1f} | {c.ips():.1f} |")
     sys.stdout.flush()
+
+
+def peer_only(args: argparse.Namespace, config: Path, images: dict[str, bytes]) -> None:
+    """resnet18 served by camserve (default settings) against the KServe peer, nothing else running."""
+    servers = {"resnet18 default": launch_camserve("resnet18 default", config, {}),
+               PEER: launch_kserve_peer(args.device, Path(args.peer_python))}
+    try:
+        wait_ready(list(servers.values()))
+        peer = peer_rows(servers, args.resnet_requests)
+        measure([c for _, a, b in peer for c in (a, b)], servers, images, args.rounds,
+                lambda done: report_peer(peer), [t for t, _, _ in peer])
+    finally:
+        for s in servers.values():
+            s.proc.terminate()
+            s.proc.wait(60)
+
+
+def peer_rows(servers: dict[str, Server], requests: int) -> list[tuple[Turns, Cell, Cell]]:
+    """The same PNG as JSON base64 to both, camserve's /predict and /explain against KServe's V1 :predict and
+    :explain: in turns at concurrency 1, in rounds at concurrency 8."""
+    if PEER not in servers:
+        return []
+    rows = []
+    for path, peer_path in (("/predict", PEER_PREDICT), ("/explain", PEER_EXPLAIN)):
+        turns = Turns(("resnet18 default", PEER), path, "photo png", requests, "json", routes={PEER: (peer_path, "v1")})
+        rows.append((turns, Cell("resnet18 default", path, 8, "photo png", max(requests, 32), "json"),
+                     Cell(PEER, peer_path, 8, "photo png", max(requests, 32), "v1")))
+    return rows
 
 
 PEER_TARGETS = {("/predict", 1): 1.0, ("/explain", 1): 1.5, ("/explain", 8): 2.0}
