@@ -138,3 +138,21 @@ def test_ablationcam_closed_form_is_found_under_autocast():
             # max pooling instead of the mean: not the closed form, however loose the tolerance
             fake = model.head(act.amax(dim=(2, 3)))
             assert linear_head(model, act.float(), fake.float(), dtype) is None
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_every_method_on_cuda_keeps_the_cpu_maps(precision):
+    spec = ModelSpec(name="cuda", source="python:x:y", precision=precision, output="none", target_layer="features",
+                     device="cuda")
+    rt = Pipeline(serve_module(PrecisionNet(), spec, None, PRE))
+    for method in METHODS:
+        query = CamQuery(method=method, top=2)
+        ref = _run("fp32", query)
+        out = asyncio.run(rt.run(IMAGES, top_k=6, query=query, spec=HeatmapSpec("array", "feature"),
+                                 max_pixels=10**6))
+        for a, b in zip(ref, out, strict=True):
+            for ea, eb in zip(a.explanations or [], b.explanations or [], strict=True):
+                ma, mb = np.asarray(ea.heatmap.data, float).ravel(), np.asarray(eb.heatmap.data, float).ravel()
+                r = 1.0 if np.array_equal(ma, mb) else float(np.corrcoef(ma, mb)[0, 1])
+                assert r >= (0.999 if precision == "fp32" else MIN_R), f"{method} on cuda in {precision}: r = {r:.4f}"

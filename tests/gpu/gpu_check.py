@@ -368,7 +368,7 @@ def part_cudatests(c: Check) -> None:
         c.emit(part="cudatests", skipped="needs CUDA")
         return
     _run(c, "cudatests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "needs_cuda",
-                          "tests/test_pipeline.py", "tests/cam", "tests/test_gpu_check.py"], 150)
+                          "tests/test_pipeline.py", "tests/cam", "tests/test_precision.py"], 40)
 
 
 def part_bench(c: Check) -> None:
@@ -376,7 +376,7 @@ def part_bench(c: Check) -> None:
         c.emit(part="bench", skipped="needs CUDA")
         return
     _run(c, "bench", [sys.executable, "-m", "tests.bench.bench_engine", "--device", "cuda", "--batches", "1,8,64",
-                      "--perturbation-batches", "1,8"], 150)
+                      "--perturbation-batches", "1,8"], 55)
 
 
 # -- the table ------------------------------------------------------------------------------------------------
