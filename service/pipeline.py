@@ -91,7 +91,8 @@ Submit = Callable[[list[Job]], Awaitable[list[JobResult]]]
 Expect = Callable[[int], AbstractContextManager[object]]
 
 
-def _is_oom(exc: BaseException) -> bool:
+def is_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` is a device out-of-memory error (CUDA's, or one that says so)."""
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc)
 
 
@@ -122,7 +123,7 @@ class Pipeline:
             with self._autocast():
                 self.formats = measure(m.module, m.engine.predict, example, sizes, reps, sync)
         except RuntimeError as exc:
-            if not _is_oom(exc):
+            if not is_oom(exc):
                 raise
             if m.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -178,7 +179,7 @@ class Pipeline:
         try:
             return self._compute(jobs)
         except RuntimeError as exc:
-            if not _is_oom(exc):
+            if not is_oom(exc):
                 raise
             if self.model.device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -36,7 +36,7 @@ from service.cam import CamQuery
 from service.errors import ModelNotFound, NotReady
 from service.imaging import encode_png
 from service.modelspec import ModelSpec
-from service.pipeline import Job, JobResult, Pipeline
+from service.pipeline import Job, JobResult, Pipeline, is_oom
 from service.registry import LoadedModel, ModelLoadError, load_model
 from service.rendering import HeatmapSpec
 
@@ -336,15 +336,25 @@ def _forward_seconds(model: LoadedModel, rows: int = 8) -> float:
     """Per image, the faster of two timed forwards of ``rows`` images (the size perturbation methods
     forward in, at most their chunk): what one of their extra forwards costs, roughly."""
     h, w = model.preprocess.input_size
-    x = torch.zeros(min(rows, model.engine.chunk_rows), 3, h, w, device=model.device)
-    best = math.inf
-    for _ in range(2):
-        started = time.perf_counter()
-        model.engine.predict(x)
-        if model.device.type == "cuda":
-            torch.cuda.synchronize(model.device)
-        best = min(best, time.perf_counter() - started)
-    return best / x.shape[0]
+    rows = min(rows, model.engine.chunk_rows)
+    while True:
+        x = torch.zeros(rows, 3, h, w, device=model.device)
+        best = math.inf
+        try:
+            for _ in range(2):
+                started = time.perf_counter()
+                model.engine.predict(x)
+                if model.device.type == "cuda":
+                    torch.cuda.synchronize(model.device)
+                best = min(best, time.perf_counter() - started)
+            return best / rows
+        except RuntimeError as exc:  # out of memory: fewer rows (the warm-up has shown that one fits)
+            if rows == 1 or not is_oom(exc):
+                raise
+            del x
+            if model.device.type == "cuda":
+                torch.cuda.empty_cache()
+            rows //= 2
 
 
 def _evict(model: LoadedModel) -> None:

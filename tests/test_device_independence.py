@@ -106,7 +106,7 @@ def test_the_watch_sees_what_it_looks_for():
 def test_a_whole_request_reads_the_device_only_in_the_batched_path_and_where_results_leave():
     """Preprocessing, the batched path and rendering: no tensor without a device (the resampling weights of a
     new geometry are built on the device), and host reads only where listed or where the results leave the
-    device (rendering's one copy of the small maps, the scores)."""
+    device (rendering's one copy of the small maps; the scores, notes and metrics of ``finish``)."""
     from service import preprocess
 
     preprocess.resample_weights.cache_clear()
@@ -115,7 +115,8 @@ def test_a_whole_request_reads_the_device_only_in_the_batched_path_and_where_res
         asyncio.run(rt.run(IMAGES[:1], top_k=2, query=CamQuery(top=2), spec=HeatmapSpec("png", "input"),
                            max_pixels=10**6))
     assert not watch.cpu_factories
-    leaving = {(f, fn) for f, fn in watch.host_reads if f == "rendering.py" or (f, fn) == ("pipeline.py", "finish")}
+    finish = {("pipeline.py", fn) for fn in ("finish", "_note", "_metrics")}  # the scores, notes and metrics
+    leaving = {(f, fn) for f, fn in watch.host_reads if f == "rendering.py" or (f, fn) in finish}
     assert leaving and set(watch.host_reads) - leaving <= set(SYNCS)
 
 
