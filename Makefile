@@ -59,7 +59,7 @@ docs: $(STAMP) ## build the documentation site into site/ (MkDocs Material, offl
 bench: $(STAMP) ## engine benchmark: predict vs explain vs pytorch-grad-cam vs captum (resnet50)
 	$(BIN)/python -m tests.bench.bench_engine
 
-bench-http: $(STAMP) ## HTTP benchmark: batch policies, batching off, resnet18 vs a baseline and KServe (.venv-kserve) (BENCH_ARGS=--table)
+bench-http: $(STAMP) ## HTTP benchmark: batch policies, batching off, resnet18 vs a baseline and KServe (.venv-kserve) (BENCH_ARGS=--before REF --table)
 	$(BIN)/python -m tests.bench.bench_http $(BENCH_ARGS)
 
 bench-stages: $(STAMP) ## where one request's time goes, stage by stage, in-process
