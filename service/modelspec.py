@@ -11,6 +11,9 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # How logits become the scores clients see: softmax for one-of-K heads, sigmoid for multi-label or
 # single-logit binary heads (softmax over one output is always 1.0), none for raw scores.
 ACTIVATIONS = ("softmax", "sigmoid", "none")
+# How a layer's output lies on the image grid (service.cam.layers.LAYOUTS; kept here so a config check
+# imports no torch).
+LAYOUTS = ("nchw", "nhwc", "tokens", "lnd")
 SOURCE_KINDS = ("builtin", "torchvision", "torchscript", "python")
 
 
@@ -59,6 +62,7 @@ class ModelSpec:
     preprocess: Mapping[str, Any] | None = None
     precision: str = "fp32"
     output: str = "softmax"
+    layout: str | None = None  # read layers this way where their shape allows it (nchw, nhwc, tokens, lnd)
 
     @property
     def kind(self) -> str:
@@ -72,7 +76,8 @@ class ModelSpec:
             raise SpecError([f"{where}: must be a table ([models.{name}] with `source` = ...), got "
                              f"{type(table).__name__} {table!r}"])
         problems: list[str] = []
-        known = {"source", "weights", "device", "target_layer", "labels", "preprocess", "precision", "output"}
+        known = {"source", "weights", "device", "target_layer", "labels", "preprocess", "precision", "output",
+                 "layout"}
         for key in sorted(set(table) - known):
             problems.append(f"{where}: unknown key `{key}`; known: {', '.join(sorted(known))}")
         for key in sorted(known - {"preprocess"}):
@@ -87,6 +92,8 @@ class ModelSpec:
         if isinstance(table.get("precision"), str) and table["precision"] not in PRECISIONS:
             problems.append(f"{where}: `precision` must be one of {', '.join(PRECISIONS)}, got "
                             f"{table['precision']!r}")
+        if isinstance(table.get("layout"), str) and table["layout"] not in LAYOUTS:
+            problems.append(f"{where}: `layout` must be one of {', '.join(LAYOUTS)}, got {table['layout']!r}")
         if isinstance(table.get("output"), str) and table["output"] not in ACTIVATIONS:
             problems.append(f"{where}: `output` must be one of {', '.join(ACTIVATIONS)}, got {table['output']!r}")
         pre = table.get("preprocess")

@@ -122,7 +122,7 @@ def serve_module(module: nn.Module, spec: ModelSpec, labels: list[str] | None = 
         p.requires_grad_(False)
     h, w = pre.input_size
     example = torch.zeros(1, 3, h, w, device=device)
-    layers = find_layers(module, example)
+    layers = find_layers(module, example, spec.layout)
     if spec.target_layer is not None:
         try:
             layers = layers.with_default(layers.resolve(spec.target_layer))

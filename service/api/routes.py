@@ -115,7 +115,8 @@ async def get_model(name: str, repository: RepositoryDep) -> dict[str, Any]:
     """One model, with its labels."""
     served = repository.get(name)
     assert served.model is not None
-    return {**_summary(served), "labels": served.model.labels}
+    return {**_summary(served), "labels": served.model.labels,
+            "layer_details": served.model.engine.layers.describe()}
 
 
 async def unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:

@@ -128,8 +128,18 @@ class ModelSummary(BaseModel):
     output: str = Field(description="Score activation: softmax, sigmoid or none.")
 
 
+class LayerOut(BaseModel):
+    name: str
+    layout: str = Field(description="How the layer's output lies on the image: nchw, nhwc, tokens (N, prefix + h*w, C)"
+                        " or lnd (prefix + h*w, N, C).")
+    grid: tuple[int, int] = Field(description="The map's (height, width) at the model's input size.")
+    channels: int
+    prefix: int = Field(description="Tokens before the patch grid (class, distillation, register tokens).")
+
+
 class ModelDetail(ModelSummary):
     labels: list[str]
+    layer_details: list[LayerOut] = Field(description="Each candidate layer, the default first, with its layout.")
 
 
 class ModelList(BaseModel):

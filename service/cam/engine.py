@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from service.cam.guided import guided_gradients, has_relu_modules
-from service.cam.layers import LayerInfo, as_spatial, find_layers
+from service.cam.layers import LayerInfo, find_layers, from_nchw, to_nchw
 from service.cam.methods import CamContext, CamMethod, LinearHead, get_method
 from service.cam.metrics import DEFAULT_STEPS, check_metrics, metric_forwards, metrics_work
 from service.cam.replay import linear_head, tail_module
@@ -286,18 +286,18 @@ class CamEngine:
 
     def _context(self, method: CamMethod, layer: str, smooth: str | None, idx: list[int], t_max: int, x: Tensor,
                  logits: Tensor, captured: Tensor, grads: Tensor | None, targets: list[tuple[int, ...]]) -> CamContext:
-        act = as_spatial(captured[idx].detach()).float()
+        layout = self.layers.layout(layer)
+        act = to_nchw(captured.detach(), layout)[idx].float()
         g = None
         if grads is not None and method.needs.gradients:
-            n, c, h, w = act.shape
-            g = as_spatial(grads[:t_max, idx].float().flatten(0, 1)).reshape(t_max, n, c, h, w)
+            g = to_nchw(grads[:t_max], layout)[:, idx].float()
         target_rows = [[targets[r][min(t, len(targets[r]) - 1)] for r in idx] for t in range(t_max)]
         head: LinearHead | None = None
         replay_rows = self.chunk_rows
         if method.needs.replay:
-            if captured.dim() != 4:
-                raise InvalidArgument("method", f"`method` {method.name!r} needs a layer with a (N, C, H, W) output; "
-                                      f"{layer!r} returns tokens")
+            if from_nchw(act, layout) is None:
+                raise InvalidArgument("method", f"`method` {method.name!r} needs a layer with a (N, C, H, W) or "
+                                      f"(N, H, W, C) output; {layer!r} returns tokens")
             head = linear_head(self.model, act, logits[idx])
             self._closed_form[layer] = head is not None
             if head is None and self._tail(layer) is not None:
@@ -330,12 +330,14 @@ class CamEngine:
         """Logits with ``layer``'s output replaced by ``activations`` ``(B, C, h, w)``; ``inputs`` ``(B, 3, H, W)``
         are the images the rows came from, used only where the tail cannot be cut from the model."""
         tail = self._tail(layer)
+        native = from_nchw(activations, self.layers.layout(layer))
+        assert native is not None  # _context refuses layouts that cannot be replayed
         with torch.inference_mode():
             if tail is not None:
-                out = tail(activations)
+                out = tail(native)
                 if isinstance(out, Tensor):
                     return out.float()
-            handle = self._modules[layer].register_forward_hook(lambda m, a, o: activations.to(o.dtype))
+            handle = self._modules[layer].register_forward_hook(lambda m, a, o: native.to(o.dtype))
             try:
                 return self._forward(inputs).float()
             finally:
