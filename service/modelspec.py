@@ -14,7 +14,7 @@ ACTIVATIONS = ("softmax", "sigmoid", "none")
 # How a layer's output lies on the image grid (service.cam.layers.LAYOUTS; kept here so a config check
 # imports no torch).
 LAYOUTS = ("nchw", "nhwc", "tokens", "lnd")
-SOURCE_KINDS = ("builtin", "torchvision", "torchscript", "python")
+SOURCE_KINDS = ("builtin", "torchvision", "torchscript", "python", "timm", "hf", "onnx", "export")
 
 
 class SpecError(ValueError):
@@ -45,6 +45,7 @@ _PREPROCESS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "crop": ("a positive integer, [height, width], or false for no crop", lambda v: _size(v, True)),
     "mean": ("a list of 3 numbers", lambda v: _triple(v, False)),
     "std": ("a list of 3 positive numbers", lambda v: _triple(v, True)),
+    "interpolation": ("bilinear, bicubic or nearest", lambda v: v in ("bilinear", "bicubic", "nearest")),
 }
 
 
@@ -63,6 +64,7 @@ class ModelSpec:
     precision: str = "fp32"
     output: str = "softmax"
     layout: str | None = None  # read layers this way where their shape allows it (nchw, nhwc, tokens, lnd)
+    options: Mapping[str, Any] | None = None  # keyword arguments of the source's builder (timm, torchvision)
 
     @property
     def kind(self) -> str:
@@ -77,16 +79,17 @@ class ModelSpec:
                              f"{type(table).__name__} {table!r}"])
         problems: list[str] = []
         known = {"source", "weights", "device", "target_layer", "labels", "preprocess", "precision", "output",
-                 "layout"}
+                 "layout", "options"}
         for key in sorted(set(table) - known):
             problems.append(f"{where}: unknown key `{key}`; known: {', '.join(sorted(known))}")
-        for key in sorted(known - {"preprocess"}):
+        for key in sorted(known - {"preprocess", "options"}):
             if key in table and not isinstance(table[key], str):
                 problems.append(f"{where}: `{key}` must be a string, got {table[key]!r}")
         source = table.get("source")
         if source is None:
-            problems.append(f"{where}: `source` is required (builtin:shapes, torchvision:<builder>, "
-                            "torchscript:<path> or python:<module>:<factory>)")
+            problems.append(f"{where}: `source` is required (builtin:shapes, torchvision:<builder>, timm:<name>, "
+                            "hf:<directory>, onnx:<file>, export:<file>, torchscript:<path> or "
+                            "python:<module>:<factory>)")
         elif isinstance(source, str) and source.partition(":")[0] not in SOURCE_KINDS:
             problems.append(f"{where}: `source` must start with one of {', '.join(SOURCE_KINDS)}, got {source!r}")
         if isinstance(table.get("precision"), str) and table["precision"] not in PRECISIONS:
@@ -96,6 +99,9 @@ class ModelSpec:
             problems.append(f"{where}: `layout` must be one of {', '.join(LAYOUTS)}, got {table['layout']!r}")
         if isinstance(table.get("output"), str) and table["output"] not in ACTIVATIONS:
             problems.append(f"{where}: `output` must be one of {', '.join(ACTIVATIONS)}, got {table['output']!r}")
+        if "options" in table and not isinstance(table["options"], Mapping):
+            problems.append(f"{where}: `options` must be a table of the builder's keyword arguments, got "
+                            f"{table['options']!r}")
         pre = table.get("preprocess")
         if pre is not None:
             if not isinstance(pre, Mapping):

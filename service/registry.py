@@ -89,6 +89,7 @@ def _override(base: Preprocess, table: Mapping[str, Any] | None) -> Preprocess:
         crop=None if crop is False or crop is None else size(crop),
         mean=tuple(table.get("mean", base.mean)),
         std=tuple(table.get("std", base.std)),
+        interpolation=table.get("interpolation", base.interpolation),
     )
 
 
@@ -98,7 +99,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         labels = read_labels(spec.labels) if spec.labels else None
         built = build(spec, len(labels) if labels else None)
         preprocess = _override(built.preprocess, spec.preprocess)
-        return serve_module(built.module, spec, labels or built.labels, preprocess)
+        return serve_module(built.module, spec, labels or built.labels, preprocess, built.default_layer)
     except ModelLoadError as exc:
         if str(exc).startswith(f"model {spec.name!r}"):
             raise
@@ -111,8 +112,9 @@ def load_model(spec: ModelSpec) -> LoadedModel:
 
 
 def serve_module(module: nn.Module, spec: ModelSpec, labels: list[str] | None = None,
-                 preprocess: Preprocess | None = None) -> LoadedModel:
-    """Wrap an already-built module (from a notebook, a test) as a servable model."""
+                 preprocess: Preprocess | None = None, default_layer: str | None = None) -> LoadedModel:
+    """Wrap an already-built module (from a notebook, a test) as a servable model; ``default_layer`` is the
+    source's choice of target layer, used unless the spec names one."""
     pre = preprocess or Preprocess()
     device = resolve_device(spec.device)
     # channels_last: faster convolutions with oneDNN on CPU (measured once on shapes at batch 32: 0.52
@@ -128,6 +130,8 @@ def serve_module(module: nn.Module, spec: ModelSpec, labels: list[str] | None = 
             layers = layers.with_default(layers.resolve(spec.target_layer))
         except InvalidArgument as exc:
             raise ModelLoadError(f"model {spec.name!r}: `target_layer`: {exc.message}") from None
+    elif default_layer in layers.candidates:
+        layers = layers.with_default(default_layer)
     engine = CamEngine(module, example, layers)
     if labels is not None and len(labels) != engine.num_classes:
         engine.close()

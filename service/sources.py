@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import torchvision
@@ -31,11 +32,13 @@ class ModelLoadError(Exception):
 
 @dataclass(frozen=True)
 class Built:
-    """What a source gives: the module, the labels it brings (if any) and its preprocessing."""
+    """What a source gives: the module, the labels it brings (if any), its preprocessing and, where the
+    source knows the architecture better than a trace does, its default target layer."""
 
     module: nn.Module
     labels: list[str] | None = None
     preprocess: Preprocess = field(default_factory=Preprocess)
+    default_layer: str | None = None
 
 
 Loader = Callable[[ModelSpec, str, int | None], Built]
@@ -72,6 +75,15 @@ def build(spec: ModelSpec, num_labels: int | None) -> Built:
         known = ", ".join(s.usage for s in SOURCES.values())
         raise ModelLoadError(f"model {spec.name!r}: unknown source {spec.source!r}; expected {known}")
     return entry.load(spec, target, num_labels)
+
+
+def require(package: str, kind: str, extra: str) -> ModuleType:
+    """Import a source's optional package, or say in one line which extra installs it."""
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise ModelLoadError(f"the {kind}: source needs the {package!r} package: pip install "
+                             f"'camserve[{extra}]'") from None
 
 
 def load_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -119,7 +131,7 @@ def _torchvision(spec: ModelSpec, builder: str, num_labels: int | None) -> Built
     if weights is None or weights.lower() == "none":
         log.warning("model %r: no weights given, using random initialisation", spec.name)
         kwargs = {"num_classes": num_labels} if num_labels else {}
-        return Built(torchvision.models.get_model(builder, weights=None, **kwargs))
+        return Built(torchvision.models.get_model(builder, weights=None, **{**kwargs, **(spec.options or {})}))
     if Path(weights).suffix in (".pth", ".pt", ".safetensors"):
         state = load_state_dict(weights)
         model = torchvision.models.get_model(builder, weights=None,
@@ -176,3 +188,7 @@ def _python(spec: ModelSpec, target: str, num_labels: int | None) -> Built:
     if spec.weights:
         model.load_state_dict(load_state_dict(spec.weights))
     return Built(model)
+
+
+# Sources whose packages are optional register themselves on import; their modules import lazily.
+from service import source_timm  # noqa: E402, F401

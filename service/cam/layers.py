@@ -139,16 +139,15 @@ def _fits(a: int, b: int, height: int, width: int) -> bool:
 
 def token_grid(n_tokens: int, height: int, width: int) -> tuple[int, int, int] | None:
     """``(prefix, h, w)``: the fewest extra tokens that leave a patch grid of the input's shape, exactly
-    ``ceil`` or ``floor`` of the input size over one patch size (2 to 64) on each axis."""
+    the input size over one patch size (2 to 64), rounded down on both axes or up on both."""
     for prefix in range(_MAX_PREFIX + 1):
         cells = n_tokens - prefix
         if cells < 4:
             return None
         for stride in range(2, min(max(height, width), _MAX_PATCH) + 1):
-            for h in {height // stride, -(-height // stride)}:
-                for w in {width // stride, -(-width // stride)}:
-                    if h * w == cells and h > 1 and w > 1:
-                        return prefix, h, w
+            for h, w in ((height // stride, width // stride), (-(-height // stride), -(-width // stride))):
+                if h * w == cells and h > 1 and w > 1:
+                    return prefix, h, w
     return None
 
 
