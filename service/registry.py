@@ -13,6 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from service.cam import CamEngine, find_layers
+from service.cam.layers import find_runtime_layers
+from service.cam.runtime import Runtime
 from service.errors import InvalidArgument
 from service.labels import LabelsFileError, read_labels
 from service.modelspec import ModelSpec
@@ -47,6 +49,13 @@ class LoadedModel:
     @property
     def explainable(self) -> bool:
         return bool(self.engine.layers.candidates)
+
+    @property
+    def explanations(self) -> str:
+        """``gradients``, ``gradient-free`` (a runtime outside autograd) or ``none``."""
+        if not self.explainable:
+            return "none"
+        return "gradients" if self.engine.runtime is None else "gradient-free"
 
     def scores(self, logits: Tensor) -> Tensor:
         """``(..., K)`` logits -> the scores clients see, per the spec's ``output`` activation."""
@@ -99,7 +108,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         labels = read_labels(spec.labels) if spec.labels else None
         built = build(spec, len(labels) if labels else None)
         preprocess = _override(built.preprocess, spec.preprocess)
-        return serve_module(built.module, spec, labels or built.labels, preprocess, built.default_layer)
+        return serve_module(built.module, spec, labels or built.labels, preprocess, built.default_layer,
+                            built.runtime)
     except ModelLoadError as exc:
         if str(exc).startswith(f"model {spec.name!r}"):
             raise
@@ -112,9 +122,11 @@ def load_model(spec: ModelSpec) -> LoadedModel:
 
 
 def serve_module(module: nn.Module, spec: ModelSpec, labels: list[str] | None = None,
-                 preprocess: Preprocess | None = None, default_layer: str | None = None) -> LoadedModel:
+                 preprocess: Preprocess | None = None, default_layer: str | None = None,
+                 runtime: Runtime | None = None) -> LoadedModel:
     """Wrap an already-built module (from a notebook, a test) as a servable model; ``default_layer`` is the
-    source's choice of target layer, used unless the spec names one."""
+    source's choice of target layer, used unless the spec names one; ``runtime``: what runs ``module``
+    outside autograd, when something does."""
     pre = preprocess or Preprocess()
     device = resolve_device(spec.device)
     # channels_last: faster convolutions with oneDNN on CPU (measured once on shapes at batch 32: 0.52
@@ -124,7 +136,8 @@ def serve_module(module: nn.Module, spec: ModelSpec, labels: list[str] | None = 
         p.requires_grad_(False)
     h, w = pre.input_size
     example = torch.zeros(1, 3, h, w, device=device)
-    layers = find_layers(module, example, spec.layout)
+    layers = (find_layers(module, example, spec.layout) if runtime is None
+              else find_runtime_layers(runtime, example, spec.layout))
     if spec.target_layer is not None:
         try:
             layers = layers.with_default(layers.resolve(spec.target_layer))
@@ -132,7 +145,7 @@ def serve_module(module: nn.Module, spec: ModelSpec, labels: list[str] | None = 
             raise ModelLoadError(f"model {spec.name!r}: `target_layer`: {exc.message}") from None
     elif default_layer in layers.candidates:
         layers = layers.with_default(default_layer)
-    engine = CamEngine(module, example, layers)
+    engine = CamEngine(module, example, layers, runtime=runtime)
     if labels is not None and len(labels) != engine.num_classes:
         engine.close()
         where = f" in {spec.labels}" if spec.labels else ""

@@ -220,7 +220,8 @@ class ModelRepository:
         if model.device.type == "cuda" and self.settings.max_batch_size > 1:
             sizes.append(min(self.settings.max_batch_size, self.settings.max_queue))
         for n in sizes:
-            await pipeline.run([png] * n, top_k=1, query=CamQuery() if model.explainable else None,
+            query = CamQuery(method=model.engine.methods[0]) if model.explainable else None
+            await pipeline.run([png] * n, top_k=1, query=query,
                                spec=HeatmapSpec(), max_pixels=self.settings.max_image_pixels)
 
     async def unload(self, name: str) -> ServedModel:

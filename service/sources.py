@@ -20,6 +20,7 @@ import torch
 import torchvision
 from torch import nn
 
+from service.cam.runtime import Runtime
 from service.modelspec import ModelSpec
 from service.preprocess import Preprocess
 
@@ -39,6 +40,7 @@ class Built:
     labels: list[str] | None = None
     preprocess: Preprocess = field(default_factory=Preprocess)
     default_layer: str | None = None
+    runtime: Runtime | None = None  # set when the module runs outside autograd (service.cam.runtime)
 
 
 Loader = Callable[[ModelSpec, str, int | None], Built]
@@ -191,4 +193,4 @@ def _python(spec: ModelSpec, target: str, num_labels: int | None) -> Built:
 
 
 # Sources whose packages are optional register themselves on import; their modules import lazily.
-from service import source_timm  # noqa: E402, F401
+from service import source_onnx, source_timm  # noqa: E402, F401

@@ -77,8 +77,9 @@ def _summary(served: ServedModel) -> dict[str, Any]:
     return {
         "name": m.name, "source": public_source(served), "state": served.state.value, "device": str(m.device),
         "num_classes": m.num_classes, "input_size": list(m.preprocess.input_size),
-        "layers": list(m.engine.layers.candidates), "methods": list(METHODS) if m.explainable else [],
-        "method_costs": {n: METHODS[n].cost.value for n in METHODS} if m.explainable else {},
+        "layers": list(m.engine.layers.candidates), "methods": m.engine.methods,
+        "method_costs": {n: METHODS[n].cost.value for n in m.engine.methods},
+        "explanations": m.explanations,
         "precision": m.spec.precision, "output": m.spec.output,
     }
 

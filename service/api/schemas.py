@@ -126,6 +126,8 @@ class ModelSummary(BaseModel):
                                          "replay, forwards (one per channel) or backward.")
     precision: str
     output: str = Field(description="Score activation: softmax, sigmoid or none.")
+    explanations: str = Field(description="gradients (every method), gradient-free (the model runs outside autograd, "
+                              "as an ONNX graph does: methods from activations and extra forwards only) or none.")
 
 
 class LayerOut(BaseModel):

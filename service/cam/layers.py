@@ -23,11 +23,15 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from service.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from service.cam.runtime import Runtime
 
 log = logging.getLogger("camserve.layers")
 
@@ -111,8 +115,9 @@ class LayerInfo:
 
     def resolve(self, name: str | None) -> str:
         if not self.candidates:
-            raise InvalidArgument("layer", "this model cannot be explained: it is TorchScript, which runs no Python "
-                                  "forward hooks; serve it from a python: or torchvision: source to use /explain")
+            raise InvalidArgument("layer", "this model cannot be explained: no layer output can be reached "
+                                  "(TorchScript runs no Python forward hooks); serve it from a python:, torchvision:, "
+                                  "timm: or onnx: source to use /explain")
         if name is None:
             return self.default
         if name in self.candidates:
@@ -249,6 +254,27 @@ def find_layers(model: nn.Module, example: Tensor, layout: str | None = None) ->
             layouts[name] = known[id(out)]
     default = _vit_default(model, layouts) or _outermost_of_last(order)
     return LayerInfo(default=default, candidates=(default, *[n for n in names if n != default]), layouts=layouts)
+
+
+def find_runtime_layers(runtime: Runtime, example: Tensor, layout: str | None = None) -> LayerInfo:
+    """:func:`find_layers` for a model run by a :class:`~service.cam.runtime.Runtime`: its intermediate outputs
+    on two copies of ``example``, each laid out by its shape alone (no module says more), the last spatial
+    one the default."""
+    x = example[:1].expand(2, *example.shape[1:]).contiguous()
+    size = (int(x.shape[2]), int(x.shape[3]))
+    names = list(runtime.outputs())
+    _, outs = runtime.run(x, names)
+    layouts: dict[str, Layout] = {}
+    for name, out in zip(names, outs, strict=True):
+        options = {lay.kind: lay for lay in _by_shape(out, 2, size)}
+        if len(options) == 1:
+            layouts[name] = next(iter(options.values()))
+        elif layout in options:
+            layouts[name] = options[layout]
+    if not layouts:
+        return LayerInfo(default="", candidates=())
+    ordered = list(layouts)
+    return LayerInfo(default=ordered[-1], candidates=(ordered[-1], *ordered[:-1]), layouts=layouts)
 
 
 def _outermost_of_last(order: list[tuple[str, Tensor]]) -> str:

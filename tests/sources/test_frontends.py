@@ -1,0 +1,89 @@
+"""Every model source through every front-end: native, KServe V1, OIP V2, the repository load API and /models."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+import torchvision
+
+from service.modelspec import ModelSpec
+from tests.api.conftest import b64, make_client, png_bytes, scene
+
+pytest.importorskip("timm")
+pytest.importorskip("onnxruntime")
+
+SMALL = {"resize": 64, "crop": 64}
+
+
+@pytest.fixture(scope="module")
+def onnx_file(tmp_path_factory):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=4).eval()
+    path = tmp_path_factory.mktemp("onnx") / "r18.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation warning
+        torch.onnx.export(model, torch.randn(1, 3, 64, 64), str(path), dynamo=False, input_names=["input"],
+                          output_names=["logits"], dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}})
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def client(onnx_file):
+    models = (ModelSpec("tm", "timm:test_convnext", device="cpu", preprocess=SMALL),
+              ModelSpec("ox", f"onnx:{onnx_file}", device="cpu", preprocess=SMALL))
+    with make_client(models=models, enable_repository_api=True) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def png():
+    return png_bytes(scene("circle")[0])
+
+
+# A method each model can run: timm models have gradients, ONNX graphs only the gradient-free methods.
+METHOD = {"tm": "gradcam", "ox": "eigencam"}
+
+
+def test_models_lists_each_source(client):
+    listed = {m["name"]: m for m in client.get("/models").json()["models"]}
+    assert listed["tm"]["source"] == "timm:test_convnext" and listed["tm"]["explanations"] == "gradients"
+    assert listed["ox"]["explanations"] == "gradient-free"
+    assert listed["ox"]["methods"] == ["eigencam", "scorecam", "ablationcam"]
+    detail = client.get("/models/ox").json()
+    assert detail["layer_details"][0]["name"] == "/layer4/layer4.1/relu_1/Relu_output_0"
+    assert detail["layer_details"][0]["layout"] == "nchw" and detail["layer_details"][0]["channels"] == 512
+
+
+@pytest.mark.parametrize("name", ["tm", "ox"])
+def test_native_kserve_and_v2(client, png, name):
+    r = client.post(f"/explain?model={name}", json={"image": b64(png), "method": METHOD[name], "output": "array",
+                                                    "size": "feature"})
+    assert r.status_code == 200, r.text
+    assert r.json()["results"][0]["explanations"][0]["method"] == METHOD[name]
+    r = client.post(f"/v1/models/{name}:predict", json={"instances": [b64(png)], "parameters": {"top_k": 2}})
+    assert r.status_code == 200, r.text
+    r = client.post(f"/v1/models/{name}:explain", json={"instances": [b64(png)], "parameters": {
+        "method": METHOD[name], "output": "array", "size": "feature"}})
+    assert r.status_code == 200, r.text
+    body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64(png)]}],
+            "parameters": {"method": METHOD[name]}, "outputs": [{"name": "scores"}, {"name": "heatmap"}]}
+    r = client.post(f"/v2/models/{name}/infer", json=body)
+    assert r.status_code == 200, r.text
+    assert {o["name"] for o in r.json()["outputs"]} == {"scores", "heatmap"}
+
+
+def test_a_gradient_method_on_an_onnx_model_is_refused(client, png):
+    r = client.post("/explain?model=ox", json={"image": b64(png), "method": "gradcam"})
+    assert r.status_code == 422 and "needs gradients" in r.text  # the native dialect of a bad argument
+
+
+def test_repository_load_of_each_source(client, onnx_file, png):
+    for name, table in (("tm2", {"source": "timm:test_vit", "device": "cpu"}),
+                        ("ox2", {"source": f"onnx:{onnx_file}", "device": "cpu", "preprocess": SMALL})):
+        r = client.post(f"/v2/repository/models/{name}/load", json={"parameters": {"config": json.dumps(table)}})
+        assert r.status_code == 200 and r.json()["state"] == "READY", r.text
+        assert name in {m["name"] for m in client.get("/models").json()["models"]}
+        assert client.post(f"/v2/repository/models/{name}/unload").status_code == 200
