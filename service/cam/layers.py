@@ -37,7 +37,8 @@ log = logging.getLogger("camserve.layers")
 
 LAYOUTS = ("nchw", "nhwc", "tokens", "lnd")
 # Adaptive pools only resample the map they receive; the map before them is the one to explain.
-_SKIP = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Identity, nn.Dropout)
+_SKIP = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.Identity,
+         nn.Dropout)
 # Modules whose 4-D output is channels-first by definition.
 _CHANNELS_FIRST = (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.InstanceNorm2d, nn.GroupNorm, nn.MaxPool2d,
                    nn.AvgPool2d, nn.LocalResponseNorm, nn.Upsample, nn.PixelShuffle)
@@ -161,7 +162,7 @@ def _tokens(out: Tensor, kind: str, batch: int, size: tuple[int, int]) -> Layout
     shape = tuple(out.shape)
     if len(shape) != 3 or shape[0 if kind == "tokens" else 1] != batch:
         return None
-    grid = token_grid(shape[1] if kind == "tokens" else shape[0], *size)
+    grid = token_grid(shape[1] if kind == "tokens" else shape[0], *size) if shape[2] > 1 else None
     return Layout(kind, (grid[1], grid[2]), shape[2], grid[0]) if grid is not None else None
 
 

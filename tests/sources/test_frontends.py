@@ -14,6 +14,7 @@ from tests.api.conftest import b64, make_client, png_bytes, scene
 
 pytest.importorskip("timm")
 pytest.importorskip("onnxruntime")
+transformers = pytest.importorskip("transformers")
 
 SMALL = {"resize": 64, "crop": 64}
 
@@ -31,9 +32,20 @@ def onnx_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def client(onnx_file):
+def hf_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("hf")
+    config = transformers.ConvNextConfig(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1])
+    transformers.ConvNextForImageClassification(config).save_pretrained(path)
+    transformers.ConvNextImageProcessor(size={"shortest_edge": 64}, crop_pct=0.875).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def client(onnx_file, hf_dir):
     models = (ModelSpec("tm", "timm:test_convnext", device="cpu", preprocess=SMALL),
-              ModelSpec("ox", f"onnx:{onnx_file}", device="cpu", preprocess=SMALL))
+              ModelSpec("ox", f"onnx:{onnx_file}", device="cpu", preprocess=SMALL),
+              ModelSpec("hf", f"hf:{hf_dir}", device="cpu"))
     with make_client(models=models, enable_repository_api=True) as c:
         yield c
 
@@ -44,7 +56,7 @@ def png():
 
 
 # A method each model can run: timm models have gradients, ONNX graphs only the gradient-free methods.
-METHOD = {"tm": "gradcam", "ox": "eigencam"}
+METHOD = {"tm": "gradcam", "ox": "eigencam", "hf": "layercam"}
 
 
 def test_models_lists_each_source(client):
@@ -52,12 +64,13 @@ def test_models_lists_each_source(client):
     assert listed["tm"]["source"] == "timm:test_convnext" and listed["tm"]["explanations"] == "gradients"
     assert listed["ox"]["explanations"] == "gradient-free"
     assert listed["ox"]["methods"] == ["eigencam", "scorecam", "ablationcam"]
+    assert listed["hf"]["explanations"] == "gradients" and listed["hf"]["layers"][0] == "convnext.encoder.stages.3"
     detail = client.get("/models/ox").json()
     assert detail["layer_details"][0]["name"] == "/layer4/layer4.1/relu_1/Relu_output_0"
     assert detail["layer_details"][0]["layout"] == "nchw" and detail["layer_details"][0]["channels"] == 512
 
 
-@pytest.mark.parametrize("name", ["tm", "ox"])
+@pytest.mark.parametrize("name", ["tm", "ox", "hf"])
 def test_native_kserve_and_v2(client, png, name):
     r = client.post(f"/explain?model={name}", json={"image": b64(png), "method": METHOD[name], "output": "array",
                                                     "size": "feature"})
@@ -80,8 +93,9 @@ def test_a_gradient_method_on_an_onnx_model_is_refused(client, png):
     assert r.status_code == 422 and "needs gradients" in r.text  # the native dialect of a bad argument
 
 
-def test_repository_load_of_each_source(client, onnx_file, png):
+def test_repository_load_of_each_source(client, onnx_file, hf_dir, png):
     for name, table in (("tm2", {"source": "timm:test_vit", "device": "cpu"}),
+                        ("hf2", {"source": f"hf:{hf_dir}", "device": "cpu"}),
                         ("ox2", {"source": f"onnx:{onnx_file}", "device": "cpu", "preprocess": SMALL})):
         r = client.post(f"/v2/repository/models/{name}/load", json={"parameters": {"config": json.dumps(table)}})
         assert r.status_code == 200 and r.json()["state"] == "READY", r.text
