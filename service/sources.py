@@ -193,4 +193,4 @@ def _python(spec: ModelSpec, target: str, num_labels: int | None) -> Built:
 
 
 # Sources whose packages are optional register themselves on import; their modules import lazily.
-from service import source_hf, source_onnx, source_timm  # noqa: E402, F401
+from service import source_export, source_hf, source_onnx, source_timm  # noqa: E402, F401

@@ -68,7 +68,9 @@ def public_source(served: ServedModel) -> str:
     if served.spec is None:
         return "unknown"
     kind, _, target = served.spec.source.partition(":")
-    return f"{kind}:{PurePath(target).name}" if kind == "torchscript" else served.spec.source
+    # A Hugging Face hub id (org/name) is no path; a local directory is.
+    is_path = kind in ("torchscript", "onnx", "export") or (kind == "hf" and target.startswith(("/", ".", "~")))
+    return f"{kind}:{PurePath(target).name}" if is_path else served.spec.source
 
 
 def _summary(served: ServedModel) -> dict[str, Any]:

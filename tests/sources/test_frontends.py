@@ -42,10 +42,22 @@ def hf_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def client(onnx_file, hf_dir):
+def export_file(tmp_path_factory):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=4).eval()
+    path = tmp_path_factory.mktemp("export") / "r18.pt2"
+    program = torch.export.export(model, (torch.randn(2, 3, 64, 64),),
+                                  dynamic_shapes=({0: torch.export.Dim("n", min=1, max=256)},))
+    torch.export.save(program, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def client(onnx_file, hf_dir, export_file):
     models = (ModelSpec("tm", "timm:test_convnext", device="cpu", preprocess=SMALL),
               ModelSpec("ox", f"onnx:{onnx_file}", device="cpu", preprocess=SMALL),
-              ModelSpec("hf", f"hf:{hf_dir}", device="cpu"))
+              ModelSpec("hf", f"hf:{hf_dir}", device="cpu"),
+              ModelSpec("ex", f"export:{export_file}", device="cpu"))
     with make_client(models=models, enable_repository_api=True) as c:
         yield c
 
@@ -56,13 +68,14 @@ def png():
 
 
 # A method each model can run: timm models have gradients, ONNX graphs only the gradient-free methods.
-METHOD = {"tm": "gradcam", "ox": "eigencam", "hf": "layercam"}
+METHOD = {"tm": "gradcam", "ox": "eigencam", "hf": "layercam", "ex": "gradcam++"}
 
 
 def test_models_lists_each_source(client):
     listed = {m["name"]: m for m in client.get("/models").json()["models"]}
     assert listed["tm"]["source"] == "timm:test_convnext" and listed["tm"]["explanations"] == "gradients"
     assert listed["ox"]["explanations"] == "gradient-free"
+    assert listed["ox"]["source"] == "onnx:r18.onnx" and listed["ex"]["source"] == "export:r18.pt2"  # no server paths
     assert listed["ox"]["methods"] == ["eigencam", "scorecam", "ablationcam"]
     assert listed["hf"]["explanations"] == "gradients" and listed["hf"]["layers"][0] == "convnext.encoder.stages.3"
     detail = client.get("/models/ox").json()
@@ -70,7 +83,7 @@ def test_models_lists_each_source(client):
     assert detail["layer_details"][0]["layout"] == "nchw" and detail["layer_details"][0]["channels"] == 512
 
 
-@pytest.mark.parametrize("name", ["tm", "ox", "hf"])
+@pytest.mark.parametrize("name", ["tm", "ox", "hf", "ex"])
 def test_native_kserve_and_v2(client, png, name):
     r = client.post(f"/explain?model={name}", json={"image": b64(png), "method": METHOD[name], "output": "array",
                                                     "size": "feature"})
@@ -93,8 +106,9 @@ def test_a_gradient_method_on_an_onnx_model_is_refused(client, png):
     assert r.status_code == 422 and "needs gradients" in r.text  # the native dialect of a bad argument
 
 
-def test_repository_load_of_each_source(client, onnx_file, hf_dir, png):
+def test_repository_load_of_each_source(client, onnx_file, hf_dir, export_file, png):
     for name, table in (("tm2", {"source": "timm:test_vit", "device": "cpu"}),
+                        ("ex2", {"source": f"export:{export_file}", "device": "cpu"}),
                         ("hf2", {"source": f"hf:{hf_dir}", "device": "cpu"}),
                         ("ox2", {"source": f"onnx:{onnx_file}", "device": "cpu", "preprocess": SMALL})):
         r = client.post(f"/v2/repository/models/{name}/load", json={"parameters": {"config": json.dumps(table)}})
