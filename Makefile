@@ -52,8 +52,9 @@ lint: $(STAMP) ## ruff and mypy
 	$(BIN)/ruff check service tests
 	$(BIN)/mypy
 
-bench: $(STAMP) ## engine benchmark: predict vs explain vs pytorch-grad-cam vs captum (resnet50)
+bench: $(STAMP) ## engine benchmark: predict vs explain vs pytorch-grad-cam vs captum, and ONNX Runtime vs eager (resnet50)
 	$(BIN)/python -m tests.bench.bench_engine
+	$(BIN)/python -m tests.bench.bench_onnx
 
 bench-http: $(STAMP) ## HTTP benchmark: batch policies, batching off, resnet18 vs a baseline (BENCH_ARGS=--before REF --table)
 	$(BIN)/python -m tests.bench.bench_http $(BENCH_ARGS)

@@ -57,6 +57,15 @@ class LoadedModel:
             return "none"
         return "gradients" if self.engine.runtime is None else "gradient-free"
 
+    @property
+    def explanations_note(self) -> str | None:
+        """Why the model cannot be explained, when it cannot."""
+        try:
+            self.engine.layers.resolve(None)
+        except InvalidArgument as exc:
+            return exc.message
+        return None
+
     def scores(self, logits: Tensor) -> Tensor:
         """``(..., K)`` logits -> the scores clients see, per the spec's ``output`` activation."""
         x = logits.float()

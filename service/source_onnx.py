@@ -69,6 +69,9 @@ class OnnxRuntime:
     def _session(self, model: Any) -> Any:
         options = self._ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
+        # Each session has its own thread pool, and an idle pool spins by default: with a predict session and an
+        # explain session taking turns, the spinning one steals the cores the working one needs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return self._ort.InferenceSession(model.SerializeToString(), options, providers=self.providers)
 
     def outputs(self) -> Sequence[str]:

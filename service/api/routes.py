@@ -81,7 +81,7 @@ def _summary(served: ServedModel) -> dict[str, Any]:
         "num_classes": m.num_classes, "input_size": list(m.preprocess.input_size),
         "layers": list(m.engine.layers.candidates), "methods": m.engine.methods,
         "method_costs": {n: METHODS[n].cost.value for n in m.engine.methods},
-        "explanations": m.explanations,
+        "explanations": m.explanations, "explanations_note": m.explanations_note,
         "precision": m.spec.precision, "output": m.spec.output,
     }
 

@@ -128,6 +128,7 @@ class ModelSummary(BaseModel):
     output: str = Field(description="Score activation: softmax, sigmoid or none.")
     explanations: str = Field(description="gradients (every method), gradient-free (the model runs outside autograd, "
                               "as an ONNX graph does: methods from activations and extra forwards only) or none.")
+    explanations_note: str | None = Field(None, description="Why the model cannot be explained, when it cannot.")
 
 
 class LayerOut(BaseModel):
