@@ -19,6 +19,7 @@ stays unknown is not a candidate.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Mapping
@@ -98,9 +99,9 @@ class LayerInfo:
     candidates: tuple[str, ...]
     layouts: Mapping[str, Layout] = field(default_factory=dict, compare=False)
 
-    @property
+    @functools.cached_property
     def channels(self) -> dict[str, int]:
-        """Layer -> channels of its map."""
+        """Layer -> channels of its map (read per request, so computed once)."""
         return {name: lay.channels for name, lay in self.layouts.items()}
 
     def layout(self, name: str) -> Layout:

@@ -115,3 +115,11 @@ def test_repository_load_of_each_source(client, onnx_file, hf_dir, export_file, 
         assert r.status_code == 200 and r.json()["state"] == "READY", r.text
         assert name in {m["name"] for m in client.get("/models").json()["models"]}
         assert client.post(f"/v2/repository/models/{name}/unload").status_code == 200
+
+
+def test_the_config_check_knows_every_registered_source():
+    """The config check's list is kept free of torch; it must name exactly the registered loaders."""
+    from service.modelspec import SOURCE_KINDS
+    from service.sources import SOURCES
+
+    assert set(SOURCE_KINDS) == set(SOURCES)

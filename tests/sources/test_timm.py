@@ -113,3 +113,15 @@ def test_unknown_name_and_missing_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # what an environment without the package sees
     with pytest.raises(ModelLoadError, match=r"needs the 'timm' package: pip install 'camserve\[timm\]'"):
         load_model(ModelSpec("x", "timm:resnet10t", device="cpu"))
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ({"source": "timm:resnet10t", "options": "img_size=64"}, "`options` must be a table of the builder's keyword"),
+    ({"source": "timm:resnet10t", "preprocess": {"interpolation": "lanczos"}},
+     "`preprocess.interpolation` must be bilinear, bicubic or nearest, got 'lanczos'"),
+])
+def test_table_problems_name_the_key(table, message):
+    from service.modelspec import SpecError
+
+    with pytest.raises(SpecError, match=message):
+        ModelSpec.from_table("m", table)
