@@ -201,18 +201,11 @@ def _decide(module: nn.Module, out: Tensor, first_input: object, known: Mapping[
     return kinds.get(override) if override is not None else None
 
 
-def find_layers(model: nn.Module, example: Tensor, layout: str | None = None) -> LayerInfo:
-    """Trace ``model`` on two copies of ``example`` ``(1, 3, H, W)`` and list the layers whose output is
-    spatial, each with its :class:`Layout`; ``layout`` decides the outputs whose shape fits more than one
-    layout and whose module does not settle it.
-
-    A TorchScript module has none: hooks cannot be put on it, so it can only predict."""
-    if isinstance(model, torch.jit.ScriptModule):
-        return LayerInfo(default="", candidates=())
-    if layout is not None and layout not in LAYOUTS:
-        raise ValueError(f"`layout` must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    # Two images make the batch axis the one of size two (CLIP's sequence-first outputs have it second).
-    x = example[:1].expand(2, *example.shape[1:]).contiguous()
+def _trace(model: nn.Module, x: Tensor, layout: str | None
+           ) -> tuple[list[tuple[str, Tensor]], list[str], dict[int, Layout]]:
+    """One forward of ``x``: the spatial outputs in call order, the layers of unknown layout, the layouts
+    by tensor."""
+    batch = int(x.shape[0])
     size = (int(x.shape[2]), int(x.shape[3]))
     known: dict[int, Layout] = {id(x): Layout("nchw", size, int(x.shape[1]))}
     order: list[tuple[str, Tensor]] = []
@@ -223,9 +216,9 @@ def find_layers(model: nn.Module, example: Tensor, layout: str | None = None) ->
         def hook(module: nn.Module, args: tuple[object, ...], out: object) -> None:
             if not isinstance(out, Tensor) or out.dim() not in (3, 4):
                 return
-            lay = _decide(module, out, args[0] if args else None, known, 2, size, layout)
+            lay = _decide(module, out, args[0] if args else None, known, batch, size, layout)
             if lay is None:
-                if _by_shape(out, 2, size):
+                if _by_shape(out, batch, size):
                     unknown.append(name)
                 return
             known[id(out)] = lay
@@ -242,7 +235,29 @@ def find_layers(model: nn.Module, example: Tensor, layout: str | None = None) ->
     finally:
         for h in handles:
             h.remove()
+    return order, unknown, known
 
+
+def find_layers(model: nn.Module, example: Tensor, layout: str | None = None) -> LayerInfo:
+    """Trace ``model`` on two copies of ``example`` ``(1, 3, H, W)`` and list the layers whose output is
+    spatial, each with its :class:`Layout`; ``layout`` decides the outputs whose shape fits more than one
+    layout and whose module does not settle it.
+
+    A TorchScript module has none: hooks cannot be put on it, so it can only predict."""
+    if isinstance(model, torch.jit.ScriptModule):
+        return LayerInfo(default="", candidates=())
+    if layout is not None and layout not in LAYOUTS:
+        raise ValueError(f"`layout` must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    # Two images make the batch axis the one of size two (CLIP's sequence-first outputs have it second). A
+    # model that only runs one image at a time is traced on one.
+    try:
+        order, unknown, known = _trace(model, example[:1].expand(2, *example.shape[1:]).contiguous(), layout)
+    except Exception as exc:
+        try:
+            order, unknown, known = _trace(model, example[:1], layout)
+        except Exception:
+            raise exc from None
+        log.info("the model fails on a batch of two images (%s); its layers were traced on one", exc)
     if unknown:
         log.info("%d layers have a shape that fits more than one layout and are not listed (set `layout` to "
                  "choose): %s", len(unknown), ", ".join(unknown[:10]))

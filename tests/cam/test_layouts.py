@@ -175,3 +175,20 @@ def test_layouts_convert_both_ways():
     assert token_grid(198, 224, 224) == (2, 14, 14)  # DeiT's class and distillation tokens
     assert token_grid(14 * 20, 224, 320) == (0, 14, 20)
     assert token_grid(5, 224, 224) is None
+
+
+class _OneAtATime(nn.Module):
+    """A model written for a batch of one (its head flattens the whole batch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x).mean(dim=(2, 3)).view(1, -1))
+
+
+def test_a_model_that_runs_one_image_at_a_time_is_traced_on_one():
+    info = find_layers(_OneAtATime().eval(), _x(1, 32))
+    assert info.layouts["conv"] == Layout("nchw", (16, 16), 4)
