@@ -119,7 +119,8 @@ async def _serve(request: Request, name: str, dataplane: DataPlane, max_images: 
     images, keys, params = parse_body(raw, max_images)
     opts, with_top = _options(request, params, explain)
     explain_opts = ExplainRequest(
-        method=opts.method, layer=opts.layer, targets=tuple(opts.targets or ()), output=opts.output,  # type: ignore[arg-type]
+        method=opts.method if "method" in opts.model_fields_set else None, layer=opts.layer,
+        targets=tuple(opts.targets or ()), output=opts.output,  # type: ignore[arg-type]
         size=opts.size, colormap=opts.colormap, alpha=opts.alpha) if explain else None  # type: ignore[arg-type]
     plan = dataplane.plan(name, len(images), top_k=opts.top_k, explain=explain_opts)
     note_request(request.scope, model=plan.model_name, images=len(images))

@@ -344,7 +344,7 @@ def plan_passes(dataplane: DataPlane, model: str, n: int, params: dict[str, Any]
 
     def options(render: dict[str, Any], output: str) -> ExplainOptions:
         merged = {**base, **render}
-        return ExplainOptions(method=merged.get("method", "gradcam"), layer=merged.get("layer"),
+        return ExplainOptions(method=merged.get("method"), layer=merged.get("layer"),
                               targets=tuple(merged.get("targets", ())), output=output,  # type: ignore[arg-type]
                               size=merged["size"], colormap=merged.get("colormap", "jet"),
                               alpha=merged.get("alpha", 0.5))

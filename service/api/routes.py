@@ -191,7 +191,8 @@ async def explain(request: Request, dataplane: DataPlaneDep, settings: SettingsD
     """Class scores plus a Grad-CAM (or other CAM) heatmap per image and target class."""
     images, opts = await parse_request(request, ExplainOptions, settings.max_images_per_request)
     plan = dataplane.plan(opts.model, len(images), top_k=opts.top_k, explain=ExplainRequest(
-        method=opts.method, layer=opts.layer, targets=tuple(opts.targets or ()), output=opts.output,  # type: ignore[arg-type]
+        method=opts.method if "method" in opts.model_fields_set else None, layer=opts.layer,
+        targets=tuple(opts.targets or ()), output=opts.output,  # type: ignore[arg-type]
         size=opts.size, colormap=opts.colormap, alpha=opts.alpha, fuse=opts.fuse, smooth=opts.smooth,  # type: ignore[arg-type]
         metrics=tuple(opts.metrics or ()), metric_steps=opts.metric_steps))
     note_request(request.scope, model=plan.model_name, images=len(images))

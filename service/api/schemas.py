@@ -39,7 +39,8 @@ class PredictOptions(BaseModel):
 class ExplainOptions(PredictOptions):
     targets: list[int | str] | None = Field(
         None, description="Classes to explain for every image, as indices or labels; default: each image's top-1.")
-    method: str = _enum(list(METHODS), "gradcam", "CAM method.")
+    method: str = _enum(list(METHODS), "gradcam", "CAM method; when omitted, gradcam, or eigencam for a model "
+                        "explained without gradients (`explanations` in /models).")
     layer: str | list[str] | None = Field(
         None, description="Dotted module name, or several (comma-separated in forms and queries) fused with "
         "`fuse`; the model's default layer when omitted.")

@@ -123,3 +123,17 @@ def test_the_config_check_knows_every_registered_source():
     from service.sources import SOURCES
 
     assert set(SOURCE_KINDS) == set(SOURCES)
+
+
+def test_without_a_method_each_model_uses_its_first(client, png):
+    """gradcam where gradients exist, eigencam for a model explained without them, in every dialect."""
+    for name, method in (("tm", "gradcam"), ("ox", "eigencam")):
+        r = client.post(f"/explain?model={name}", json={"image": b64(png), "output": "array", "size": "feature"})
+        assert r.status_code == 200, r.text
+        assert r.json()["results"][0]["explanations"][0]["method"] == method
+        r = client.post(f"/v1/models/{name}:explain", json={"instances": [b64(png)], "parameters": {
+            "output": "array", "size": "feature"}})
+        assert r.status_code == 200, r.text
+        body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64(png)]}],
+                "outputs": [{"name": "heatmap"}]}
+        assert client.post(f"/v2/models/{name}/infer", json=body).status_code == 200
