@@ -59,6 +59,9 @@ class GraphRuntime:
             logits = recorder.run(x)
         return logits, [recorder.values[name] for name in outputs]
 
+    def aliases(self) -> dict[str, str]:
+        return {}
+
     def replay(self, output: str, value: Tensor) -> Tensor | None:
         return None
 

@@ -84,6 +84,18 @@ class OnnxRuntime:
                     names.append(out)
         return names
 
+    def aliases(self) -> dict[str, str]:
+        """Each module path in the exporter's scope names -> the last rank-3/4 tensor made under it, so that
+        ``layer4`` names ``/layer4/layer4.1/relu_1/Relu_output_0``. The scope ``/layer4/layer4.1/conv1/Conv``
+        reads as the modules ``layer4``, ``layer4.1`` and ``layer4.1.conv1``."""
+        out: dict[str, str] = {}
+        for name in self.outputs():
+            path = ""
+            for part in name.split("/")[1:-1]:
+                path = part if not path or part.startswith(path + ".") else f"{path}.{part}"
+                out[path] = name  # graph order: the last tensor of a scope wins
+        return out
+
     def _with_outputs(self, names: tuple[str, ...]) -> Any:
         if not names:
             return self._predict

@@ -139,6 +139,8 @@ class LayerOut(BaseModel):
     grid: tuple[int, int] = Field(description="The map's (height, width) at the model's input size.")
     channels: int
     prefix: int = Field(description="Tokens before the patch grid (class, distillation, register tokens).")
+    aliases: list[str] = Field(description="Other names `layer` accepts for it: the PyTorch module paths an "
+                               "exported graph's tensor came from.")
 
 
 class ModelDetail(ModelSummary):

@@ -98,6 +98,8 @@ class LayerInfo:
     default: str
     candidates: tuple[str, ...]
     layouts: Mapping[str, Layout] = field(default_factory=dict, compare=False)
+    # Other names of candidates: an exported graph's tensors under the PyTorch module path that produced them.
+    aliases: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     @functools.cached_property
     def channels(self) -> dict[str, int]:
@@ -109,11 +111,15 @@ class LayerInfo:
 
     def with_default(self, name: str) -> LayerInfo:
         return LayerInfo(default=name, candidates=(name, *[c for c in self.candidates if c != name]),
-                         layouts=self.layouts)
+                         layouts=self.layouts, aliases=self.aliases)
 
     def describe(self) -> list[dict[str, object]]:
-        """One entry per candidate, default first: its name, layout, grid and channels."""
-        return [{"name": name, **self.layouts[name].describe()} for name in self.candidates]
+        """One entry per candidate, default first: its name, layout, grid, channels and other names."""
+        other: dict[str, list[str]] = {}
+        for alias, name in self.aliases.items():
+            other.setdefault(name, []).append(alias)
+        return [{"name": name, **self.layouts[name].describe(), "aliases": other.get(name, [])}
+                for name in self.candidates]
 
     def resolve(self, name: str | None) -> str:
         if not self.candidates:
@@ -124,6 +130,8 @@ class LayerInfo:
             return self.default
         if name in self.candidates:
             return name
+        if name in self.aliases:
+            return self.aliases[name]
         shown = ", ".join(self.candidates[:25])
         more = f" (and {len(self.candidates) - 25} more)" if len(self.candidates) > 25 else ""
         raise InvalidArgument("layer", f"`layer` must name a spatial layer of the model, got {name!r}; "
@@ -291,7 +299,8 @@ def find_runtime_layers(runtime: Runtime, example: Tensor, layout: str | None = 
     if not layouts:
         return LayerInfo(default="", candidates=())
     ordered = list(layouts)
-    return LayerInfo(default=ordered[-1], candidates=(ordered[-1], *ordered[:-1]), layouts=layouts)
+    aliases = {alias: name for alias, name in runtime.aliases().items() if name in layouts}
+    return LayerInfo(default=ordered[-1], candidates=(ordered[-1], *ordered[:-1]), layouts=layouts, aliases=aliases)
 
 
 def _outermost_of_last(order: list[tuple[str, Tensor]]) -> str:

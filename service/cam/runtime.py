@@ -9,7 +9,7 @@ replays of the layers after the target). :class:`Runtime` is that contract; the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import torch
@@ -25,6 +25,10 @@ class Runtime(Protocol):
 
     def run(self, x: Tensor, outputs: Sequence[str]) -> tuple[Tensor, list[Tensor]]:
         """``x`` ``(N, 3, H, W)`` -> logits ``(N, K)`` and the named outputs, on ``x``'s device."""
+        ...
+
+    def aliases(self) -> Mapping[str, str]:
+        """Other names of its outputs (the module path that produced one), each -> the output's name."""
         ...
 
     def replay(self, output: str, value: Tensor) -> Tensor | None:

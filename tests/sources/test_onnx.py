@@ -77,6 +77,9 @@ def test_resnet_predictions_and_gradient_free_maps(resnet):
         layer = engine.layers.default
         assert layer == "/layer4/layer4.1/relu_1/Relu_output_0"  # resnet's layer4, as PyTorch's exporter names it
         assert engine.layers.layouts[layer].channels == 512
+        # PyTorch's module paths name the last tensor each module made.
+        assert engine.layers.resolve("layer4") == layer and engine.layers.resolve("layer4.1") == layer
+        assert engine.layers.resolve("layer2") == "/layer2/layer2.1/relu_1/Relu_output_0"
         with torch.no_grad():
             torch.testing.assert_close(engine.predict(x), model(x), atol=1e-4, rtol=1e-4)
         assert engine.methods == ["eigencam", "scorecam", "ablationcam"] and served.explanations == "gradient-free"
@@ -115,6 +118,17 @@ def test_vit_tokens_through_onnx(vit):
                 _agree(ours, ref, method)
         with pytest.raises(InvalidArgument, match="returns tokens"):
             engine.explain(x, [CamQuery(method="ablationcam", layer=layer)] * 2)
+    finally:
+        served.close()
+
+
+def test_target_layer_by_module_path(resnet):
+    served = load_model(ModelSpec("o", f"onnx:{resnet[1]}", device="cpu", target_layer="layer3",
+                                  preprocess={"resize": SIZE, "crop": SIZE}))
+    try:
+        assert served.engine.layers.default == "/layer3/layer3.1/relu_1/Relu_output_0"
+        row = served.engine.layers.describe()[0]
+        assert {"layer3", "layer3.1"} <= set(row["aliases"]) and row["channels"] == 256
     finally:
         served.close()
 
