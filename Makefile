@@ -9,7 +9,7 @@ KSERVE_STAMP := $(KSERVE_VENV)/.installed
 KSERVE ?= kserve>=0.21,<0.22
 
 .DEFAULT_GOAL := help
-.PHONY: help install browser run test test-kserve lint bench bench-http bench-stages bench-ray bench-gpu train-shapes \
+.PHONY: help install browser run test test-kserve lint docs bench bench-http bench-stages bench-ray bench-gpu train-shapes \
 	docker clean docker-base docker-wheels docker-wheels-cuda docker-cpu docker-cuda docker-test
 
 help: ## list the targets
@@ -51,6 +51,9 @@ test-kserve: $(KSERVE_STAMP) ## KServe's own Python client against camserve, in 
 lint: $(STAMP) ## ruff and mypy
 	$(BIN)/ruff check service tests
 	$(BIN)/mypy
+
+docs: $(STAMP) ## build the documentation site into site/ (MkDocs Material, offline, --strict)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 bench: $(STAMP) ## engine benchmark: predict vs explain vs pytorch-grad-cam vs captum, and ONNX Runtime vs eager (resnet50)
 	$(BIN)/python -m tests.bench.bench_engine

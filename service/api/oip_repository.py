@@ -5,6 +5,10 @@ Loading runs code chosen by the caller (a ``python:`` source, a TorchScript file
 operator actions. With ``admin_api_keys`` set they need one of those keys (401 with none, 403 with any
 other key); with none set they are refused (403) unless ``enable_repository_api`` is true, and then
 they are open to whoever may call the server (a server with ``api_keys`` but no admin key refuses them).
+
+A server that is one of several replicas (Ray Serve) sets ``app.state.repository_fixed`` to why: a load
+or unload would reach only the replica that takes the request, so they are refused (403, like
+Triton's load and unload outside explicit model control); the index, read-only, stays.
 """
 
 from __future__ import annotations
@@ -41,13 +45,14 @@ def _given_key(request: Request) -> str | None:
 
 
 def check_admin(request: Request, settings: Settings) -> None:
+    admin_keys = [k for k in settings.admin_api_keys if k.strip()]  # fail closed, whatever the list holds
     if settings.admin_api_keys:
         given = _given_key(request)
-        if not given:
+        if not given or not admin_keys:
             raise Unauthorized("the model repository API needs an admin key: send `Authorization: Bearer <key>` "
                                "or `X-API-Key: <key>`")
         ok = False
-        for key in settings.admin_api_keys:  # every key compared, so timing tells nothing
+        for key in admin_keys:  # every key compared, so timing tells nothing
             ok |= hmac.compare_digest(given.encode(), key.encode())
         if not ok:
             raise Forbidden("this key may not use the model repository API; it needs an admin key")
@@ -56,6 +61,12 @@ def check_admin(request: Request, settings: Settings) -> None:
         raise Forbidden("the model repository API is disabled: set admin_api_keys, or enable_repository_api = true")
     if settings.all_api_keys():
         raise Forbidden("the model repository API needs an admin key (admin_api_keys), and none is configured")
+
+
+def check_changeable(request: Request) -> None:
+    reason: str | None = getattr(request.app.state, "repository_fixed", None)
+    if reason:
+        raise Forbidden(reason)
 
 
 def _entry(served: ServedModel) -> dict[str, Any]:
@@ -115,6 +126,7 @@ def _spec(name: str, body: dict[str, Any], settings: Settings, known: ServedMode
 async def load(name: str, request: Request, repository: RepositoryDep, settings: SettingsDep) -> dict[str, Any]:
     """Load a model (or reload it with a new table); the others keep serving meanwhile."""
     check_admin(request, settings)
+    check_changeable(request)
     body = await _json_body(request, settings)
     try:
         known: ServedModel | None = repository.find(name)
@@ -125,7 +137,7 @@ async def load(name: str, request: Request, repository: RepositoryDep, settings:
     try:
         served = await repository.load(spec)
     except ModelLoadError as exc:
-        raise InvalidInput(f"model {name!r} failed to load: {exc}") from None
+        raise InvalidInput(str(exc)) from None  # the message already names the model
     return _entry(served)
 
 
@@ -133,6 +145,7 @@ async def load(name: str, request: Request, repository: RepositoryDep, settings:
 async def unload(name: str, request: Request, repository: RepositoryDep, settings: SettingsDep) -> dict[str, Any]:
     """Stop taking requests for the model, let its queued ones finish, free it."""
     check_admin(request, settings)
+    check_changeable(request)
     await _json_body(request, settings)  # Triton's clients send `unload_dependents`; there are none here
     log.info("repository API: unloading model %r", name)
     return _entry(await repository.unload(name))

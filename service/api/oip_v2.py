@@ -21,6 +21,7 @@ import asyncio
 import base64
 import dataclasses
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,7 +50,7 @@ from service.results import ImageResult, InferenceResult
 router = APIRouter(tags=["open inference protocol (v2)"], include_in_schema=False)
 
 VERSION = "1"  # every model has one version; its path form `/versions/1` is accepted too
-EXTENSIONS = ["binary_tensor_data", "model_repository", "parameters"]
+EXTENSIONS = ["binary_tensor_data", "model_repository", "parameters", "model_configuration", "statistics"]
 OUTPUTS = ("scores", "heatmap", "heatmap_png", "target_class")
 INPUTS = ("image", "pixels")
 # Request parameters that Triton's clients may send and that mean nothing here.
@@ -72,14 +73,13 @@ async def server_live() -> dict[str, bool]:
 
 @router.get("/v2/health/ready")
 async def server_ready(repository: RepositoryDep) -> dict[str, bool]:
-    if not repository.ready:
-        waiting = [f"{m.name} ({m.state.value})" for m in repository if not m.ready and m.state.value != "unloaded"]
-        raise NotReady("the server is shutting down" if repository.draining
-                       else f"models not ready: {', '.join(waiting) or 'none loaded'}")
+    reason = repository.not_ready_reason()
+    if reason is not None:
+        raise NotReady(reason)
     return {"ready": True}
 
 
-def _version(name: str, version: str | None) -> None:
+def check_version(name: str, version: str | None) -> None:
     if version is not None and version != VERSION:
         raise ModelNotFound(f"model {name!r} has no version {version!r}; versions: {VERSION}")
 
@@ -106,12 +106,12 @@ async def model_metadata(name: str, repository: RepositoryDep) -> dict[str, Any]
 
 @router.get("/v2/models/{name}/versions/{version}")
 async def model_version_metadata(name: str, version: str, repository: RepositoryDep) -> dict[str, Any]:
-    _version(name, version)
+    check_version(name, version)
     return metadata(repository.get(name))
 
 
 def _model_ready(repository: ModelRepository, name: str, version: str | None) -> dict[str, Any]:
-    _version(name, version)
+    check_version(name, version)
     served = repository.get(name)  # 404 unknown or unloaded, 503 loading, failed or draining
     return {"name": served.name, "ready": True}
 
@@ -150,10 +150,18 @@ def _bool(value: Any, what: str) -> bool:
     return value
 
 
+# No input holds more elements than this (64 images of 40 MP, RGB): a shape beyond it is refused before
+# anything multiplies it in fixed-width integers, where it could wrap around.
+MAX_ELEMENTS = 2**40
+
+
 def _shape(value: Any, name: str) -> list[int]:
     if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                                  for d in value):
         raise InvalidInput(f"input {name!r}: `shape` must be a list of non-negative integers, got {value!r}")
+    if math.prod(value) > MAX_ELEMENTS:  # Python integers: exact, whatever the size
+        raise InvalidInput(f"input {name!r}: `shape` {value} holds {math.prod(value)} elements, more than any "
+                           f"request may ({MAX_ELEMENTS})")
     return value
 
 
@@ -206,9 +214,9 @@ def _pixels_input(tensor: dict[str, Any], shape: list[int], raw: bytes | None) -
         array = binary.unpack_numbers(raw, datatype, shape, "pixels")
     else:
         values = _flatten(tensor["data"], "pixels")
-        if len(values) != int(np.prod(shape)):
+        if len(values) != math.prod(shape):
             raise InvalidInput(f"input 'pixels': {len(values)} elements in `data`, its shape {shape} says "
-                               f"{int(np.prod(shape))}")
+                               f"{math.prod(shape)}")
         if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
             raise InvalidInput("input 'pixels': `data` must hold numbers")
         if datatype == "UINT8" and not all(isinstance(v, int) and 0 <= v <= 255 for v in values):
@@ -223,6 +231,7 @@ def parse_inputs(header: dict[str, Any], chunks: binary.Chunks) -> list[ImageInp
     if not isinstance(inputs, list) or not inputs:
         raise InvalidInput(f"`inputs` must be a non-empty list of tensors; valid inputs: {', '.join(INPUTS)}")
     images: list[ImageInput] | None = None
+    seen = None
     for tensor in inputs:
         if not isinstance(tensor, dict):
             raise InvalidInput("each of `inputs` must be a JSON object")
@@ -238,9 +247,11 @@ def parse_inputs(header: dict[str, Any], chunks: binary.Chunks) -> list[ImageInp
             raw = chunks.take(params["binary_data_size"], name)
         elif "data" not in tensor:
             raise InvalidInput(f"input {name!r} has neither `data` nor `parameters.binary_data_size`")
-        parsed = _images_input(tensor, shape, raw) if name == "image" else _pixels_input(tensor, shape, raw)
         if images is not None:
-            raise InvalidInput("send one input, `image` or `pixels`, not both")
+            raise InvalidInput(f"input {name!r} is given twice" if name == seen else
+                               "send one input, `image` or `pixels`, not both")
+        seen = name
+        parsed = _images_input(tensor, shape, raw) if name == "image" else _pixels_input(tensor, shape, raw)
         images = parsed
     chunks.finish()
     assert images is not None
@@ -331,6 +342,9 @@ def _top(plan: Plan, top: int) -> Plan:
 def plan_passes(dataplane: DataPlane, model: str, n: int, params: dict[str, Any], wanted: list[Wanted]) -> Passes:
     by_name = {w.name: w for w in wanted}
     if not by_name.keys() & {"heatmap", "heatmap_png", "target_class"}:
+        if params.keys() & {*_EXPLAIN_KEYS, *_RENDER_KEYS} - {"top_k"}:
+            # Checked as if a heatmap were asked for, so a typo in an option is a 400 whatever the outputs.
+            plan_passes(dataplane, model, n, params, [Wanted("heatmap", False, {})])
         return Passes(dataplane.plan(model, n))
     served = dataplane.repository.get(model)
     assert served.model is not None
@@ -449,7 +463,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 async def _infer(request: Request, name: str, version: str | None, dataplane: DataPlane, limit: int) -> Response:
-    _version(name, version)
+    check_version(name, version)
     body = await read_body(request, limit)
     raw_header, rest = binary.split(body, request.headers.get(binary.HEADER))
     header = json_object(raw_header, "the inference request")

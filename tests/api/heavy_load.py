@@ -1,7 +1,7 @@
 """Heavy overlay renders beside a stream of small predictions, against a real server process.
 
 Used by ``tests/api/test_heavy_renders.py`` (the bound) and ``python -m tests.api.heavy_load`` (the
-numbers quoted in the README and the report). The server's resident memory is sampled from
+numbers quoted in docs/operations.md). The server's resident memory is sampled from
 ``/proc/<pid>/status`` every 10 ms while the load runs.
 """
 

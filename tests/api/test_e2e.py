@@ -1,4 +1,4 @@
-"""Against a real uvicorn process on a free loopback port: the README's curl examples, verbatim."""
+"""Against a real uvicorn process on a free loopback port: the documents' curl examples, verbatim."""
 
 from __future__ import annotations
 
@@ -6,39 +6,38 @@ import json
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.api.conftest import png_bytes, scene
+from tests.doc_examples import curl_examples
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def readme_examples() -> list[str]:
-    """The ```bash blocks of README's API section that call curl."""
-    text = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
-    return [b for b in blocks if b.lstrip().startswith("curl")]
+EXAMPLES = curl_examples()
 
 
-def test_readme_has_curl_examples():
-    assert len(readme_examples()) >= 6
+def test_documents_have_curl_examples():
+    """The README's tour and the API and Protocols pages keep their executed examples."""
+    where = {e.where.split(":")[0] for e in EXAMPLES}
+    assert {"README.md", "docs/api.md", "docs/protocols.md"} <= where, where
+    assert len(EXAMPLES) >= 15
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-@pytest.mark.parametrize("index", range(len(readme_examples())))
-def test_readme_curl_example(server, tmp_path, index):
+@pytest.mark.parametrize("example", EXAMPLES, ids=[e.where for e in EXAMPLES])
+def test_documented_curl_example(server, tmp_path, example):
     _, port = server
     (tmp_path / "circle.png").write_bytes(png_bytes(scene("circle")[0]))
     (tmp_path / "ring.png").write_bytes(png_bytes(scene("ring", seed=2)[0]))
-    script = readme_examples()[index].replace("localhost:8000", f"localhost:{port}")
+    script = example.code.replace("localhost:8000", f"localhost:{port}")
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True,
                           timeout=60)
     assert done.returncode == 0, done.stderr.decode()
     out = done.stdout.decode()
-    if "-o " in script:
+    expected = re.findall(r"^# (\d{3})$", example.code, flags=re.M)
+    if "-o /dev/null" in script:  # a status example: `-w '%{http_code}'`, with the status it shows as `# NNN`
+        assert expected and out.split() == expected, (out, expected)
+    elif "-o " in script:
         produced = [p for p in tmp_path.iterdir() if p.name not in ("circle.png", "ring.png")]
         assert produced and all(p.read_bytes().startswith(b"\x89PNG") for p in produced)
     else:

@@ -1,5 +1,5 @@
 """Heavy overlay renders do not starve small requests, and the server's memory stays within the
-bound README documents (about 10 bytes per heatmap pixel in flight plus 10 per uploaded pixel)."""
+bound docs/operations.md documents (about 10 bytes per heatmap pixel in flight plus 10 per uploaded pixel)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from tests.api.heavy_load import HEAVY_PATH, photo_jpeg, run_load
 from tests.api.server import free_port, start_server
 
-BYTES_PER_HEATMAP_PIXEL = 10  # README, "Memory of heavy requests"
+BYTES_PER_HEATMAP_PIXEL = 10  # docs/operations.md, "Memory of heavy requests"
 BYTES_PER_UPLOAD_PIXEL = 10
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import base64
-import re
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -12,11 +10,11 @@ import pytest
 
 from service.models.scenes import SHAPE_CLASSES
 from tests.api.conftest import png_bytes, scene
+from tests.doc_examples import ROOT, fenced
 
 httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
 K = len(SHAPE_CLASSES)
 
 
@@ -137,14 +135,52 @@ def test_bad_input_is_400(triton):
     assert str(info.value.status()) == "400" and "image" in info.value.message()
 
 
-def test_readme_tritonclient_snippet(server, tmp_path, monkeypatch):
-    """The README's ```python block that uses tritonclient, run as written (against this server)."""
+def test_documented_tritonclient_snippet(server, tmp_path, monkeypatch):
+    """The Protocols page's ```python block that uses tritonclient, run as written (against this server)."""
     _, port = server
-    text = (ROOT / "README.md").read_text()
-    (snippet,) = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "tritonclient" in b]
+    page = ROOT / "docs" / "protocols.md"
+    (snippet,) = [b for b in fenced(page, "python") if "tritonclient" in b]
     (tmp_path / "circle.png").write_bytes(png_bytes(scene("circle")[0]))
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, object] = {}
-    exec(compile(snippet.replace("localhost:8000", f"localhost:{port}"), "README.md", "exec"), namespace)
+    exec(compile(snippet.replace("localhost:8000", f"localhost:{port}"), str(page), "exec"), namespace)
     assert namespace["label"] == "circle"
     assert (tmp_path / "heatmap.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_model_configuration_and_statistics_extensions(triton, circle_file):
+    """tritonclient's get_model_config and get_inference_statistics read what camserve knows."""
+    assert {"model_configuration", "statistics"} <= set(triton.get_server_metadata()["extensions"])
+    config = triton.get_model_config("shapes")
+    assert config["name"] == "shapes" and config["max_batch_size"] == 32
+    assert [i["name"] for i in config["input"]] == ["image", "pixels"]
+    assert config["input"][0]["data_type"] == "TYPE_STRING"
+    assert config["output"][0] == {"name": "scores", "data_type": "TYPE_FP32", "dims": [K]}
+    assert config["dynamic_batching"]["max_queue_delay_microseconds"] == 5000
+
+    def stats() -> dict:
+        (entry,) = triton.get_inference_statistics("shapes")["model_stats"]
+        return entry
+
+    before = stats()
+    triton.infer("shapes", [png_input(circle_file, True)],
+                 outputs=[httpclient.InferRequestedOutput("scores", binary_data=True)])
+    bad = httpclient.InferInput("image", [1], "BYTES")
+    bad.set_data_from_numpy(np.array([b"not an image"], dtype=np.object_), binary_data=True)
+    with pytest.raises(InferenceServerException):
+        triton.infer("shapes", [bad])
+    after = stats()
+    assert after["name"] == "shapes" and after["version"] == "1"
+    s0, s1 = before["inference_stats"], after["inference_stats"]
+    assert s1["success"]["count"] == s0["success"]["count"] + 1 and s1["success"]["ns"] > s0["success"]["ns"]
+    assert s1["fail"]["count"] == s0["fail"]["count"] + 1
+    assert after["inference_count"] == before["inference_count"] + 1
+    assert after["execution_count"] == before["execution_count"] + 1
+    assert s1["compute_infer"]["ns"] > s0["compute_infer"]["ns"] and after["last_inference"] > 0
+    assert sum(b["compute_infer"]["count"] for b in after["batch_stats"]) == after["execution_count"]
+    everything = triton.get_inference_statistics()["model_stats"]
+    assert [m["name"] for m in everything] == ["shapes"]
+    with pytest.raises(InferenceServerException, match="unknown model"):
+        triton.get_model_config("nope")
+    with pytest.raises(InferenceServerException, match="unknown model"):
+        triton.get_inference_statistics("nope")

@@ -41,11 +41,11 @@ def activation_and_gradient(model, layer, x, c):
 
 def check_principal_sign(name, size, ours, reference, basis):
     """``ours``: our normalised map; ``reference``: the reference's map; ``basis``: ``(1, C, h, w)`` the
-    projected tensor. Ours is ReLU of the projection with README's sign (positive correlation with the
-    channel mean of ``basis``); the reference is ReLU of the projection with either sign."""
+    projected tensor. Ours is ReLU of the projection with the documented sign (docs/api.md: positive
+    correlation with the channel mean of ``basis``); the reference is ReLU of the projection with either sign."""
     p = principal_projection(basis)
     mean_map = basis.mean(dim=1)
-    assert pearson(p.numpy(), mean_map.numpy()) >= 0, f"{name}: projection sign is not README's rule"
+    assert pearson(p.numpy(), mean_map.numpy()) >= 0, f"{name}: projection sign is not the documented rule"
     ours_up = upsampled(ours[None], size)[0]
     assert pearson(ours_up, upsampled(p.clamp(min=0), size)[0]) >= 0.99
     if reference.max() > 0:

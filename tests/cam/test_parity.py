@@ -69,7 +69,7 @@ def test_gradient_methods_match_pytorch_grad_cam(arch, method):
 
 
 def test_eigencam_follows_readme_sign_rule(arch):
-    """Ours is ReLU of the projection whose sign correlates positively with the mean activation (README);
+    """Ours is ReLU of the projection whose sign correlates positively with the mean activation (docs/api.md);
     the reference's SVD picks either sign, so it must equal ReLU of one of the two."""
     name, layer, model, x = arch
     with CamEngine(model, x[:1]) as engine:

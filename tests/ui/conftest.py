@@ -23,7 +23,7 @@ from tests.api.server import free_port, start_server
 CHROMIUM = Path(os.environ.get("CAMSERVE_CHROMIUM", "/usr/bin/chromium"))
 CHROMEDRIVER = Path(os.environ.get("CAMSERVE_CHROMEDRIVER", "/usr/bin/chromedriver"))
 ROOT = Path(__file__).resolve().parents[2]
-# Screenshots of each view land here (bench-results/ is ignored by git); one is copied into the README.
+# Screenshots of each view land here (bench-results/ is ignored by git); one is copied to docs/images/ui-page.png.
 SHOTS = ROOT / "bench-results" / "ui"
 API_KEY = "ui-test-key"
 
