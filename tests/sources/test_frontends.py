@@ -78,6 +78,8 @@ def test_models_lists_each_source(client):
     assert listed["ox"]["source"] == "onnx:r18.onnx" and listed["ex"]["source"] == "export:r18.pt2"  # no server paths
     assert listed["ox"]["methods"] == ["eigencam", "scorecam", "ablationcam"]
     assert listed["hf"]["explanations"] == "gradients" and listed["hf"]["layers"][0] == "convnext.encoder.stages.3"
+    assert client.get("/v2/models/ox").json()["platform"] == "onnxruntime_onnx"
+    assert client.get("/v2/models/tm").json()["platform"] == "pytorch"
     detail = client.get("/models/ox").json()
     assert detail["layer_details"][0]["name"] == "/layer4/layer4.1/relu_1/Relu_output_0"
     assert detail["layer_details"][0]["layout"] == "nchw" and detail["layer_details"][0]["channels"] == 512
