@@ -159,14 +159,15 @@ def _torchvision(spec: ModelSpec, builder: str, num_labels: int | None) -> Built
         raise ModelLoadError(f"model {spec.name!r}: unknown torchvision classifier {builder!r}; known: "
                              f"{', '.join(available)}")
     weights = spec.weights
+    options = dict(spec.options or {})
     if weights is None or weights.lower() == "none":
         log.warning("model %r: no weights given, using random initialisation", spec.name)
         kwargs = {"num_classes": num_labels} if num_labels else {}
-        return Built(torchvision.models.get_model(builder, weights=None, **{**kwargs, **(spec.options or {})}))
+        return Built(torchvision.models.get_model(builder, weights=None, **{**kwargs, **options}))
     if Path(weights).suffix in (".pth", ".pt", ".safetensors"):
         state = load_state_dict(weights)
-        model = torchvision.models.get_model(builder, weights=None,
-                                             num_classes=num_labels or _head_size(state) or 1000)
+        model = torchvision.models.get_model(builder, weights=None, **{
+            "num_classes": num_labels or _head_size(state) or 1000, **options})
         try:
             load_weights(model, state, f"torchvision's {builder}")
         except RuntimeError as exc:  # same names, other shapes
@@ -181,7 +182,7 @@ def _torchvision(spec: ModelSpec, builder: str, num_labels: int | None) -> Built
         known = ", ".join(m.name for m in enum)
         raise ModelLoadError(f"model {spec.name!r}: unknown weights {weights!r} for {builder}; known: {known}, "
                              "a state_dict file, or none") from None
-    model = torchvision.models.get_model(builder, weights=w)
+    model = torchvision.models.get_model(builder, weights=w, **options)
     tf = w.transforms()
     crop = tuple(getattr(tf, "crop_size", [224, 224]))
     resize = getattr(tf, "resize_size", [256])

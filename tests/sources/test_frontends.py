@@ -139,3 +139,14 @@ def test_without_a_method_each_model_uses_its_first(client, png):
         body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64(png)]}],
                 "outputs": [{"name": "heatmap"}]}
         assert client.post(f"/v2/models/{name}/infer", json=body).status_code == 200
+
+
+def test_options_reach_the_torchvision_builder():
+    from service.registry import load_model
+
+    served = load_model(ModelSpec("m", "torchvision:mobilenet_v3_small", device="cpu", options={"width_mult": 0.5},
+                                  preprocess={"resize": 64, "crop": 64}))
+    try:
+        assert served.engine.layers.layouts["features"].channels == 288  # 576 at full width
+    finally:
+        served.close()
