@@ -62,6 +62,9 @@ class GraphRuntime:
     def aliases(self) -> dict[str, str]:
         return {}
 
+    def layout_hints(self) -> dict[str, str]:
+        return {}
+
     def replay(self, output: str, value: Tensor) -> Tensor | None:
         return None
 

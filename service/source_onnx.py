@@ -29,6 +29,11 @@ from service.sources import Built, ModelLoadError, require, source
 
 log = logging.getLogger("camserve.registry")
 
+_CHANNELS_FIRST_OPS = {"Conv", "ConvTranspose", "BatchNormalization", "MaxPool", "AveragePool", "LpPool",
+                       "InstanceNormalization", "LRN", "GroupNormalization", "DepthToSpace", "SpaceToDepth"}
+_ELEMENTWISE_OPS = {"Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Clip", "Gelu",
+                    "Erf", "Elu", "Selu", "Mish", "Softplus", "Add", "Sub", "Mul", "Div", "Dropout", "Identity",
+                    "Cast"}
 # Sessions kept per set of requested outputs; a new layer builds one (tens of milliseconds on resnet50).
 _MAX_SESSIONS = 8
 
@@ -83,6 +88,32 @@ class OnnxRuntime:
                 if value is not None and len(value.type.tensor_type.shape.dim) in (3, 4):
                     names.append(out)
         return names
+
+    def layout_hints(self) -> dict[str, str]:
+        """Layouts the operators fix: convolutions, batch norms and pools make ``nchw``; a transpose moves the
+        channels; element-wise operators keep their input's; a layer norm or matrix product over the last axis
+        of a 4-D tensor reads it as channels-last."""
+        hints: dict[str, str] = {self.input.name: "nchw"}
+        for node in self.model.graph.node:
+            if not node.output:
+                continue
+            out, first = node.output[0], (node.input[0] if node.input else "")
+            if node.op_type in _CHANNELS_FIRST_OPS:
+                hints[out] = "nchw"
+            elif node.op_type == "Transpose" and first in hints:
+                perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [])
+                moved = {("nchw", (0, 2, 3, 1)): "nhwc", ("nhwc", (0, 3, 1, 2)): "nchw"}
+                if (hints[first], tuple(perm)) in moved:
+                    hints[out] = moved[(hints[first], tuple(perm))]
+            elif node.op_type in _ELEMENTWISE_OPS and first in hints:
+                hints[out] = hints[first]
+            elif node.op_type in ("LayerNormalization", "MatMul") and self._rank(first) == 4:
+                hints[out] = "nhwc"
+        return hints
+
+    def _rank(self, name: str) -> int:
+        value = self._values.get(name)
+        return len(value.type.tensor_type.shape.dim) if value is not None else 0
 
     def aliases(self) -> dict[str, str]:
         """Each module path in the exporter's scope names -> the last rank-3/4 tensor made under it, so that

@@ -283,17 +283,20 @@ def find_layers(model: nn.Module, example: Tensor, layout: str | None = None) ->
 
 def find_runtime_layers(runtime: Runtime, example: Tensor, layout: str | None = None) -> LayerInfo:
     """:func:`find_layers` for a model run by a :class:`~service.cam.runtime.Runtime`: its intermediate outputs
-    on two copies of ``example``, each laid out by its shape alone (no module says more), the last spatial
-    one the default."""
+    on two copies of ``example``, each laid out by its shape, or where that fits two layouts by the runtime's
+    hint, else by ``layout``; the last spatial one is the default."""
     x = example[:1].expand(2, *example.shape[1:]).contiguous()
     size = (int(x.shape[2]), int(x.shape[3]))
     names = list(runtime.outputs())
     _, outs = runtime.run(x, names)
+    hints = runtime.layout_hints()
     layouts: dict[str, Layout] = {}
     for name, out in zip(names, outs, strict=True):
         options = {lay.kind: lay for lay in _by_shape(out, 2, size)}
         if len(options) == 1:
             layouts[name] = next(iter(options.values()))
+        elif hints.get(name) in options:
+            layouts[name] = options[hints[name]]
         elif layout in options:
             layouts[name] = options[layout]
     if not layouts:

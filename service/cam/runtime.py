@@ -27,6 +27,11 @@ class Runtime(Protocol):
         """``x`` ``(N, 3, H, W)`` -> logits ``(N, K)`` and the named outputs, on ``x``'s device."""
         ...
 
+    def layout_hints(self) -> Mapping[str, str]:
+        """Outputs whose layout the graph settles where their shape alone cannot (a convolution's output is
+        ``nchw`` even when its channels equal its height), each -> ``nchw`` or ``nhwc``."""
+        ...
+
     def aliases(self) -> Mapping[str, str]:
         """Other names of its outputs (the module path that produced one), each -> the output's name."""
         ...

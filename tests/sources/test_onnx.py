@@ -13,6 +13,7 @@ from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
 from service.cam import CamEngine, CamQuery
+from service.cam.layers import Layout
 from service.errors import InvalidArgument
 from service.registry import ModelLoadError, ModelSpec, load_model
 from tests.cam.helpers import pearson
@@ -152,3 +153,38 @@ def test_missing_file_and_package(resnet, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(ModelLoadError, match=r"needs the 'onnxruntime' package: pip install 'camserve\[onnx\]'"):
         load_model(ModelSpec("o", f"onnx:{resnet[1]}", device="cpu"))
+
+
+def test_operators_settle_layouts_the_shape_leaves_open(tmp_path):
+    """At 256 px resnet's layer1 is (N, 64, 64, 64): NCHW and NHWC both fit the shape; the Conv, BatchNorm and
+    Relu that made it say NCHW. A channels-last block after a Transpose reads as NHWC."""
+    torch.manual_seed(0)
+    path = _export(torchvision.models.resnet18(num_classes=3).eval(), tmp_path / "r18.onnx", 256)
+    served = _served(path, 256)
+    try:
+        layouts = served.engine.layers.layouts
+        assert layouts["/layer1/layer1.1/relu_1/Relu_output_0"] == Layout("nchw", (64, 64), 64)
+        assert served.engine.layers.resolve("layer1") == "/layer1/layer1.1/relu_1/Relu_output_0"
+    finally:
+        served.close()
+    model = _ChannelsLast().eval()
+    served = _served(_export(model, tmp_path / "cl.onnx", 32), 32)
+    try:
+        kinds = {lay.kind for name, lay in served.engine.layers.layouts.items() if name.startswith("/norm/")}
+        assert kinds == {"nhwc"}
+    finally:
+        served.close()
+
+
+class _ChannelsLast(nn.Module):
+    """A conv, then a LayerNorm over channels-last (N, 8, 8, 8): a shape that fits both layouts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=4, padding=1)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.norm(self.conv(x).permute(0, 2, 3, 1))
+        return self.head(t.mean(dim=(1, 2)))
