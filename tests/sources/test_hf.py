@@ -103,3 +103,11 @@ def test_a_hub_id_offline_is_a_clear_error(monkeypatch):
     with pytest.raises(ModelLoadError, match="cannot fetch 'someone/no-such-model' from the Hugging Face hub: the "
                                              "machine is offline"):
         load_model(ModelSpec("h", "hf:someone/no-such-model", device="cpu"))
+
+
+def test_missing_package_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(ModelLoadError, match=r"needs the 'transformers' package: pip install 'camserve\[hf\]'"):
+        load_model(ModelSpec("h", f"hf:{tmp_path}", device="cpu"))
