@@ -202,7 +202,8 @@ def _decide(module: nn.Module, out: Tensor, first_input: object, known: Mapping[
         return kinds[known[id(out)].kind]
     if isinstance(module, _CHANNELS_FIRST):
         return kinds.get("nchw")
-    if isinstance(module, _CHANNELS_LAST):
+    # Exact types: a subclass may move the axes first (timm's LayerNorm2d normalises NCHW channels).
+    if type(module) in _CHANNELS_LAST:
         return kinds.get("nhwc")
     if isinstance(first_input, Tensor) and first_input.shape == out.shape and id(first_input) in known:
         return kinds.get(known[id(first_input)].kind)  # element-wise: activations, residual blocks

@@ -192,3 +192,17 @@ class _OneAtATime(nn.Module):
 def test_a_model_that_runs_one_image_at_a_time_is_traced_on_one():
     info = find_layers(_OneAtATime().eval(), _x(1, 32))
     assert info.layouts["conv"] == Layout("nchw", (16, 16), 4)
+
+
+class _NormOverChannelsFirst(nn.LayerNorm):
+    """timm's LayerNorm2d in miniature: a LayerNorm subclass that normalises the channels of an NCHW map."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def test_a_layer_norm_subclass_is_not_taken_for_channels_last():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=4, padding=1), _NormOverChannelsFirst(8), nn.Flatten(),
+                          nn.LazyLinear(2)).eval()
+    info = find_layers(model, _x(1, 32))
+    assert info.layouts["1"] == Layout("nchw", (8, 8), 8)
