@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("image", help="an image file (PNG, JPEG, WebP, GIF, BMP, TIFF)")
     ex.add_argument("--config", help="models.toml (default: the built-in shapes model)")
     ex.add_argument("--model", help="which configured model (default: the first)")
-    ex.add_argument("--method", default="gradcam", help="CAM method (default gradcam)")
+    ex.add_argument("--method", help="CAM method (default: gradcam, or eigencam for a model without gradients)")
     ex.add_argument("--layer", help="target layer (default: the model's)")
     ex.add_argument("--target", action="append", help="class index or label (repeatable; default: the top class)")
     ex.add_argument("--output", default="overlay", choices=["png", "overlay"], help="greyscale png or a colour overlay")

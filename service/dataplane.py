@@ -46,7 +46,7 @@ def method_name(name: str) -> str:
 class ExplainOptions:
     """What to explain and how to render it; the defaults are the native API's."""
 
-    method: str = "gradcam"
+    method: str | None = None  # None: the model's first method (gradcam, or eigencam without gradients)
     layer: str | Sequence[str] | None = None  # several layers are fused with `fuse`
     targets: Sequence[int | str] = field(default_factory=tuple)
     fuse: str = "mean"
@@ -111,7 +111,7 @@ class DataPlane:
             raise InvalidArgument("top_k", f"`top_k` must be between 1 and {k}, got {top_k}")
         if explain is None:
             return Plan(served, top_k, None, None)
-        method = method_name(explain.method)
+        method = method_name(explain.method or (loaded.engine.methods or ["gradcam"])[0])
         if len(explain.targets) > MAX_TARGETS:
             raise InvalidArgument("targets", f"at most {MAX_TARGETS} targets per request, got {len(explain.targets)}")
         layer = explain.layer if explain.layer is None or isinstance(explain.layer, str) else tuple(explain.layer)

@@ -11,7 +11,10 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # How logits become the scores clients see: softmax for one-of-K heads, sigmoid for multi-label or
 # single-logit binary heads (softmax over one output is always 1.0), none for raw scores.
 ACTIVATIONS = ("softmax", "sigmoid", "none")
-SOURCE_KINDS = ("builtin", "torchvision", "torchscript", "python")
+# How a layer's output lies on the image grid (service.cam.layers.LAYOUTS; kept here so a config check
+# imports no torch).
+LAYOUTS = ("nchw", "nhwc", "tokens", "lnd")
+SOURCE_KINDS = ("builtin", "torchvision", "torchscript", "python", "timm", "hf", "onnx", "export")
 
 
 class SpecError(ValueError):
@@ -42,6 +45,7 @@ _PREPROCESS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "crop": ("a positive integer, [height, width], or false for no crop", lambda v: _size(v, True)),
     "mean": ("a list of 3 numbers", lambda v: _triple(v, False)),
     "std": ("a list of 3 positive numbers", lambda v: _triple(v, True)),
+    "interpolation": ("bilinear, bicubic or nearest", lambda v: v in ("bilinear", "bicubic", "nearest")),
 }
 
 
@@ -59,6 +63,8 @@ class ModelSpec:
     preprocess: Mapping[str, Any] | None = None
     precision: str = "fp32"
     output: str = "softmax"
+    layout: str | None = None  # read layers this way where their shape allows it (nchw, nhwc, tokens, lnd)
+    options: Mapping[str, Any] | None = None  # keyword arguments of the source's builder (timm, torchvision)
 
     @property
     def kind(self) -> str:
@@ -72,23 +78,30 @@ class ModelSpec:
             raise SpecError([f"{where}: must be a table ([models.{name}] with `source` = ...), got "
                              f"{type(table).__name__} {table!r}"])
         problems: list[str] = []
-        known = {"source", "weights", "device", "target_layer", "labels", "preprocess", "precision", "output"}
+        known = {"source", "weights", "device", "target_layer", "labels", "preprocess", "precision", "output",
+                 "layout", "options"}
         for key in sorted(set(table) - known):
             problems.append(f"{where}: unknown key `{key}`; known: {', '.join(sorted(known))}")
-        for key in sorted(known - {"preprocess"}):
+        for key in sorted(known - {"preprocess", "options"}):
             if key in table and not isinstance(table[key], str):
                 problems.append(f"{where}: `{key}` must be a string, got {table[key]!r}")
         source = table.get("source")
         if source is None:
-            problems.append(f"{where}: `source` is required (builtin:shapes, torchvision:<builder>, "
-                            "torchscript:<path> or python:<module>:<factory>)")
+            problems.append(f"{where}: `source` is required (builtin:shapes, torchvision:<builder>, timm:<name>, "
+                            "hf:<directory>, onnx:<file>, export:<file>, torchscript:<path> or "
+                            "python:<module>:<factory>)")
         elif isinstance(source, str) and source.partition(":")[0] not in SOURCE_KINDS:
             problems.append(f"{where}: `source` must start with one of {', '.join(SOURCE_KINDS)}, got {source!r}")
         if isinstance(table.get("precision"), str) and table["precision"] not in PRECISIONS:
             problems.append(f"{where}: `precision` must be one of {', '.join(PRECISIONS)}, got "
                             f"{table['precision']!r}")
+        if isinstance(table.get("layout"), str) and table["layout"] not in LAYOUTS:
+            problems.append(f"{where}: `layout` must be one of {', '.join(LAYOUTS)}, got {table['layout']!r}")
         if isinstance(table.get("output"), str) and table["output"] not in ACTIVATIONS:
             problems.append(f"{where}: `output` must be one of {', '.join(ACTIVATIONS)}, got {table['output']!r}")
+        if "options" in table and not isinstance(table["options"], Mapping):
+            problems.append(f"{where}: `options` must be a table of the builder's keyword arguments, got "
+                            f"{table['options']!r}")
         pre = table.get("preprocess")
         if pre is not None:
             if not isinstance(pre, Mapping):

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
 @dataclass(frozen=True)
@@ -29,17 +31,21 @@ class Geometry:
 
 @dataclass(frozen=True)
 class Preprocess:
-    """``resize``: shorter side (int) or exact ``(h, w)``; ``crop``: center crop ``(h, w)`` or None."""
+    """``resize``: shorter side (int) or exact ``(h, w)``; ``crop``: center crop ``(h, w)`` or None;
+    ``interpolation``: the resize filter (``bilinear``, ``bicubic`` or ``nearest``)."""
 
     resize: int | tuple[int, int] | None = 256
     crop: tuple[int, int] | None = (224, 224)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
 
     def __post_init__(self) -> None:
         if self.crop is None and not isinstance(self.resize, tuple):
             raise ValueError("preprocess needs `crop`, or `resize` as [height, width], so that every "
                              "image has the same input size")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"`interpolation` must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"`std` must be positive, got {list(self.std)}")
 
@@ -68,7 +74,8 @@ class Preprocess:
         """``(H, W, 3)`` uint8 -> ``(3, h, w)`` uint8 model-input pixels (resized and cropped)."""
         chw = image.permute(2, 0, 1)
         if geom.resized != geom.original:
-            chw = TF.resize(chw, list(geom.resized), antialias=True)
+            chw = TF.resize(chw, list(geom.resized), interpolation=InterpolationMode(self.interpolation),
+                            antialias=True)
         top, left, ch, cw = geom.crop
         if (top, left) != (0, 0) or (ch, cw) != geom.resized:
             # A crop larger than the image pads with zeros, as torchvision's center_crop does.

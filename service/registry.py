@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from service.cam import CamEngine, find_layers
+from service.cam.layers import find_runtime_layers
+from service.cam.runtime import Runtime
 from service.errors import InvalidArgument
 from service.labels import LabelsFileError, read_labels
 from service.modelspec import ModelSpec
@@ -57,6 +59,22 @@ class LoadedModel:
     def explainable(self) -> bool:
         return bool(self.engine.layers.candidates)
 
+    @property
+    def explanations(self) -> str:
+        """``gradients``, ``gradient-free`` (a runtime outside autograd) or ``none``."""
+        if not self.explainable:
+            return "none"
+        return "gradients" if self.engine.runtime is None else "gradient-free"
+
+    @property
+    def explanations_note(self) -> str | None:
+        """Why the model cannot be explained, when it cannot."""
+        try:
+            self.engine.layers.resolve(None)
+        except InvalidArgument as exc:
+            return exc.message
+        return None
+
     def scores(self, logits: Tensor) -> Tensor:
         """``(..., K)`` logits -> the scores clients see, per the spec's ``output`` activation."""
         x = logits.float()
@@ -98,6 +116,7 @@ def _override(base: Preprocess, table: Mapping[str, Any] | None) -> Preprocess:
         crop=None if crop is False or crop is None else size(crop),
         mean=tuple(table.get("mean", base.mean)),
         std=tuple(table.get("std", base.std)),
+        interpolation=table.get("interpolation", base.interpolation),
     )
 
 
@@ -107,7 +126,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         labels = read_labels(spec.labels) if spec.labels else None
         built = build(spec, len(labels) if labels else None)
         preprocess = _override(built.preprocess, spec.preprocess)
-        return serve_module(built.module, spec, labels or built.labels, preprocess)
+        return serve_module(built.module, spec, labels or built.labels, preprocess, built.default_layer,
+                            built.runtime)
     except ModelLoadError as exc:
         if str(exc).startswith(f"model {spec.name!r}"):
             raise
@@ -120,8 +140,11 @@ def load_model(spec: ModelSpec) -> LoadedModel:
 
 
 def serve_module(module: nn.Module, spec: ModelSpec, labels: list[str] | None = None,
-                 preprocess: Preprocess | None = None) -> LoadedModel:
-    """Wrap an already-built module (from a notebook, a test) as a servable model."""
+                 preprocess: Preprocess | None = None, default_layer: str | None = None,
+                 runtime: Runtime | None = None) -> LoadedModel:
+    """Wrap an already-built module (from a notebook, a test) as a servable model; ``default_layer`` is the
+    source's choice of target layer, used unless the spec names one; ``runtime``: what runs ``module``
+    outside autograd, when something does."""
     pre = preprocess or Preprocess()
     device = resolve_device(spec.device)
     # channels_last: faster convolutions with oneDNN on CPU (measured once on shapes at batch 32: 0.52
@@ -131,13 +154,16 @@ def serve_module(module: nn.Module, spec: ModelSpec, labels: list[str] | None = 
         p.requires_grad_(False)
     h, w = pre.input_size
     example = torch.zeros(1, 3, h, w, device=device)
-    layers = find_layers(module, example)
+    layers = (find_layers(module, example, spec.layout) if runtime is None
+              else find_runtime_layers(runtime, example, spec.layout))
     if spec.target_layer is not None:
         try:
             layers = layers.with_default(layers.resolve(spec.target_layer))
         except InvalidArgument as exc:
             raise ModelLoadError(f"model {spec.name!r}: `target_layer`: {exc.message}") from None
-    engine = CamEngine(module, example, layers)
+    elif default_layer in layers.candidates:
+        layers = layers.with_default(default_layer)
+    engine = CamEngine(module, example, layers, runtime=runtime)
     if labels is not None and len(labels) != engine.num_classes:
         engine.close()
         where = f" in {spec.labels}" if spec.labels else ""

@@ -263,7 +263,8 @@ class ModelRepository:
         # A batch that runs out of memory here is split like any other (Pipeline.compute); only an image
         # that does not fit alone fails the load.
         for n in self._warm_up_sizes(model):
-            await pipeline.run([png] * n, top_k=1, query=CamQuery() if model.explainable else None,
+            query = CamQuery(method=model.engine.methods[0]) if model.explainable else None
+            await pipeline.run([png] * n, top_k=1, query=query,
                                spec=HeatmapSpec(), max_pixels=self.settings.max_image_pixels)
         model.forward_s = await asyncio.to_thread(_forward_seconds, model)
 

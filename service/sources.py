@@ -14,11 +14,13 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import torchvision
 from torch import nn
 
+from service.cam.runtime import Runtime
 from service.modelspec import ModelSpec
 from service.preprocess import Preprocess
 
@@ -31,11 +33,14 @@ class ModelLoadError(Exception):
 
 @dataclass(frozen=True)
 class Built:
-    """What a source gives: the module, the labels it brings (if any) and its preprocessing."""
+    """What a source gives: the module, the labels it brings (if any), its preprocessing and, where the
+    source knows the architecture better than a trace does, its default target layer."""
 
     module: nn.Module
     labels: list[str] | None = None
     preprocess: Preprocess = field(default_factory=Preprocess)
+    default_layer: str | None = None
+    runtime: Runtime | None = None  # set when the module runs outside autograd (service.cam.runtime)
 
 
 Loader = Callable[[ModelSpec, str, int | None], Built]
@@ -72,6 +77,15 @@ def build(spec: ModelSpec, num_labels: int | None) -> Built:
         known = ", ".join(s.usage for s in SOURCES.values())
         raise ModelLoadError(f"model {spec.name!r}: unknown source {spec.source!r}; expected {known}")
     return entry.load(spec, target, num_labels)
+
+
+def require(package: str, kind: str, extra: str) -> ModuleType:
+    """Import a source's optional package, or say in one line which extra installs it."""
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise ModelLoadError(f"the {kind}: source needs the {package!r} package: pip install "
+                             f"'camserve[{extra}]'") from None
 
 
 # Keys under which training scripts commonly nest the state_dict in a checkpoint.
@@ -145,14 +159,15 @@ def _torchvision(spec: ModelSpec, builder: str, num_labels: int | None) -> Built
         raise ModelLoadError(f"model {spec.name!r}: unknown torchvision classifier {builder!r}; known: "
                              f"{', '.join(available)}")
     weights = spec.weights
+    options = dict(spec.options or {})
     if weights is None or weights.lower() == "none":
         log.warning("model %r: no weights given, using random initialisation", spec.name)
         kwargs = {"num_classes": num_labels} if num_labels else {}
-        return Built(torchvision.models.get_model(builder, weights=None, **kwargs))
+        return Built(torchvision.models.get_model(builder, weights=None, **{**kwargs, **options}))
     if Path(weights).suffix in (".pth", ".pt", ".safetensors"):
         state = load_state_dict(weights)
-        model = torchvision.models.get_model(builder, weights=None,
-                                             num_classes=num_labels or _head_size(state) or 1000)
+        model = torchvision.models.get_model(builder, weights=None, **{
+            "num_classes": num_labels or _head_size(state) or 1000, **options})
         try:
             load_weights(model, state, f"torchvision's {builder}")
         except RuntimeError as exc:  # same names, other shapes
@@ -167,7 +182,7 @@ def _torchvision(spec: ModelSpec, builder: str, num_labels: int | None) -> Built
         known = ", ".join(m.name for m in enum)
         raise ModelLoadError(f"model {spec.name!r}: unknown weights {weights!r} for {builder}; known: {known}, "
                              "a state_dict file, or none") from None
-    model = torchvision.models.get_model(builder, weights=w)
+    model = torchvision.models.get_model(builder, weights=w, **options)
     tf = w.transforms()
     crop = tuple(getattr(tf, "crop_size", [224, 224]))
     resize = getattr(tf, "resize_size", [256])
@@ -209,3 +224,7 @@ def _python(spec: ModelSpec, target: str, num_labels: int | None) -> Built:
     if spec.weights:
         model.load_state_dict(load_state_dict(spec.weights))
     return Built(model)
+
+
+# Sources whose packages are optional register themselves on import; their modules import lazily.
+from service import source_export, source_hf, source_onnx, source_timm  # noqa: E402, F401

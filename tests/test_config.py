@@ -43,7 +43,7 @@ def _problems(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> l
     ('[models.m]\nsource = "builtin:shapes"\n[models.m.preprocess]\nstd = [0.5, 0.5]\n',
      "model 'm': `preprocess.std` must be a list of 3 positive numbers, got [0.5, 0.5]"),
     ('[models]\na = "builtin:shapes"\n', "model 'a': must be a table ([models.a] with `source` = ...), got str"),
-    ('[models.m]\nsource = "onnx:x.onnx"\n', "model 'm': `source` must start with one of builtin, torchvision"),
+    ('[models.m]\nsource = "tflite:x.tflite"\n', "model 'm': `source` must start with one of builtin, torchvision"),
     ('[models.m]\nsource = "builtin:shapes"\noutput = "logits"\n', "model 'm': `output` must be one of softmax, "
                                                                       "sigmoid, none, got 'logits'"),
     ('default_model = "nope"\n[models.m]\nsource = "builtin:shapes"\n', "`default_model` 'nope' is not among"),

@@ -82,10 +82,13 @@ def test_torchscript_model(tmp_path):
     torch.testing.assert_close(m.engine.predict(x), eager(x), atol=1e-5, rtol=1e-5)
     with pytest.raises(InvalidArgument, match="TorchScript"):
         m.engine.explain(x, [CamQuery()] * 2)
+    # /models says so: predictions only, and why.
+    assert m.explanations == "none" and m.engine.methods == []
+    assert "TorchScript runs no Python forward hooks" in m.explanations_note
 
 
 @pytest.mark.parametrize(("spec", "message"), [
-    (ModelSpec("x", "onnx:model.onnx"), "unknown source"),
+    (ModelSpec("x", "nowhere:model.bin"), "unknown source"),
     (ModelSpec("x", "torchvision:resnet999"), "unknown torchvision classifier"),
     (ModelSpec("x", "torchvision:resnet18", weights="/nope.pth"), "weights file not found"),
     (ModelSpec("x", "builtin:shapes", device="cuda:7"), "CUDA is not available"),

@@ -93,7 +93,9 @@ def metadata(served: ServedModel) -> dict[str, Any]:
         outputs += [{"name": "heatmap", "datatype": "FP32", "shape": [-1, -1, -1, -1]},
                     {"name": "heatmap_png", "datatype": "BYTES", "shape": [-1, -1]},
                     {"name": "target_class", "datatype": "INT64", "shape": [-1, -1]}]
-    return {"name": served.name, "versions": [VERSION], "platform": "pytorch",
+    # Triton's platform names: what runs the model.
+    platform = "onnxruntime_onnx" if m.engine.runtime is not None and m.spec.kind == "onnx" else "pytorch"
+    return {"name": served.name, "versions": [VERSION], "platform": platform,
             "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]},
                        {"name": "pixels", "datatype": "FP32", "shape": [-1, 3, h, w]}],
             "outputs": outputs}
@@ -358,7 +360,7 @@ def plan_passes(dataplane: DataPlane, model: str, n: int, params: dict[str, Any]
 
     def options(render: dict[str, Any], output: str) -> ExplainOptions:
         merged = {**base, **render}
-        return ExplainOptions(method=merged.get("method", "gradcam"), layer=merged.get("layer"),
+        return ExplainOptions(method=merged.get("method"), layer=merged.get("layer"),
                               targets=tuple(merged.get("targets", ())), output=output,  # type: ignore[arg-type]
                               size=merged["size"], colormap=merged.get("colormap", "jet"),
                               alpha=merged.get("alpha", 0.5))

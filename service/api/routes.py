@@ -79,8 +79,9 @@ def _summary(served: ServedModel) -> dict[str, Any]:
     return {
         "name": m.name, "source": public_source(served), "state": served.state.value, "device": str(m.device),
         "num_classes": m.num_classes, "input_size": list(m.preprocess.input_size),
-        "layers": list(m.engine.layers.candidates), "methods": list(METHODS) if m.explainable else [],
-        "method_costs": {n: METHODS[n].cost.value for n in METHODS} if m.explainable else {},
+        "layers": list(m.engine.layers.candidates), "methods": m.engine.methods,
+        "method_costs": {n: METHODS[n].cost.value for n in m.engine.methods},
+        "explanations": m.explanations, "explanations_note": m.explanations_note,
         "precision": m.spec.precision, "output": m.spec.output,
     }
 
@@ -114,7 +115,8 @@ async def get_model(name: str, repository: RepositoryDep) -> dict[str, Any]:
     """One model, with its labels."""
     served = repository.get(name)
     assert served.model is not None
-    return {**_summary(served), "labels": served.model.labels}
+    return {**_summary(served), "labels": served.model.labels,
+            "layer_details": served.model.engine.layers.describe()}
 
 
 async def unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:

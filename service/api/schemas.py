@@ -40,7 +40,8 @@ class PredictOptions(BaseModel):
 class ExplainOptions(PredictOptions):
     targets: list[int | str] | None = Field(
         None, description="Classes to explain for every image, as indices or labels; default: each image's top-1.")
-    method: str = _enum(list(METHODS), "gradcam", "CAM method.")
+    method: str = _enum(list(METHODS), "gradcam", "CAM method; when omitted, gradcam, or eigencam for a model "
+                        "explained without gradients (`explanations` in /models).")
     layer: str | list[str] | None = Field(
         None, description="Dotted module name, or several (comma-separated in forms and queries) fused with "
         "`fuse`; the model's default layer when omitted.")
@@ -62,8 +63,10 @@ class ExplainOptions(PredictOptions):
 
     def request(self) -> ExplainRequest:
         """The data plane's options: every field passes through, so no front-end can drop one."""
+        # A method left out is the model's choice (gradcam, or eigencam without gradients), not the wire default.
         return ExplainRequest(
-            method=self.method, layer=self.layer, targets=tuple(self.targets or ()), fuse=self.fuse,
+            method=self.method if "method" in self.model_fields_set else None, layer=self.layer,
+            targets=tuple(self.targets or ()), fuse=self.fuse,
             smooth=self.smooth, metrics=tuple(self.metrics or ()), metric_steps=self.metric_steps,
             output=self.output, size=self.size, colormap=self.colormap, alpha=self.alpha)  # type: ignore[arg-type]
 
@@ -136,10 +139,25 @@ class ModelSummary(BaseModel):
                                          "replay, forwards (one per channel) or backward.")
     precision: str
     output: str = Field(description="Score activation: softmax, sigmoid or none.")
+    explanations: str = Field(description="gradients (every method), gradient-free (the model runs outside autograd, "
+                              "as an ONNX graph does: methods from activations and extra forwards only) or none.")
+    explanations_note: str | None = Field(None, description="Why the model cannot be explained, when it cannot.")
+
+
+class LayerOut(BaseModel):
+    name: str
+    layout: str = Field(description="How the layer's output lies on the image: nchw, nhwc, tokens (N, prefix + h*w, C)"
+                        " or lnd (prefix + h*w, N, C).")
+    grid: tuple[int, int] = Field(description="The map's (height, width) at the model's input size.")
+    channels: int
+    prefix: int = Field(description="Tokens before the patch grid (class, distillation, register tokens).")
+    aliases: list[str] = Field(description="Other names `layer` accepts for it: the PyTorch module paths an "
+                               "exported graph's tensor came from.")
 
 
 class ModelDetail(ModelSummary):
     labels: list[str]
+    layer_details: list[LayerOut] = Field(description="Each candidate layer, the default first, with its layout.")
 
 
 class ModelList(BaseModel):

@@ -27,10 +27,11 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from service.cam.guided import guided_gradients, has_relu_modules
-from service.cam.layers import LayerInfo, as_spatial, find_layers
-from service.cam.methods import CamContext, CamMethod, Cost, LinearHead, get_method
+from service.cam.layers import LayerInfo, find_layers, find_runtime_layers, from_nchw, to_nchw
+from service.cam.methods import METHODS, CamContext, CamMethod, Cost, LinearHead, get_method
 from service.cam.metrics import DEFAULT_STEPS, check_metrics, metric_forwards, metrics_work
 from service.cam.replay import linear_head, tail_module
+from service.cam.runtime import Runtime
 from service.errors import InvalidArgument
 
 SMOOTHINGS = ("aug", "eigen")
@@ -121,12 +122,17 @@ class CamEngine:
     """
 
     def __init__(self, model: nn.Module, example: Tensor, layers: LayerInfo | None = None,
-                 chunk_rows: int = 32) -> None:
-        """``example``: one input ``(1, 3, H, W)`` on the model's device, used to trace the layers."""
+                 chunk_rows: int = 32, runtime: Runtime | None = None) -> None:
+        """``example``: one input ``(1, 3, H, W)`` on the model's device, used to trace the layers.
+
+        ``runtime``: where the model runs outside autograd (``model`` is then its :class:`RuntimeModule`):
+        layer outputs come from it instead of hooks, and only the gradient-free methods are offered."""
+        self.runtime = runtime
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.layers = layers or find_layers(self.model, example)
+        self.layers = layers or (find_runtime_layers(runtime, example) if runtime is not None
+                                 else find_layers(self.model, example))
         self.num_classes = int(self._forward(example).shape[1])
         self.chunk_rows = chunk_rows
         self._modules = dict(self.model.named_modules())
@@ -145,7 +151,7 @@ class CamEngine:
     # -- lifecycle -------------------------------------------------------------------------------
     def register(self, layer: str) -> None:
         """Put the capture hook on ``layer`` once; it stays until :meth:`close`."""
-        if layer in self._handles:
+        if layer in self._handles or self.runtime is not None:
             return
         self._handles[layer] = self._modules[layer].register_forward_hook(self._make_hook(layer))
 
@@ -183,9 +189,23 @@ class CamEngine:
         return hook
 
     # -- validation and cost ---------------------------------------------------------------------
+    def supports(self, method: CamMethod) -> bool:
+        """Whether this model can run ``method``: a runtime gives no gradients."""
+        return self.runtime is None or not (method.needs.gradients or method.needs.input_gradients)
+
+    @property
+    def methods(self) -> list[str]:
+        """The methods this model can run, when it has layers to explain."""
+        if not self.layers.candidates:
+            return []
+        return [name for name, m in METHODS.items() if self.supports(m)]
+
     def check(self, query: CamQuery) -> CamQuery:
         """Validate ``query`` against this model and return it with its layers resolved."""
         method = get_method(query.method)
+        if not self.supports(method):
+            raise InvalidArgument("method", f"`method` {method.name!r} needs gradients, which this model's runtime "
+                                  f"does not give; use one of {', '.join(self.methods)}")
         if query.smooth is not None and query.smooth not in SMOOTHINGS:
             raise InvalidArgument("smooth", f"`smooth` must be one of {', '.join(SMOOTHINGS)}, got {query.smooth!r}")
         if query.fuse not in FUSIONS:
@@ -290,6 +310,10 @@ class CamEngine:
         self._wanted = {name for names in layers for name in names}
         for name in self._wanted:
             self.register(name)
+        if self.runtime is not None:
+            names = sorted(self._wanted)
+            logits, outs = self.runtime.run(x, names)
+            return logits, dict(zip(names, outs, strict=True))
         self._captured = {}
         try:
             with torch.enable_grad():
@@ -304,19 +328,19 @@ class CamEngine:
     def _context(self, method: CamMethod, layer: str, smooth: str | None, idx: list[int], t_max: int, x: Tensor,
                  logits: Tensor, captured: Tensor, grads: Tensor | None, targets: list[tuple[int, ...]],
                  precision: torch.dtype = torch.float32) -> CamContext:
-        act = as_spatial(captured[idx].detach()).float()
+        layout = self.layers.layout(layer)
+        act = to_nchw(captured.detach(), layout)[idx].float()
         g = None
         if grads is not None and method.needs.gradients:
-            n, c, h, w = act.shape
-            g = as_spatial(grads[:t_max, idx].float().flatten(0, 1)).reshape(t_max, n, c, h, w)
+            g = to_nchw(grads[:t_max], layout)[:, idx].float()
         target_rows = [[targets[r][min(t, len(targets[r]) - 1)] for r in idx] for t in range(t_max)]
         head: LinearHead | None = None
         replay_rows = self.chunk_rows
         if method.needs.replay:
-            if captured.dim() != 4:
-                raise InvalidArgument("method", f"`method` {method.name!r} needs a layer with a (N, C, H, W) output; "
-                                      f"{layer!r} returns tokens")
-            head = linear_head(self.model, act, logits[idx], precision)
+            if from_nchw(act, layout) is None:
+                raise InvalidArgument("method", f"`method` {method.name!r} needs a layer with a (N, C, H, W) or "
+                                      f"(N, H, W, C) output; {layer!r} returns tokens")
+            head = linear_head(self.model, act, logits[idx], precision) if self.runtime is None else None
             self._closed_form[layer] = head is not None
             if head is None and self._tail(layer) is not None:
                 # A tail replay costs one activation per row, far less than an input image's forward.
@@ -341,21 +365,29 @@ class CamEngine:
 
     def _tail(self, layer: str) -> nn.Module | None:
         if layer not in self._tails:
-            self._tails[layer] = tail_module(self.model, layer)
+            self._tails[layer] = tail_module(self.model, layer) if self.runtime is None else None
         return self._tails[layer]
 
     def _replay(self, layer: str, activations: Tensor, inputs: Tensor) -> Tensor:
         """Logits with ``layer``'s output replaced by ``activations`` ``(B, C, h, w)``; ``inputs`` ``(B, 3, H, W)``
         are the images the rows came from, used only where the tail cannot be cut from the model."""
         tail = self._tail(layer)
+        native = from_nchw(activations, self.layers.layout(layer))
+        assert native is not None  # _context refuses layouts that cannot be replayed
+        if self.runtime is not None:
+            out = self.runtime.replay(layer, native)
+            if out is None:
+                raise InvalidArgument("method", f"layer {layer!r} cannot be replayed on its own: the layers after it "
+                                      "read earlier values too; choose a later layer or another method")
+            return out.float()
         # In float32 whatever the model's precision: zeroing one channel of hundreds moves a logit by less than
         # bf16 resolves (resnet18's layer4.1.conv2 in bf16: r = 0.989 against float32; in float32: 1.000).
         with torch.inference_mode(), torch.autocast(activations.device.type, enabled=False):
             if tail is not None:
-                out = tail(activations)
+                out = tail(native)
                 if isinstance(out, Tensor):
                     return out.float()
-            handle = self._modules[layer].register_forward_hook(lambda m, a, o: activations.to(o.dtype))
+            handle = self._modules[layer].register_forward_hook(lambda m, a, o: native.to(o.dtype))
             try:
                 return self._forward(inputs).float()
             finally:

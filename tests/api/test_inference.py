@@ -171,3 +171,11 @@ def test_openapi_documents_both_encodings(client):
     content = spec["paths"]["/explain"]["post"]["requestBody"]["content"]
     assert {"application/json", "multipart/form-data"} <= set(content)
     assert client.get("/docs").status_code == 200
+
+
+def test_model_detail_lists_each_layer_with_its_layout(client):
+    detail = client.get("/models/shapes").json()
+    rows = detail["layer_details"]
+    assert [r["name"] for r in rows] == detail["layers"]
+    assert rows[0] == {"name": "features", "layout": "nchw", "grid": [16, 16], "channels": 64, "prefix": 0,
+                       "aliases": []}

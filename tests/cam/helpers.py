@@ -52,3 +52,66 @@ def check_principal_sign(name, size, ours, reference, basis):
         r = max(pearson(upsampled(s.clamp(min=0), size)[0], reference) for s in (p, -p)
                 if s.clamp(min=0).max() > 0)
         assert r >= 0.99, f"{name}: the reference is neither sign of our projection (r={r:.4f})"
+
+
+def nhwc_reshape(t):
+    """pytorch-grad-cam's reshape_transform for (N, H, W, C) layers."""
+    return t.permute(0, 3, 1, 2)
+
+
+def token_reshape(prefix, grid, sequence_first=False):
+    """pytorch-grad-cam's reshape_transform for ViT-style tokens (or CLIP's (L, N, D) with ``sequence_first``)."""
+
+    def reshape(t):
+        if sequence_first:
+            t = t.permute(1, 0, 2)
+        return t[:, prefix:, :].reshape(t.shape[0], grid[0], grid[1], t.shape[2]).permute(0, 3, 1, 2)
+
+    return reshape
+
+
+def gradient_parity(model, layer, x, reshape, methods=("gradcam", "gradcam++", "layercam"), engine=None,
+                    threshold=0.99):
+    """Our maps of the two best classes of each image against pytorch-grad-cam with ``reshape`` at ``layer``.
+
+    ``engine``: a ready CamEngine (from a served model); otherwise one is made here. Returns the maps
+    compared per method; fails on any r below ``threshold``."""
+    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from service.cam import CamEngine, CamQuery
+
+    reference = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "layercam": LayerCAM}
+    own = engine is None
+    engine = engine or CamEngine(model, x[:1])
+    compared = {}
+    try:
+        classes = tuple(engine.predict(x[:1])[0].topk(2).indices.tolist())
+        outs = {m: engine.explain(x, [CamQuery(method=m, layer=layer, classes=classes)] * len(x)) for m in methods}
+    finally:
+        if own:
+            engine.close()
+    for p in model.parameters():
+        p.requires_grad_(True)  # the engine froze them; the reference backpropagates into them
+    try:
+        module = dict(model.named_modules())[layer]
+        size = x.shape[-1]
+        for method in methods:
+            with reference[method](model=model, target_layers=[module], reshape_transform=reshape) as ref:
+                expected = ref(input_tensor=torch.cat([x, x]),
+                               targets=[ClassifierOutputTarget(c) for c in classes for _ in x])
+            compared[method] = 0
+            for t, c in enumerate(classes):
+                for i in range(len(x)):
+                    ref_map, cam = expected[t * len(x) + i], outs[method].cams[i]
+                    if ref_map.max() == 0:
+                        assert cam.raw_max[t] == 0, f"{method}: reference map empty, ours is not"
+                        continue
+                    r = pearson(upsampled(cam.maps[t : t + 1], size)[0], ref_map)
+                    assert r >= threshold, f"{layer}/{method} image {i} class {c}: r={r:.4f}"
+                    compared[method] += 1
+            assert compared[method] >= 1, f"{method}: no non-empty map to compare"
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return compared

@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 from service.cam import CamEngine, CamQuery, find_layers
-from service.cam.layers import as_spatial
+from service.cam.layers import Layout, to_nchw
 from service.errors import InvalidArgument
 
 
@@ -189,7 +189,7 @@ def test_vision_transformer_tokens_fold_to_the_patch_grid():
     model = torchvision.models.vit_b_16(num_classes=5, image_size=64).eval()
     torch.nn.init.normal_(model.heads.head.weight)  # torchvision starts the head at zero
     # The class token is dropped and the 16 patch tokens become a 4x4 grid.
-    assert as_spatial(torch.zeros(2, 17, 8)).shape == (2, 8, 4, 4)
+    assert to_nchw(torch.zeros(2, 17, 8), Layout("tokens", (4, 4), 8, prefix=1)).shape == (2, 8, 4, 4)
     x = _images(2, 64)
     with CamEngine(model, x[:1]) as engine:
         assert engine.layers.default == "encoder.layers.encoder_layer_11.ln_1"
