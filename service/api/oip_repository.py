@@ -17,7 +17,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from service.api.deps import RepositoryDep, SettingsDep
-from service.api.oip_v2 import VERSION, read_body
+from service.api.oip import VERSION
+from service.api.oip_v2 import read_body
 from service.api.parsing import json_object
 from service.config import Settings
 from service.errors import Forbidden, InvalidInput, ModelNotFound, Unauthorized
