@@ -9,7 +9,7 @@ KSERVE_STAMP := $(KSERVE_VENV)/.installed
 KSERVE ?= kserve>=0.21,<0.22
 
 .DEFAULT_GOAL := help
-.PHONY: help install browser run test test-kserve lint bench bench-http bench-stages bench-ray bench-gpu train-shapes \
+.PHONY: help install browser run test test-kserve lint bench bench-http bench-stages bench-ray bench-gpu train-shapes grpc-gen \
 	docker clean docker-base docker-wheels docker-wheels-cuda docker-cpu docker-cuda docker-test
 
 help: ## list the targets
@@ -68,6 +68,10 @@ bench-gpu: $(STAMP) ## both benchmarks on CUDA, where a GPU exists
 	$(BIN)/python -m tests.bench.bench_engine --device cuda
 	$(BIN)/python -m tests.bench.bench_http --device cuda
 
+grpc-gen: $(STAMP) ## regenerate service/api/grpc_gen/*.py from its grpc_predict_v2.proto (grpcio-tools)
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
+		service/api/grpc_gen/grpc_predict_v2.proto
+
 train-shapes: $(STAMP) ## retrain the built-in shapes model (deterministic, a few minutes on 2 cores)
 	$(BIN)/camserve train-shapes
 
@@ -77,7 +81,7 @@ BASE_IMAGE ?= debian:bookworm-slim
 IMAGE ?= camserve:cpu
 IMAGE_CUDA ?= camserve:cuda
 TORCH_INDEX_CPU ?= https://download.pytorch.org/whl/cpu
-EXTRAS ?=
+EXTRAS ?= grpc
 # The build context is streamed as a tar of what the Dockerfiles copy, so .venv and caches never travel.
 DOCKER_CONTEXT = tar -c --exclude=__pycache__ --exclude='*.pyc' pyproject.toml README.md service \
 	docker/Dockerfile docker/Dockerfile.cuda docker/pip-install.sh

@@ -169,7 +169,8 @@ class CamServe:
         import torch
 
         torch.set_num_threads(threads)
-        self._settings = dataclasses.replace(settings, cpu_threads=threads)
+        # Ray Serve's proxies own the ports: replicas sharing a node must not each bind a gRPC port.
+        self._settings = dataclasses.replace(settings, cpu_threads=threads, grpc_port=None)
         self._app: FastAPI | None = None
 
     def __serve_build_asgi_app__(self) -> FastAPI:
