@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import struct
 import threading
 import time
@@ -259,3 +260,43 @@ def test_grpc_calls_are_counted_in_the_metrics(client, served, circle):
     client.infer("shapes", [png_input(circle)], headers=AUTH, outputs=[grpcclient.InferRequestedOutput("scores")])
     name = 'camserve_requests_total{endpoint="/inference.GRPCInferenceService/ModelInfer",model="shapes",status="OK"}'
     assert metric(served[0], name) >= 1
+
+
+@pytest.mark.slow
+def test_sigterm_lets_the_calls_in_flight_finish(tmp_path, circle):
+    cfg = tmp_path / "slow.toml"
+    cfg.write_text('[models.slow]\nsource = "python:tests.api.models:slow"\n'
+                   '[models.slow.preprocess]\nresize = [32, 32]\n')
+    port, grpc_port = free_port(), free_port()
+    log = tmp_path / "server.log"
+    proc = start_server(port, {"SERVICE_GRPC_PORT": str(grpc_port), "SLOW_MODEL_S": "1.5"}, cfg,
+                        ready_timeout_s=300, log=log)
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+    results: list[object] = []
+
+    def call() -> None:
+        try:
+            outputs = [grpcclient.InferRequestedOutput("scores")]
+            results.append(client.infer("slow", [png_input(circle)], outputs=outputs,
+                                        client_timeout=30).as_numpy("scores"))
+        except InferenceServerException as exc:
+            results.append(exc)
+
+    try:
+        thread = threading.Thread(target=call)
+        thread.start()
+        time.sleep(0.5)  # in the model now
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        with pytest.raises(InferenceServerException) as info:  # a new call while draining
+            client.infer("slow", [png_input(circle)], client_timeout=10)
+        assert status_of(info) == "StatusCode.UNAVAILABLE"
+        thread.join(30)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        client.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert len(results) == 1 and isinstance(results[0], np.ndarray), results
+    assert "Traceback" not in log.read_text()
