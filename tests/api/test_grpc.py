@@ -203,8 +203,9 @@ def test_repository_rpcs_need_the_admin_key(client):
 def test_a_deadline_shorter_than_the_work_takes_the_image_out_of_the_queue(client, served, circle):
     url = served[0]
     before = metric(url, 'camserve_images_total{model="slow"}')
-    busy = threading.Thread(target=lambda: httpx.post(f"{url}/predict?model=slow", json={"image": b64(circle)},
-                                                      headers=AUTH, timeout=30))
+    answers: list[httpx.Response] = []
+    busy = threading.Thread(target=lambda: answers.append(httpx.post(
+        f"{url}/predict?model=slow", json={"image": b64(circle)}, headers=AUTH, timeout=30)))
     busy.start()  # holds the slow model for 1 s
     time.sleep(0.3)
     started = time.monotonic()
@@ -212,6 +213,7 @@ def test_a_deadline_shorter_than_the_work_takes_the_image_out_of_the_queue(clien
         client.infer("slow", [png_input(circle)], headers=AUTH, client_timeout=0.3)
     assert status_of(info) == "StatusCode.DEADLINE_EXCEEDED" and time.monotonic() - started < 0.9
     busy.join(30)
+    assert answers[0].json()["model"] == "slow"
     time.sleep(1.5)  # had the image stayed queued, the next batch would have run by now
     assert metric(url, 'camserve_images_total{model="slow"}') == before + 1
     assert metric(url, 'camserve_queue_depth{model="slow"}') == 0

@@ -300,7 +300,7 @@ class EngineClock:
         return statistics.median(self.times)
 
 
-def _v2_request(port: int, image: bytes, as_binary: bool, outputs: list[str] | None) -> bytes:
+def _v2_request(port: int, image: bytes, as_binary: bool, outputs: list[str] | None, model: str = "shapes") -> bytes:
     """One Open Inference Protocol infer request: the image as a BYTES tensor, base64 in JSON or raw."""
     import base64
     import json
@@ -320,7 +320,7 @@ def _v2_request(port: int, image: bytes, as_binary: bool, outputs: list[str] | N
         header["parameters"] = {"binary_data_output": True}
     text = json.dumps(header).encode()
     extra = f"Inference-Header-Content-Length: {len(text)}\r\n" if as_binary else ""
-    head = (f"POST /v2/models/shapes/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: "
+    head = (f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: "
             f"{'application/octet-stream' if as_binary else 'application/json'}\r\n{extra}"
             f"Content-Length: {len(text) + len(raw)}\r\n\r\n").encode()
     return head + text + raw
@@ -382,6 +382,8 @@ def protocol_rows(config: Path, image: bytes, requests: int, concurrency: int = 
 
 
 def main() -> None:
+    from tests.bench.bench_grpc import grpc_rows
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=5, help="rounds over all cells; figures are medians")
@@ -390,6 +392,7 @@ def main() -> None:
     parser.add_argument("--before", metavar="REF", help="also serve shapes from this older commit")
     parser.add_argument("--table", action="store_true", help="also the full table at concurrency 1, 8, 32")
     parser.add_argument("--protocols-only", action="store_true", help="only the V2 vs native rows")
+    parser.add_argument("--grpc-only", action="store_true", help="only the gRPC vs REST V2 vs native rows")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     images = {"shapes": _png(make_scene(rng).image)}  # a 64x64 PNG
@@ -402,6 +405,11 @@ def main() -> None:
     shapes_cfg.write_text(f'[models.shapes]\nsource = "builtin:shapes"\ndevice = "{args.device}"\n')
     if args.protocols_only:
         protocol_rows(shapes_cfg, images["shapes"], args.requests, rounds=args.rounds)
+        return
+    grpc_models = [("shapes", "shapes", shapes_cfg, images["shapes"], args.requests),
+                   ("resnet18", "r18", r18, images["photo"], args.resnet_requests)]
+    if args.grpc_only:
+        grpc_rows(grpc_models, args.rounds)
         return
 
     engine = EngineClock(shapes_cfg, images["shapes"], args.device)
@@ -435,6 +443,7 @@ def main() -> None:
                 s.proc.kill()
                 s.proc.wait()
     protocol_rows(shapes_cfg, images["shapes"], args.requests, rounds=args.rounds)  # its own server, alone
+    grpc_rows(grpc_models, args.rounds)  # one server per model, alone
 
 
 def run_all(args: argparse.Namespace, servers: dict[str, Server], images: dict[str, bytes],
