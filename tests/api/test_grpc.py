@@ -22,7 +22,7 @@ import pytest
 
 from service.models.scenes import SHAPE_CLASSES
 from tests.api.conftest import b64, png_bytes, scene
-from tests.api.server import free_port, start_server
+from tests.api.server import ROOT, free_port, start_server
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
@@ -302,3 +302,16 @@ def test_sigterm_lets_the_calls_in_flight_finish(tmp_path, circle):
             proc.wait()
     assert len(results) == 1 and isinstance(results[0], np.ndarray), results
     assert "Traceback" not in log.read_text()
+
+
+def test_docs_grpc_snippet(served, tmp_path, monkeypatch):
+    """docs/grpc.md's ```python block, run as written against this server."""
+    text = (ROOT / "docs" / "grpc.md").read_text()
+    (snippet,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    (tmp_path / "circle.png").write_bytes(png_bytes(scene("circle")[0]))
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {}
+    exec(compile(snippet.replace("localhost:8001", served[1]).replace("<key>", USER), "grpc.md", "exec"), namespace)
+    scores, heatmap = namespace["scores"], namespace["heatmap"]
+    assert scores.shape == (1, K) and int(scores.argmax()) == SHAPE_CLASSES.index("circle")  # type: ignore[union-attr]
+    assert heatmap.shape == (1, 2, 64, 64)  # type: ignore[union-attr]
