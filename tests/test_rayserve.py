@@ -34,6 +34,7 @@ from service.rayserve import (
     deploy,
     deployment_options,
     models_ready,
+    replica_settings,
 )
 from service.repository import ModelState
 from tests.api.conftest import png_bytes
@@ -293,3 +294,9 @@ def test_replica_start_failure_is_reported_not_awaited(proxy_port, tmp_path):
     # Serve reports the lifespan's failure; its traceback (naming the weights file) is in the replica's log.
     assert "lifespan startup failed" in str(failure.value)
     assert time.monotonic() - started < 150
+
+
+def test_replicas_never_bind_the_grpc_port():
+    """Replicas sharing a node would collide on it; Ray Serve's proxies own the ports."""
+    settings = replica_settings(Settings(grpc_port=8001), 2)
+    assert settings.grpc_port is None and settings.cpu_threads == 2
