@@ -101,6 +101,8 @@ def _rpc(*, needs_key: bool = True) -> Callable[[Handler[Req, Resp]], Handler[Re
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error")
                 raise
             finally:
+                if not any(m.name == model for m in self.repository):
+                    model = ""  # label values stay the known models' names, whatever callers send
                 self.metrics.requests.labels(endpoint, model, code).inc()
                 self.metrics.latency.labels(endpoint, model).observe(time.perf_counter() - started)
 

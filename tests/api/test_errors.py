@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service import errors
 from tests.api.conftest import b64, make_client, png_bytes
 
 
@@ -180,3 +181,25 @@ def test_multipart_limits_are_413():
 
         r = c.post("/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"})
         _err(r, 413, "payload_too_large")
+
+
+@pytest.mark.parametrize(("error", "code"), [
+    (errors.InvalidInput("x"), "INVALID_ARGUMENT"),
+    (errors.InvalidImage("x"), "INVALID_ARGUMENT"),
+    (errors.InvalidArgument("top_k", "x"), "INVALID_ARGUMENT"),
+    (errors.ModelNotFound("x"), "NOT_FOUND"),
+    (errors.Unauthorized("x"), "UNAUTHENTICATED"),
+    (errors.Forbidden("x"), "PERMISSION_DENIED"),
+    (errors.Overloaded("x"), "RESOURCE_EXHAUSTED"),
+    (errors.OutOfMemory("x"), "RESOURCE_EXHAUSTED"),
+    (errors.PayloadTooLarge("x"), "RESOURCE_EXHAUSTED"),
+    (errors.NotReady("x"), "UNAVAILABLE"),
+    (errors.RequestTimeout("x"), "DEADLINE_EXCEEDED"),
+    (errors.ModelError("x"), "INTERNAL"),
+])
+def test_grpc_status_codes_follow_the_class_tree(error, code):
+    from service.api.errors import grpc_code_of
+
+    assert grpc_code_of(error) == code
+    grpc = pytest.importorskip("grpc")
+    assert grpc.StatusCode[code]  # a name grpcio knows

@@ -260,8 +260,12 @@ def test_concurrent_grpc_and_rest_calls_share_batches(served):
 
 def test_grpc_calls_are_counted_in_the_metrics(client, served, circle):
     client.infer("shapes", [png_input(circle)], headers=AUTH, outputs=[grpcclient.InferRequestedOutput("scores")])
-    name = 'camserve_requests_total{endpoint="/inference.GRPCInferenceService/ModelInfer",model="shapes",status="OK"}'
-    assert metric(served[0], name) >= 1
+    with pytest.raises(InferenceServerException):
+        client.infer("no-such-model-7", [png_input(circle)], headers=AUTH)
+    endpoint = 'camserve_requests_total{endpoint="/inference.GRPCInferenceService/ModelInfer"'
+    assert metric(served[0], f'{endpoint},model="shapes",status="OK"}}') >= 1
+    assert metric(served[0], f'{endpoint},model="",status="NOT_FOUND"}}') >= 1
+    assert "no-such-model-7" not in httpx.get(f"{served[0]}/metrics").text  # labels stay the known models
 
 
 @pytest.mark.slow
