@@ -23,6 +23,7 @@ from service.api import openapi as api_openapi
 from service.api import ui
 from service.api.kserve_v1 import router as kserve_v1_router
 from service.api.middleware import ApiKeyAuth, BodyLimit, HttpEdges, RequestContext, request_notes
+from service.api.oip_model_info import router as oip_model_info_router
 from service.api.oip_repository import router as oip_repository_router
 from service.api.oip_v2 import router as oip_v2_router
 from service.api.routes import router
@@ -34,6 +35,8 @@ from service.registry import LoadedModel, ModelLoadError
 from service.repository import BatchSettings, ModelRepository
 
 log = logging.getLogger("camserve")
+# The routes whose requests count as inferences in a model's statistics (native, V1, V2).
+_INFERENCE_ROUTES = ("/predict", "/explain", ":predict", ":explain", "/infer")
 
 
 def batch_settings(settings: Settings) -> BatchSettings:
@@ -106,6 +109,7 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
     app.state.dataplane = dataplane
     app.include_router(router)
     app.include_router(kserve_v1_router)
+    app.include_router(oip_model_info_router)  # before oip_v2's /v2/models/{name}/... routes
     app.include_router(oip_v2_router)
     app.include_router(oip_repository_router)
     ui.install(app, settings.enable_ui)
@@ -122,6 +126,8 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
         model = str(request_notes(scope).get("model", ""))
         metrics.requests.labels(endpoint, model, str(status)).inc()
         metrics.latency.labels(endpoint, model).observe(seconds)
+        if model and endpoint.endswith(_INFERENCE_ROUTES):
+            metrics.model_stats(model).on_request(status < 400, seconds)
 
     # Added innermost first: the request id wraps everything, so even a 401 or 413 carries one.
     if keys:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,8 +33,7 @@ def _settings(config: str | None, **overrides: Any) -> Any:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    from service.api.server import Server
     from service.app import create_app
     from service.logs import setup_logging
     from service.registry import ModelLoadError, load_model
@@ -61,21 +59,7 @@ def _serve(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     app = create_app(settings, models)
 
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            # Readiness flips first, so a load balancer stops routing here while in-flight work drains.
-            app.state.repository.begin_drain(settings.drain_timeout_s)
-            super().handle_exit(sig, frame)
-            # uvicorn re-raises captured signals once shut down, so the process would die by SIGTERM;
-            # a drained, orderly stop is a success for process supervisors, so exit 0 instead.
-            captured = getattr(self, "_captured_signals", None)
-            if sig == signal.SIGTERM and captured and captured[-1] == sig:
-                captured.pop()
-
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                            timeout_graceful_shutdown=settings.drain_timeout_s,
-                            access_log=False)
-    server = Server(config)
+    server = Server(app, settings)
     log.info("camserve serving %s on http://%s:%d (docs at /docs)", ", ".join(m.name for m in settings.models),
              settings.host, settings.port)
     server.run()
@@ -138,6 +122,9 @@ def _explain(args: argparse.Namespace) -> int:
         data = Path(args.image).read_bytes()
     except OSError as exc:
         return _fail(f"cannot read {args.image}: {exc.strerror}")
+    out = Path(args.out)
+    if not out.parent.is_dir():  # before the model loads and the map is computed, not after
+        return _fail(f"--out {args.out}: no such folder {str(out.parent)!r}")
     targets = tuple(dict.fromkeys(args.target or ()))  # a target asked twice is explained once
 
     async def run() -> Any:
@@ -156,13 +143,15 @@ def _explain(args: argparse.Namespace) -> int:
     except (CamserveError, ModelLoadError) as exc:
         return _fail(getattr(exc, "message", str(exc)))
     explanations = result.explanations or []
-    out = Path(args.out)
     for e in explanations:
         path = out
         if len(explanations) > 1:  # one file per target, named after it
             safe = re.sub(r"[^\w.-]+", "_", e.label)
             path = out.with_name(f"{out.stem}-{e.index}-{safe}{out.suffix or '.png'}")
-        path.write_bytes(e.heatmap.data)
+        try:
+            path.write_bytes(e.heatmap.data)
+        except OSError as exc:
+            return _fail(f"cannot write {path}: {exc.strerror}")
         print(f"{e.label} ({e.index}) score {e.score:.4f} -> {path}")
     return 0
 
@@ -175,6 +164,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from service.registry import ModelLoadError, load_model
 
     settings = _settings(args.config)
+    if settings is None:
+        return 2
     spec = next((m for m in settings.models if m.name == (args.model or m.name)), None)
     if spec is None:
         return _fail(f"unknown model {args.model!r}; configured: {', '.join(m.name for m in settings.models)}")

@@ -63,6 +63,13 @@ class Settings:
     log_format: str = "text"
     log_level: str = "info"
     drain_timeout_s: float = 30.0
+    # On SIGTERM, readiness answers 503 for this long while requests are still accepted and served, so
+    # load balancers (Kubernetes endpoints) stop routing here before the listener closes; 0: close at once.
+    shutdown_grace_s: float = 5.0
+    # Request head bounds (service.api.header_limits); 431 beyond them.
+    max_header_bytes: int = 64 * 1024
+    max_header_line_bytes: int = 16 * 1024
+    max_headers: int = 100
     enable_ui: bool = True
     # Decode/render threads; None sizes them to the machine. A Ray Serve replica sets its own CPU share.
     cpu_threads: int | None = None
@@ -77,7 +84,8 @@ class Settings:
     def problems(self) -> list[str]:
         out = []
         for name in ("max_batch_size", "max_queue", "max_images_per_request", "max_body_bytes", "max_image_pixels",
-                     "cpu_threads", "max_extra_forwards", "max_render_pixels"):
+                     "cpu_threads", "max_extra_forwards", "max_render_pixels", "max_header_bytes",
+                     "max_header_line_bytes", "max_headers"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 out.append(f"setting `{name}` must be at least 1, got {value}")
@@ -87,7 +95,7 @@ class Settings:
             out.append(f"setting `grpc_port` must be in 0..65535, got {self.grpc_port}")
         elif self.grpc_port and self.grpc_port == self.port:
             out.append(f"setting `grpc_port` must differ from `port`, both are {self.port}")
-        for name in ("max_wait_ms", "request_timeout_s", "drain_timeout_s"):
+        for name in ("max_wait_ms", "request_timeout_s", "drain_timeout_s", "shutdown_grace_s"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 out.append(f"setting `{name}` must be a finite number of at least 0, got {value}")
@@ -97,8 +105,18 @@ class Settings:
             out.append(f"setting `log_format` must be text or json, got {self.log_format!r}")
         if self.log_level.lower() not in LOG_LEVELS:
             out.append(f"setting `log_level` must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
-        if self.api_keys_file is not None and not Path(self.api_keys_file).is_file():
-            out.append(f"setting `api_keys_file`: no such file {self.api_keys_file!r}")
+        for name in ("api_keys", "admin_api_keys"):
+            for key in getattr(self, name):
+                if not key.strip() or key != key.strip():
+                    # An empty key would match a request that sends none; one with spaces at its ends can
+                    # never be sent (HTTP trims header values).
+                    out.append(f"setting `{name}` holds an empty key or one with spaces at its ends: {key!r}")
+        if self.api_keys_file is not None:
+            if not Path(self.api_keys_file).is_file():
+                out.append(f"setting `api_keys_file`: no such file {self.api_keys_file!r}")
+            elif not self._file_keys():
+                # An operator who names a key file means to require keys: an empty one must not open the server.
+                out.append(f"setting `api_keys_file`: {self.api_keys_file!r} holds no keys")
         names = [m.name for m in self.models]
         for dup in sorted({n for n in names if names.count(n) > 1}):
             out.append(f"model {dup!r} is defined twice")
@@ -108,15 +126,28 @@ class Settings:
             out.append(f"`default_model` {self.default_model!r} is not among the models: {', '.join(names)}")
         return out
 
+    def _file_keys(self) -> list[str]:
+        """The keys of ``api_keys_file``: one a line; blank lines and ``#`` comments skipped."""
+        if not self.api_keys_file:
+            return []
+        text = Path(self.api_keys_file).read_text(encoding="utf-8")
+        return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
     def all_api_keys(self) -> tuple[str, ...]:
-        keys = list(self.api_keys)
-        if self.api_keys_file:
-            text = Path(self.api_keys_file).read_text(encoding="utf-8")
-            keys += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-        return tuple(k for k in keys if k)
+        """The user keys (``api_keys`` and the file's). Never an empty one: see ``problems``."""
+        return tuple(k for k in (*self.api_keys, *self._file_keys()) if k.strip())
 
 
 _SETTABLE = [f for f in dataclasses.fields(Settings) if f.name != "models"]
+_KEY_LISTS = ("api_keys", "admin_api_keys")
+
+
+def _split(name: str, value: str) -> tuple[str, ...]:
+    """A comma-separated list. Key lists keep their empty pieces (``"a,,b"``, ``" "``), so that
+    ``problems`` reports them rather than a typo passing silently; other lists drop them."""
+    if name in _KEY_LISTS:
+        return tuple(v.strip() for v in value.split(",")) if value else ()
+    return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
 def _coerce(name: str, kind: Any, value: Any, from_env: bool) -> Any:
@@ -134,7 +165,7 @@ def _coerce(name: str, kind: Any, value: Any, from_env: bool) -> Any:
         if value == "" and optional:
             return None  # an empty variable clears an optional setting
         if base is tuple:
-            return tuple(v.strip() for v in value.split(",") if v.strip())
+            return _split(name, value)
         if base is bool:
             if value.lower() not in _TRUE + _FALSE:
                 raise bad
@@ -145,7 +176,7 @@ def _coerce(name: str, kind: Any, value: Any, from_env: bool) -> Any:
             raise bad from None
     if base is tuple:
         if isinstance(value, str):
-            return tuple(v.strip() for v in value.split(",") if v.strip())
+            return _split(name, value)
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return tuple(value)
         raise bad
@@ -209,9 +240,12 @@ def load_settings(config: str | Path | None = None, env: Mapping[str, str] | Non
                 except SpecError as exc:
                     problems += exc.problems
             values["models"] = tuple(specs)
+    # Range checks run on every value that has the right type, so that one pass reports every problem
+    # (`max_batch_size = 4.5` and `drain_timeout_s = -1` both), not the type errors first.
+    try:
+        settings = Settings(**values)
+    except ConfigError as exc:
+        problems += [p for p in exc.problems if p not in problems]
     if problems:
         raise ConfigError(problems)
-    try:
-        return Settings(**values)
-    except ConfigError as exc:
-        raise ConfigError(exc.problems) from None
+    return settings

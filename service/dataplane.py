@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.cam import METHODS, CamQuery
-from service.cam.engine import check_extra_forwards
+from service.cam.engine import check_extra_forwards, check_time
 from service.cam.metrics import DEFAULT_STEPS
 from service.errors import InvalidArgument, NotReady, PayloadTooLarge, RequestTimeout
 from service.labels import class_index
@@ -122,6 +122,9 @@ class DataPlane:
                                              smooth=explain.smooth, metrics=tuple(explain.metrics),
                                              metric_steps=explain.metric_steps))
         check_extra_forwards(n_images * loaded.engine.extra_forwards(query), self.limits.max_extra_forwards)
+        if loaded.forward_s is not None and self.limits.timeout_s is not None:
+            check_time(n_images * loaded.engine.extra_forwards(query, whole_only=True), loaded.forward_s,
+                       self.limits.timeout_s)
         spec = HeatmapSpec(explain.output, explain.size, explain.colormap, explain.alpha)
         return Plan(served, top_k, query, spec)
 

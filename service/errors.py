@@ -12,6 +12,7 @@ CamserveError               base
 +-- Forbidden               a valid key, but not one allowed to do this (operator actions)
 +-- ModelNotFound           no model of that name
 +-- PayloadTooLarge         body, image pixels, image count or output size over a limit
+|   +-- HeadersTooLarge     request headers over their size or count limits
 +-- NotAcceptable           nothing the client's ``Accept`` allows can be produced
 +-- UnsupportedMediaType    a body that is neither JSON nor multipart
 +-- ModelError              the model itself raised while computing a batch
@@ -66,6 +67,10 @@ class ModelNotFound(CamserveError):
 
 class PayloadTooLarge(CamserveError):
     code = "payload_too_large"
+
+
+class HeadersTooLarge(PayloadTooLarge):
+    code = "headers_too_large"
 
 
 class NotAcceptable(CamserveError):

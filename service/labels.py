@@ -14,19 +14,44 @@ class LabelsFileError(ValueError):
     """A labels file that cannot be read or holds the wrong kind of data."""
 
 
+# What a labels file must look like, so that a mistyped path (``/etc/passwd``, a binary) is refused
+# rather than served: labels are shown to every caller of /models and /predict.
+LABEL_SUFFIXES = (".txt", ".json", ".labels")
+MAX_LABELS_BYTES = 4 * 1024 * 1024  # ImageNet-21k's 21,841 names take about 0.5 MB
+MAX_LABEL_CHARS = 256
+
+
 def read_labels(path: str | Path) -> list[str]:
-    """A JSON list of strings, or one label per non-empty line."""
+    """A JSON list of strings, or one label per non-empty line, from a ``.txt``, ``.json`` or
+    ``.labels`` file of at most 4 MiB of UTF-8 text; each label at most 256 characters, with no
+    control characters."""
+    path = Path(path)
+    if path.suffix.lower() not in LABEL_SUFFIXES:
+        raise LabelsFileError(f"labels file {path.name!r} must end in {', '.join(LABEL_SUFFIXES)}")
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        if path.stat().st_size > MAX_LABELS_BYTES:
+            raise LabelsFileError(f"labels file {path.name!r} is larger than {MAX_LABELS_BYTES} bytes")
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LabelsFileError(f"labels file {path.name!r} is not UTF-8 text") from None
     except OSError as exc:
-        raise LabelsFileError(f"cannot read labels file {str(path)!r}: {exc.strerror or exc}") from None
+        raise LabelsFileError(f"cannot read labels file {path.name!r}: {exc.strerror or exc}") from None
+    labels = _parse(text, path.name)
+    for i, label in enumerate(labels):
+        if len(label) > MAX_LABEL_CHARS or any(ord(c) < 32 or ord(c) == 127 for c in label):
+            raise LabelsFileError(f"labels file {path.name!r}: label {i} is longer than {MAX_LABEL_CHARS} "
+                                  "characters or holds control characters")
+    return labels
+
+
+def _parse(text: str, name: str) -> list[str]:
     if text.lstrip().startswith("["):
         try:
             labels = json.loads(text)
         except ValueError as exc:
-            raise LabelsFileError(f"labels file {str(path)!r} is not valid JSON: {exc}") from None
+            raise LabelsFileError(f"labels file {name!r} is not valid JSON: {exc}") from None
         if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-            raise LabelsFileError(f"labels file {str(path)!r} must hold a JSON list of strings")
+            raise LabelsFileError(f"labels file {name!r} must hold a JSON list of strings")
         return labels
     return [line.strip() for line in text.splitlines() if line.strip()]
 

@@ -10,6 +10,28 @@ import time
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
 
 
+# Every character that could end a line or steer a terminal, written as its escape: a request path or
+# header that reaches a log line must not forge another line (`/healthz%0a... INFO camserve.access: ...`).
+_CONTROL = {c: repr(chr(c))[1:-1] for c in (*range(32), 127, 0x85, 0x2028, 0x2029)}
+
+
+def escape_controls(text: str) -> str:
+    return text.translate(_CONTROL)
+
+
+class TextFormatter(logging.Formatter):
+    """``asctime level logger: message``, with control characters in the message escaped. A traceback
+    (``exc_info``) keeps its lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg, args = record.msg, record.args
+        record.msg, record.args = escape_controls(record.getMessage()), None
+        try:
+            return super().format(record)
+        finally:
+            record.msg, record.args = msg, args
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out = {
@@ -29,7 +51,7 @@ def setup_logging(fmt: str = "text", level: str = "info") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass, field
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -16,8 +18,48 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
+@dataclass
+class Duration:
+    """A count and its total time, as Triton's statistics report each stage."""
+
+    count: int = 0
+    ns: int = 0
+
+    def add(self, seconds: float, count: int = 1) -> None:
+        self.count += count
+        self.ns += int(seconds * 1e9)
+
+
+@dataclass
+class ModelStats:
+    """One model's counters, in the shape of Triton's statistics extension: requests that succeeded or
+    failed (with their whole duration), images inferred, batches executed (with queue and compute
+    time), and the same per batch size."""
+
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute: Duration = field(default_factory=Duration)
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
+    batches: dict[int, Duration] = field(default_factory=dict)
+
+    def on_batch(self, stats: BatchStats) -> None:
+        self.inference_count += stats.size
+        self.execution_count += 1
+        self.queue.add(stats.queued_s)
+        self.compute.add(stats.compute_s)
+        self.batches.setdefault(stats.size, Duration()).add(stats.compute_s)
+        self.last_inference_ms = int(time.time() * 1000)
+
+    def on_request(self, ok: bool, seconds: float) -> None:
+        (self.success if ok else self.fail).add(seconds)
+
+
 class Metrics:
     def __init__(self) -> None:
+        self.stats: dict[str, ModelStats] = {}
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("camserve_requests", "HTTP requests", ["endpoint", "model", "status"], registry=r)
@@ -40,10 +82,17 @@ class Metrics:
                       stats.queued_s * 1000, stats.compute_s * 1000,
                       extra={"model": model, "batch_size": stats.size, "queued_ms": round(stats.queued_s * 1000, 2),
                              "compute_ms": round(stats.compute_s * 1000, 2)})
+        self.model_stats(model).on_batch(stats)
         self.batch_size.labels(model).observe(stats.size)
         self.images.labels(model).inc(stats.size)
         self.compute.labels(model).observe(stats.compute_s)
         self.queue_wait.labels(model).observe(stats.queued_s)
+
+    def model_stats(self, model: str) -> ModelStats:
+        stats = self.stats.get(model)
+        if stats is None:
+            stats = self.stats[model] = ModelStats()
+        return stats
 
     def refresh(self, repository: ModelRepository) -> None:
         """Read the gauges that are sampled rather than counted."""

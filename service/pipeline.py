@@ -212,9 +212,19 @@ class Pipeline:
         if spec.output == "overlay":
             base = prepared.image if spec.size == "original" else prepared.input_image()
         heatmaps = render(cam.maps, spec, prepared.geometry, self.model.preprocess.input_size, base)
-        explanations = [Explanation(c, labels[c], all_scores[c], cam.method, cam.layer, h, self._metrics(cam, t))
+        explanations = [Explanation(c, labels[c], all_scores[c], cam.method, cam.layer, h, self._metrics(cam, t),
+                                    self._note(cam, t))
                         for t, (c, h) in enumerate(zip(cam.classes, heatmaps, strict=True))]
         return ImageResult(preds, all_scores, explanations)
+
+    def _note(self, cam: CamMaps, target: int) -> str | None:
+        if float(cam.raw_max[target]) > 0:
+            return None
+        if self.model.input_independent:
+            return ("the map is all zero: this model's output does not depend on its input (a zero-initialised "
+                    "head, as with weights = \"none\"?), so every gradient is zero")
+        return (f"the map is all zero: nothing in layer {cam.layer!r} raises this class's score under "
+                f"{cam.method} (try another layer or method)")
 
     @staticmethod
     def _metrics(cam: CamMaps, target: int) -> dict[str, float] | None:

@@ -8,7 +8,11 @@ server; this module adds only what a replica needs to be a good Serve citizen:
 - torch threads and the decode pool sized from the replica's ``num_cpus``, not the node's cores, so
   replicas sharing a node do not oversubscribe it;
 - ``check_health`` that fails while the replica's models are not ready;
-- GPUs asked of Ray when a model wants CUDA (Ray hides the GPUs of actors that did not ask for one).
+- the model repository API read-only: a load or unload would reach one replica only;
+- GPUs asked of Ray when a model wants CUDA (Ray hides the GPUs of actors that did not ask for one);
+- the proxy: bounded request heads and a 503 with ``Retry-After`` when no replica can answer
+  (``service.api.ray_proxy``, installed through :func:`proxy_environment`);
+- a stop that deletes the application before Serve itself, so in-flight requests finish (:func:`stop`).
 
 Use it as a Serve application builder::
 
@@ -34,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray import serve
 
+from service.api.ray_proxy import CALLBACK, REPLICA_HEADER
 from service.config import ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:
@@ -42,9 +47,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("camserve.ray")
 
+__all__ = ["APP_NAME", "REPLICA_HEADER", "CamServe", "DeployFailed", "ReplicaOptions", "build", "build_app",
+           "deploy", "proxy_environment", "serve_forever", "stop_serving"]
+
 APP_NAME = "camserve"
-# Which replica answered: lets operators (and the tests) see how Serve spread the load.
-REPLICA_HEADER = "x-camserve-replica"
+# Why the repository API's load and unload are refused on a replica (the index still answers).
+REPOSITORY_FIXED = ("the model repository API cannot load or unload models under Ray Serve: each replica has its "
+                    "own models and the change would reach only the replica that took this request; change the "
+                    "config and redeploy (`serve deploy`, or restart `camserve serve --ray`)")
 
 
 class DeployFailed(RuntimeError):
@@ -183,6 +193,7 @@ class CamServe:
 
         app = create_app(self._settings)
         app.add_middleware(_ReplicaHeaders, replica=serve.get_replica_context().replica_id.unique_id)
+        app.state.repository_fixed = REPOSITORY_FIXED
         self._app = app
         return app
 
@@ -231,12 +242,34 @@ def deploy(app: Any, *, name: str = APP_NAME, route_prefix: str = "/", timeout_s
     raise DeployFailed(f"camserve on Ray Serve was not running after {timeout_s:.0f} s: {message}")
 
 
+def proxy_environment(settings: Settings) -> dict[str, str]:
+    """Environment for the Ray processes, set before Ray starts (a cluster started elsewhere needs it in
+    its own environment): Serve's proxy then runs ``service.api.ray_proxy`` with these head limits."""
+    return {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": CALLBACK,
+            "SERVICE_MAX_HEADER_BYTES": str(settings.max_header_bytes),
+            "SERVICE_MAX_HEADER_LINE_BYTES": str(settings.max_header_line_bytes),
+            "SERVICE_MAX_HEADERS": str(settings.max_headers)}
+
+
+def stop_serving(*, own_cluster: bool, name: str = APP_NAME) -> None:
+    """Stop serving without dropping requests in flight: delete the application first, so its replicas
+    finish what they hold (up to ``graceful_shutdown_timeout_s``, the drain timeout) while the proxy
+    still relays their answers; requests arriving meanwhile get 503 with ``Retry-After`` from the
+    proxy. Only then, on our own cluster, stop Serve (``serve.shutdown`` kills the proxy at once)."""
+    serve.delete(name)
+    if own_cluster:
+        serve.shutdown()
+
+
 def serve_forever(settings: Settings, options: ReplicaOptions, *, timeout_s: float = 600.0) -> int:
     """``camserve serve --ray``: start a local Ray cluster (or join ``RAY_ADDRESS``), serve through
     Serve's proxy on ``settings.host:settings.port`` until SIGTERM or Ctrl-C, then stop cleanly."""
     import ray
 
     address = os.environ.get("RAY_ADDRESS") or None
+    if address is None:  # our own cluster: its processes inherit this environment
+        for key, value in proxy_environment(settings).items():
+            os.environ.setdefault(key, value)
     ray.init(address=address, logging_level=logging.WARNING)
     stop = threading.Event()
 
@@ -262,10 +295,8 @@ def serve_forever(settings: Settings, options: ReplicaOptions, *, timeout_s: flo
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        if address is None:
-            serve.shutdown()  # our own cluster: stop the proxy and controller too
-        else:
-            serve.delete(APP_NAME)  # someone else's cluster: remove only our application
+        # Our own cluster: the proxy and controller stop too; someone else's: only our application goes.
+        stop_serving(own_cluster=address is None)
         ray.shutdown()
 
 

@@ -19,7 +19,9 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import os
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
@@ -70,6 +72,9 @@ class ServedModel:
     pipeline: Pipeline | None = None
     batcher: Batcher[Job, JobResult] | None = None
     error: str | None = None
+    # Named in the server's configuration (not loaded through the repository API): only these decide
+    # whether the server is ready.
+    configured: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     @property
@@ -102,6 +107,7 @@ class ModelRepository:
         self.cpu_pool: ThreadPoolExecutor | None = None
         self.render_pool: ThreadPoolExecutor | None = None
         self.draining = False
+        self.withdrawn = False  # readiness off while requests are still served: the shutdown grace
         # Set when a drain's deadline passes: requests still in flight then answer 503 (the data plane
         # waits on it), before the server cancels their tasks into bare 500s.
         self.stopping = asyncio.Event()
@@ -133,15 +139,32 @@ class ModelRepository:
         if entry.state is ModelState.UNLOADED:
             raise ModelNotFound(f"model {entry.name!r} is unloaded; available: {self._known()}")
         if not entry.ready:
-            detail = f": {entry.error}" if entry.state is ModelState.FAILED and entry.error else ""
+            # The reason a load failed can name server paths: it is for operators (the repository
+            # index, the log), not for every key holder.
+            detail = ("; the server log and the repository index say why" if entry.state is ModelState.FAILED
+                      else "")
             raise NotReady(f"model {entry.name!r} is {entry.state.value}{detail}")
         return entry
 
     @property
     def ready(self) -> bool:
-        """Every model this server was asked to serve is ready, and the server is not draining."""
-        serving = [m for m in self._models.values() if m.state is not ModelState.UNLOADED]
-        return bool(serving) and not self.draining and all(m.ready for m in serving)
+        """Every configured model (unless an operator unloaded it) is ready, some model is, and the
+        server is not draining."""
+        return self.not_ready_reason() is None
+
+    def not_ready_reason(self) -> str | None:
+        """Why the server is not ready, or None. A model loaded through the repository API has its own
+        readiness (``/v2/models/{m}/ready``): its failure or its loading must not take the server
+        out of a load balancer, nor get a Ray replica that serves every other model replaced."""
+        if self.draining or self.withdrawn:
+            return "the server is shutting down"
+        waiting = [m for m in self._models.values() if m.configured and m.state is not ModelState.UNLOADED
+                   and not m.ready]
+        if waiting:
+            return "models not ready: " + ", ".join(f"{m.name} ({m.state.value})" for m in waiting)
+        if not any(m.ready for m in self._models.values()):
+            return "models not ready: none loaded"
+        return None
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -162,8 +185,10 @@ class ModelRepository:
             self._loop = None
 
     def declare(self, name: str, spec: ModelSpec | None) -> ServedModel:
-        """Name a model that is about to load, so requests for it get 503 (loading), not 404."""
+        """Name a configured model that is about to load, so requests for it get 503 (loading), not 404,
+        and the server is not ready until it is."""
         entry = self._entry(name, spec)
+        entry.configured = True
         if self.default is None:
             self.default = name
         return entry
@@ -177,38 +202,55 @@ class ModelRepository:
     async def load(self, source: ModelSpec | LoadedModel, *, replace: bool = True) -> ServedModel:
         """Load (or reload) a model and make it ready. A model given already built is served as is.
 
-        Raises :class:`ModelLoadError`; the entry is then ``failed`` with the reason."""
+        A reload is atomic: the new model is built and warmed beside the old one, which serves until
+        the swap; if the new one fails, the old one stays as it was and so does its table (a later
+        bodyless load reloads that last good table). Raises :class:`ModelLoadError`; a model that
+        was not serving is then ``failed`` with the reason."""
         name = source.name
         spec = source.spec if isinstance(source, LoadedModel) else source
-        entry = self._entry(name, spec)
+        entry = self._entry(name, None)
         async with entry.lock:
-            if entry.state in (ModelState.READY, ModelState.DRAINING):
-                if not replace:
-                    return entry
-                await self._unload_locked(entry)
-            entry.spec, entry.state, entry.error = spec, ModelState.LOADING, None
+            serving = entry.state is ModelState.READY
+            if serving and not replace:
+                return entry
+            if not serving:
+                entry.state, entry.error = ModelState.LOADING, None
             try:
-                model = source if isinstance(source, LoadedModel) else await asyncio.to_thread(load_model, source)
-                pipeline = Pipeline(model, self.cpu_pool, self.render_pool)
-                await self._warm_up(pipeline)
+                model, pipeline = await self._build(source)
             except ModelLoadError as exc:
-                entry.state, entry.error = ModelState.FAILED, str(exc)
+                if serving:
+                    log.error("model %r keeps serving its previous table: the reload failed: %s", name, exc)
+                else:
+                    entry.state, entry.error = ModelState.FAILED, str(exc)
                 raise
-            except Exception as exc:
-                entry.state, entry.error = ModelState.FAILED, f"model {name!r} failed its warm-up: {exc}"
-                raise ModelLoadError(entry.error) from exc
             s = self.settings
             batcher: Batcher[Job, JobResult] = Batcher(
                 pipeline.compute, max_batch_size=s.max_batch_size, max_wait_s=s.max_wait_s, max_queue=s.max_queue,
                 name=name, policy=s.policy, on_batch=self._on_batch(name) if self._on_batch else None)
             batcher.start()
+            old_model, old_batcher = entry.model, entry.batcher
             entry.model, entry.pipeline, entry.batcher = model, pipeline, batcher
-            entry.state = ModelState.READY
+            entry.spec, entry.state, entry.error = spec, ModelState.READY, None
+            if serving:
+                # New requests already go to the new batcher; the old one finishes what it queued.
+                await self._retire(old_model, old_batcher)
             log.info("model %r ready on %s: %d classes, input %s, default layer %s", name, model.device,
                      model.num_classes, model.preprocess.input_size, model.engine.layers.default or "none")
             if self.default is None:
                 self.default = name
             return entry
+
+    async def _build(self, source: ModelSpec | LoadedModel) -> tuple[LoadedModel, Pipeline]:
+        """The model and its warmed pipeline, not yet serving. Raises :class:`ModelLoadError`."""
+        model = source if isinstance(source, LoadedModel) else await asyncio.to_thread(load_model, source)
+        try:
+            pipeline = Pipeline(model, self.cpu_pool, self.render_pool)
+            await self._warm_up(pipeline)
+        except Exception as exc:
+            if not isinstance(source, LoadedModel):
+                model.close()
+            raise ModelLoadError(f"model {source.name!r} failed its warm-up: {exc}") from exc
+        return model, pipeline
 
     async def _warm_up(self, pipeline: Pipeline) -> None:
         """Run the whole path once (decode, explain, render) so the first client pays nothing extra; on
@@ -222,6 +264,8 @@ class ModelRepository:
         for n in sizes:
             await pipeline.run([png] * n, top_k=1, query=CamQuery() if model.explainable else None,
                                spec=HeatmapSpec(), max_pixels=self.settings.max_image_pixels)
+        model.forward_s = await asyncio.to_thread(_forward_seconds, model)
+
 
     async def unload(self, name: str) -> ServedModel:
         """Stop admitting requests for ``name``, let its queued ones finish, free it."""
@@ -231,19 +275,24 @@ class ModelRepository:
         return entry
 
     async def _unload_locked(self, entry: ServedModel) -> None:
-        if entry.state in (ModelState.READY, ModelState.DRAINING) and entry.batcher is not None:
+        if entry.state in (ModelState.READY, ModelState.DRAINING):
             entry.state = ModelState.DRAINING
-            await entry.batcher.drain()
-            await entry.batcher.stop()
-        if entry.model is not None:
-            entry.model.close()
-        device = entry.model.device if entry.model is not None else None
+        await self._retire(entry.model, entry.batcher)
         entry.model, entry.pipeline, entry.batcher = None, None, None
         entry.state = ModelState.UNLOADED
-        gc.collect()
-        if device is not None and device.type == "cuda":
-            torch.cuda.empty_cache()
         log.info("model %r unloaded", entry.name)
+
+    @staticmethod
+    async def _retire(model: LoadedModel | None, batcher: Batcher[Job, JobResult] | None) -> None:
+        """Let ``batcher`` finish what it queued, stop it, and free ``model``'s hooks and memory."""
+        if batcher is not None:
+            await batcher.drain()
+            await batcher.stop()
+        if model is not None:
+            model.close()
+        gc.collect()
+        if model is not None and model.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def begin_drain(self, timeout_s: float | None = None) -> None:
         """Readiness off for every model: a load balancer stops routing here while work finishes.
@@ -270,3 +319,18 @@ class ModelRepository:
             if pool is not None:
                 setattr(self, attr, None)
                 await asyncio.to_thread(pool.shutdown, True)
+
+
+def _forward_seconds(model: LoadedModel, rows: int = 8) -> float:
+    """Per image, the faster of two timed forwards of ``rows`` images (the size perturbation methods
+    forward in, at most their chunk): what one of their extra forwards costs, roughly."""
+    h, w = model.preprocess.input_size
+    x = torch.zeros(min(rows, model.engine.chunk_rows), 3, h, w, device=model.device)
+    best = math.inf
+    for _ in range(2):
+        started = time.perf_counter()
+        model.engine.predict(x)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        best = min(best, time.perf_counter() - started)
+    return best / x.shape[0]

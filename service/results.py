@@ -24,6 +24,7 @@ class Explanation(Prediction):
     layer: str
     heatmap: Heatmap
     metrics: dict[str, float] | None = None  # faithfulness figures, when asked for (service.cam.metrics)
+    note: str | None = None  # why the map is what it is, when a client would otherwise wonder (all zero)
 
 
 @dataclass(frozen=True)

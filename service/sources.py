@@ -74,8 +74,13 @@ def build(spec: ModelSpec, num_labels: int | None) -> Built:
     return entry.load(spec, target, num_labels)
 
 
+# Keys under which training scripts commonly nest the state_dict in a checkpoint.
+_NESTED = ("state_dict", "model_state_dict", "model", "module")
+
+
 def load_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """Read a state_dict from .pth/.pt (weights only, never pickled code) or .safetensors."""
+    """Read a state_dict from .pth/.pt (weights only, never pickled code) or .safetensors; a checkpoint
+    that nests it under ``state_dict``, ``model_state_dict``, ``model`` or ``module`` is unwrapped."""
     if not Path(path).is_file():
         raise ModelLoadError(f"weights file not found: {path}")
     if path.endswith(".safetensors"):
@@ -84,11 +89,35 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
         loaded: dict[str, torch.Tensor] = load_file(path)
         return loaded
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ModelLoadError(f"{path!r} does not hold a state_dict")
+    if isinstance(state, dict):
+        nested = next((state[k] for k in _NESTED if isinstance(state.get(k), dict)), None)
+        state = nested if nested is not None else state
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"{Path(path).name!r} holds {describe(state)}; expected a state_dict (a mapping "
+                             "of parameter names to tensors, as `torch.save(model.state_dict(), path)` writes)")
     return state
+
+
+def describe(obj: object) -> str:
+    """What a loaded checkpoint is, in a few words, for an error message."""
+    if isinstance(obj, dict):
+        keys = ", ".join(map(str, list(obj)[:5])) + (", ..." if len(obj) > 5 else "")
+        return f"a dict of {len(obj)} entries ({keys})" if obj else "an empty dict"
+    if isinstance(obj, torch.Tensor):
+        return f"a single tensor of shape {tuple(obj.shape)}"
+    return f"a {type(obj).__name__}"
+
+
+def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    """``model.load_state_dict(state)``, with a one-line message when they do not fit."""
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        def few(keys: list[str]) -> str:
+            return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+        raise ModelLoadError(
+            f"the weights do not fit {what}: {len(result.missing_keys)} missing keys "
+            f"({few(result.missing_keys)}), {len(result.unexpected_keys)} unexpected keys "
+            f"({few(result.unexpected_keys)})")
 
 
 def _head_size(state: Mapping[str, torch.Tensor]) -> int | None:
@@ -124,7 +153,11 @@ def _torchvision(spec: ModelSpec, builder: str, num_labels: int | None) -> Built
         state = load_state_dict(weights)
         model = torchvision.models.get_model(builder, weights=None,
                                              num_classes=num_labels or _head_size(state) or 1000)
-        model.load_state_dict(state)
+        try:
+            load_weights(model, state, f"torchvision's {builder}")
+        except RuntimeError as exc:  # same names, other shapes
+            raise ModelLoadError(f"the weights do not fit torchvision's {builder}: {str(exc).splitlines()[-1].strip()}"
+                                 ) from None
         return Built(model)
     # A torchvision weights name: the enum brings its categories and its own preprocessing sizes.
     enum = torchvision.models.get_model_weights(builder)

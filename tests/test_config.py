@@ -4,6 +4,7 @@ line and exit code 2, never a traceback."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -109,6 +110,39 @@ def test_labels_are_read_for_every_source(tmp_path):
         load_model(ModelSpec("s", "builtin:shapes", labels=str(tmp_path / "missing.txt")))
 
 
+@pytest.mark.parametrize(("name", "content", "needle"), [
+    ("passwd", "root:x:0:0:root:/root:/bin/bash\n", "must end in .txt, .json, .labels"),
+    ("bin.txt", b"\xff\xfe\x00binary", "is not UTF-8 text"),
+    ("ctl.txt", "a\nb\x1b[31mred\n", "control characters"),
+    ("long.txt", "x" * 300 + "\n", "longer than 256"),
+])
+def test_labels_files_must_be_what_an_operator_meant(tmp_path, name, content, needle):
+    """Labels are shown to every caller: a mistyped path (/etc/passwd) or a binary is refused at load,
+    even with `weights = "none"`, where the head would otherwise be sized to fit the file."""
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ModelLoadError, match=re.escape(needle)):
+        load_model(ModelSpec("pw", "torchvision:resnet18", weights="none", labels=str(path)))
+
+
+def test_weights_files_that_hold_something_else_say_what(tmp_path):
+    cases = {"list.pth": [torch.zeros(3)], "tensor.pth": torch.zeros(3), "empty.pth": {},
+             "notes.pth": {"epoch": 3, "lr": 0.1}}
+    for name, obj in cases.items():
+        torch.save(obj, tmp_path / name)
+        with pytest.raises(ModelLoadError, match=r"holds .*; expected a"):
+            load_model(ModelSpec("ev", "torchvision:resnet18", weights=str(tmp_path / name)))
+        with pytest.raises(ModelLoadError, match=r"holds .*; expected a shapes checkpoint"):
+            load_model(ModelSpec("ev", "builtin:shapes", weights=str(tmp_path / name)))
+    # A checkpoint nesting the state_dict under `model` loads; one for another architecture is named so.
+    import torchvision
+
+    torch.save({"epoch": 3, "model": torchvision.models.resnet18(num_classes=4).state_dict()}, tmp_path / "ck.pth")
+    assert load_model(ModelSpec("ev", "torchvision:resnet18", weights=str(tmp_path / "ck.pth"))).num_classes == 4
+    with pytest.raises(ModelLoadError, match=r"do not fit torchvision.s resnet34: .* missing keys"):
+        load_model(ModelSpec("ev", "torchvision:resnet34", weights=str(tmp_path / "ck.pth")))
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")
 def test_labels_for_torchscript(tmp_path):
     from tests.api.models import Tiny
@@ -201,3 +235,37 @@ def test_camserve_explain_user_errors_are_one_line(tmp_path, args, expected):
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("camserve: ") and expected in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("config", "expected"), [
+    ("[server]\nmax_queue = 'lots'\n", ["setting `max_queue` must be an integer"]),
+    ("models = 5\n", ["`models` must hold [models.<name>] tables"]),
+    ("[server]\nmax_batch_size = 4.5\ndrain_timeout_s = -1\n",
+     ["setting `max_batch_size` must be an integer", "setting `drain_timeout_s` must be a finite number"]),
+    (None, ["config file not found"]),
+])
+@pytest.mark.parametrize("command", ["evaluate", "explain"])
+def test_cli_config_problems_are_lines_and_exit_2(tmp_path, capsys, config, expected, command):
+    """In process (the subprocess tests above cover the entry point): every problem, one line each,
+    type and range errors together, no traceback."""
+    from service.cli import main
+
+    if config is not None:
+        (tmp_path / "bad.toml").write_text(config)
+    args = ["--config", str(tmp_path / "bad.toml")]
+    argv = ["evaluate", *args, "--shapes", "2"] if command == "evaluate" else ["explain", "img.png", *args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == len(expected) and all(line.startswith("camserve: ") for line in lines), err
+    for line, needle in zip(lines, expected, strict=True):
+        assert needle in line, err
+
+
+def test_cli_explain_checks_the_output_folder_first(tmp_path, capsys, monkeypatch):
+    from service import cli
+
+    (tmp_path / "img.png").write_bytes(png_bytes(scene("circle")[0]))
+    monkeypatch.setattr("service.repository.load_model", lambda spec: pytest.fail("loaded before checking --out"))
+    assert cli.main(["explain", str(tmp_path / "img.png"), "--out", str(tmp_path / "missing" / "heat.png")]) == 2
+    assert "no such folder" in capsys.readouterr().err

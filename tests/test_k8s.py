@@ -20,6 +20,8 @@ import pytest
 import yaml
 from packaging.specifiers import SpecifierSet
 
+from service.config import Settings
+
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "docker" / "k8s"
 # The oldest Kubernetes still commonly run, and the newest the validator knows.
@@ -100,7 +102,10 @@ def test_deployment_probes_and_shutdown():
     env = {e["name"]: e for e in c["env"]}
     assert float(env["SERVICE_DRAIN_TIMEOUT_S"]["value"]) == DRAIN_TIMEOUT_S
     assert c["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(PRESTOP_S)]
-    assert pod["terminationGracePeriodSeconds"] > PRESTOP_S + DRAIN_TIMEOUT_S
+    grace = Settings().shutdown_grace_s
+    if "SERVICE_SHUTDOWN_GRACE_S" in env:
+        grace = float(env["SERVICE_SHUTDOWN_GRACE_S"]["value"])
+    assert pod["terminationGracePeriodSeconds"] > PRESTOP_S + grace + DRAIN_TIMEOUT_S
     # Torch threads follow the pod's CPU limit, not the node's core count.
     assert env["OMP_NUM_THREADS"]["valueFrom"]["resourceFieldRef"]["resource"] == "limits.cpu"
     assert "cpu" in c["resources"]["limits"] and "memory" in c["resources"]["limits"]

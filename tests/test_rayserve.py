@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
+import socket
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -17,6 +20,7 @@ import pytest
 import ray
 from fastapi.testclient import TestClient
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from service.app import create_app
 from service.cli import main
@@ -34,7 +38,9 @@ from service.rayserve import (
     deploy,
     deployment_options,
     models_ready,
+    proxy_environment,
     replica_settings,
+    stop_serving,
 )
 from service.repository import ModelState
 from tests.api.conftest import png_bytes
@@ -118,8 +124,10 @@ def test_health_follows_model_readiness():
 
 @pytest.fixture(scope="module")
 def proxy_port():
-    saved = os.environ.get("RAY_USAGE_STATS_ENABLED")
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    # As `camserve serve --ray` does: the cluster's processes inherit the proxy callback and head limits.
+    env = {"RAY_USAGE_STATS_ENABLED": "0", **proxy_environment(Settings())}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False,
              logging_level="warning")
     port = free_port()
@@ -129,18 +137,21 @@ def proxy_port():
     finally:
         serve.shutdown()
         ray.shutdown()
-        if saved is None:
-            os.environ.pop("RAY_USAGE_STATS_ENABLED", None)
-        else:
-            os.environ["RAY_USAGE_STATS_ENABLED"] = saved
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @pytest.fixture(scope="module")
 def two_replicas(proxy_port):
-    """Two replicas of the built-in model, 0.9 CPU each (leaving room for the start-up failure test)."""
-    deploy(build(Settings(), ReplicaOptions(replicas=2, num_cpus=0.9)), timeout_s=240)
+    """Two replicas of the built-in model, 0.9 CPU each (leaving room for the start-up failure test), with
+    the repository API on (so that its refusal under Ray is the one tested)."""
+    deploy(build(Settings(enable_repository_api=True), ReplicaOptions(replicas=2, num_cpus=0.9)), timeout_s=240)
     yield f"http://127.0.0.1:{proxy_port}"
-    serve.delete(APP_NAME)
+    with contextlib.suppress(RayServeException):  # already gone when the stop test ran
+        serve.delete(APP_NAME)
 
 
 def _images(n: int) -> list[bytes]:
@@ -164,6 +175,7 @@ class Sent:
     status: int  # 0: no HTTP answer (connection error)
     replica: str
     body: dict | None
+    retry_after: str | None = None
 
 
 async def _load(base: str, bodies: list[tuple[str, dict]], concurrency: int = 8,
@@ -181,7 +193,7 @@ async def _load(base: str, bodies: list[tuple[str, dict]], concurrency: int = 8,
                 try:
                     r = await client.post(path, json=body)
                     out.append(Sent(i, at, time.monotonic(), r.status_code, r.headers.get(REPLICA_HEADER, ""),
-                                    r.json() if r.status_code == 200 else None))
+                                    r.json() if r.status_code == 200 else None, r.headers.get("retry-after")))
                 except httpx.HTTPError:
                     out.append(Sent(i, at, time.monotonic(), 0, "", None))
 
@@ -277,6 +289,8 @@ def test_killed_replica_is_replaced_and_traffic_recovers(two_replicas):
     assert all(s.status == 200 for s in late), Counter(s.status for s in late)
     assert Counter(s.status for s in after) == {200: 80}
     assert all(s.done >= killed["at"] for s in failed), "a request failed before the kill"
+    # What the dead replica held is answered by the proxy: a 503 to retry, not a bare 500 or a dropped connection.
+    assert all(s.status == 503 and s.retry_after == "1" for s in failed), Counter(s.status for s in failed)
     assert len({s.replica for s in after}) == 2  # the replacement takes traffic too
 
 
@@ -294,6 +308,86 @@ def test_replica_start_failure_is_reported_not_awaited(proxy_port, tmp_path):
     # Serve reports the lifespan's failure; its traceback (naming the weights file) is in the replica's log.
     assert "lifespan startup failed" in str(failure.value)
     assert time.monotonic() - started < 150
+
+
+@pytest.mark.slow
+def test_repository_changes_are_refused_on_replicas(two_replicas):
+    """A load would reach one replica only: every replica refuses it with the reason; the index answers."""
+    with httpx.Client(base_url=two_replicas, timeout=30) as client:
+        for _ in range(6):  # whichever replica takes it
+            r = client.post("/v2/repository/models/shapes/load")
+            assert r.status_code == 403 and "under Ray Serve" in r.json()["error"], r.text
+        index = client.post("/v2/repository/index")
+        assert index.status_code == 200 and index.json() == [{"name": "shapes", "version": "1", "state": "READY"}]
+
+
+def _raw(port: int, head: bytes, chunk: int = 16384) -> tuple[bytes, int]:
+    """Send ``head`` in pieces until the server answers; (its answer, bytes sent)."""
+    import select
+
+    sent, reply = 0, b""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            while sent < len(head) and not select.select([s], [], [], 0.005)[0]:
+                s.sendall(head[sent:sent + chunk])
+                sent += chunk
+        with contextlib.suppress(ConnectionResetError, TimeoutError):
+            while data := s.recv(65536):
+                reply += data
+    return reply, min(sent, len(head))
+
+
+@pytest.mark.slow
+def test_the_proxy_bounds_request_heads(two_replicas, proxy_port):
+    ok = _raw(proxy_port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")[0]
+    assert ok.startswith(b"HTTP/1.1 200"), ok[:200]
+    many = "".join(f"x-h{i}: v\r\n" for i in range(101))
+    reply = _raw(proxy_port, f"GET /healthz HTTP/1.1\r\nHost: x\r\n{many}\r\n".encode())[0]
+    assert reply.startswith(b"HTTP/1.1 431") and b"more than 100 request headers" in reply, reply[:300]
+    huge = b"GET /predict HTTP/1.1\r\nHost: x\r\nX-Big: " + b"v" * (8 * 1024 * 1024)
+    reply, sent = _raw(proxy_port, huge)
+    assert reply.startswith(b"HTTP/1.1 431"), reply[:300]
+    assert sent < 2 * 1024 * 1024, f"the proxy read {sent} bytes of an over-limit head"
+
+
+# Last in the module: it stops Serve.
+@pytest.mark.slow
+def test_stop_finishes_in_flight_requests(two_replicas):
+    """The stop of `camserve serve --ray` (own cluster) in the middle of a burst of 100: every request
+    the proxy accepted is answered, 200 or 503 with Retry-After; none is dropped without an answer."""
+    images = _images(4)
+    bodies = [_body(i, images[i % 4]) for i in range(100)]
+    outcomes: list[tuple[float, int | str, str | None]] = []
+    answered = threading.Event()
+
+    async def burst() -> None:
+        async with httpx.AsyncClient(base_url=two_replicas, timeout=120) as client:
+            async def one(path: str, body: dict) -> None:
+                try:
+                    r = await client.post(path, json=body)
+                    outcomes.append((time.monotonic(), r.status_code, r.headers.get("retry-after")))
+                except httpx.ConnectError:
+                    outcomes.append((time.monotonic(), "refused", None))  # never accepted: fine
+                except httpx.HTTPError as exc:
+                    outcomes.append((time.monotonic(), f"{type(exc).__name__}: {exc}", None))
+                if len(outcomes) >= 10:
+                    answered.set()
+
+            await asyncio.gather(*(one(path, body) for path, body in bodies))
+
+    load = threading.Thread(target=asyncio.run, args=(burst(),))
+    load.start()
+    assert answered.wait(120), "the burst was not being answered"
+    stopping = time.monotonic()
+    stop_serving(own_cluster=True)
+    stopped = time.monotonic()
+    load.join(120)
+    kinds = Counter(kind for _, kind, _ in outcomes)
+    print(f"\nstop under load: {dict(kinds)}; the stop took {stopped - stopping:.1f} s")
+    assert len(outcomes) == 100
+    assert set(kinds) <= {200, 503, "refused"}, kinds
+    assert all(retry == "1" for _, kind, retry in outcomes if kind == 503)
+    assert any(at > stopping and kind == 200 for at, kind, _ in outcomes), "nothing in flight finished"
 
 
 def test_replicas_never_bind_the_grpc_port():

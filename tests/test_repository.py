@@ -58,6 +58,10 @@ def test_a_failed_load_is_a_state_with_its_reason_and_others_keep_serving():
         bad = ModelSpec("bad", "torchvision:resnet18", weights="/nonexistent.pth")
         with pytest.raises(ModelLoadError, match="weights file not found"):
             await repository.load(bad)
+        assert repository.ready  # loaded on request, not configured: its failure is its own
+        repository.declare("bad", bad)  # as the configuration names it
+        with pytest.raises(ModelLoadError, match="weights file not found"):
+            await repository.load(bad)
         entry = repository.find("bad")
         assert entry.state is ModelState.FAILED and "weights file not found" in (entry.error or "")
         with pytest.raises(NotReady, match="failed"):

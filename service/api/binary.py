@@ -10,6 +10,7 @@ that disagrees with its header is a 400, never a read past the end or a wait for
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 from collections.abc import Sequence
@@ -115,7 +116,7 @@ def pack_bytes(items: Sequence[bytes]) -> bytes:
 
 def unpack_numbers(raw: bytes, datatype: str, shape: Sequence[int], name: str) -> np.ndarray:
     dtype = NUMPY_TYPES[datatype]
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)  # Python integers: np.prod wraps around on a hostile shape
     if len(raw) != count * dtype.itemsize:
         raise InvalidInput(f"input {name!r}: {len(raw)} bytes of binary data, but shape {list(shape)} of "
                            f"{datatype} needs {count * dtype.itemsize}")

@@ -32,6 +32,8 @@ def explanation_json(e: Explanation) -> dict[str, Any]:
            "heatmap": heatmap_json(e.heatmap)}
     if e.metrics is not None:
         out["metrics"] = e.metrics
+    if e.note is not None:
+        out["note"] = e.note
     return out
 
 

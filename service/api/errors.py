@@ -32,6 +32,7 @@ STATUS: dict[type[errors.CamserveError], tuple[int, str]] = {
     errors.ModelNotFound: (404, "Unknown model"),
     errors.NotAcceptable: (406, "Nothing the `Accept` header allows can be produced"),
     errors.PayloadTooLarge: (413, "Body, image pixels, image count or output size over the limits"),
+    errors.HeadersTooLarge: (431, "Request headers over their size or count limits"),
     errors.UnsupportedMediaType: (415, "Neither JSON nor multipart"),
     errors.InvalidArgument: (422, "Bad option value"),
     errors.ModelError: (500, "The model failed on this batch"),

@@ -40,12 +40,13 @@ class Health(health_pb2_grpc.HealthServicer):  # type: ignore[misc]  # grpcio-he
 
     def status(self, service: str) -> int | None:
         if service in ("", SERVICE):
-            return SERVING if self.repository.ready else NOT_SERVING
+            return SERVING if self.repository.not_ready_reason() is None else NOT_SERVING
         try:
             served = self.repository.find(service)
         except Exception:  # not a model's name either
             return None
-        return SERVING if served.ready and not self.repository.draining else NOT_SERVING
+        shutting_down = self.repository.draining or self.repository.withdrawn
+        return SERVING if served.ready and not shutting_down else NOT_SERVING
 
     async def Check(self, request: health_pb2.HealthCheckRequest,
                     context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:

@@ -23,7 +23,6 @@ from service.api.parsing import decode_base64, json_object, query_options, valid
 from service.api.routes import unless_disconnected
 from service.api.schemas import ExplainOptions
 from service.dataplane import DataPlane
-from service.dataplane import ExplainOptions as ExplainRequest
 from service.errors import InvalidArgument, InvalidInput, PayloadTooLarge
 from service.repository import ModelState
 from service.results import ImageResult, InferenceResult
@@ -81,8 +80,10 @@ def parse_body(raw: bytes, max_images: int) -> tuple[list[bytes], list[Any], dic
 def _options(request: Request, params: dict[str, Any], explain: bool) -> tuple[ExplainOptions, bool]:
     """Query string, then ``parameters``; checked by ``/explain``'s schema. Also whether ``top_k`` was given."""
     merged = {**query_options(request), **params}
-    if isinstance(merged.get("targets"), str):  # "3,ring", as in a query string
-        merged["targets"] = [t.strip() for t in merged["targets"].split(",") if t.strip()]
+    for key in ("targets", "metrics", "layer"):  # "3,ring", as in a query string
+        value = merged.get(key)
+        if isinstance(value, str) and (key != "layer" or "," in value):
+            merged[key] = [t.strip() for t in value.split(",") if t.strip()]
     if not explain:
         extra = sorted(set(merged) - {"top_k"})
         if extra:
@@ -118,10 +119,7 @@ async def _serve(request: Request, name: str, dataplane: DataPlane, max_images: 
     raw = await read_body(request, limit)
     images, keys, params = parse_body(raw, max_images)
     opts, with_top = _options(request, params, explain)
-    explain_opts = ExplainRequest(
-        method=opts.method, layer=opts.layer, targets=tuple(opts.targets or ()), output=opts.output,  # type: ignore[arg-type]
-        size=opts.size, colormap=opts.colormap, alpha=opts.alpha) if explain else None  # type: ignore[arg-type]
-    plan = dataplane.plan(name, len(images), top_k=opts.top_k, explain=explain_opts)
+    plan = dataplane.plan(name, len(images), top_k=opts.top_k, explain=opts.request() if explain else None)
     note_request(request.scope, model=plan.model_name, images=len(images))
     result = await unless_disconnected(request, dataplane.run(plan, images))
     if heavy(result):  # megabytes of base64 or floats: not on the event loop

@@ -182,7 +182,9 @@ class ApiKeyAuth:
 
     def __init__(self, app: ASGIApp, keys: Iterable[str], open_paths: Iterable[str]) -> None:
         self.app = app
-        self.keys = [k.encode() for k in keys]
+        # Settings refuse empty keys; this drops them again so that no list, however it was built, can
+        # make a request without a key compare equal to one.
+        self.keys = [k.strip().encode() for k in keys if k.strip()]
         self.open_paths = tuple(open_paths)
 
     def _authorized(self, scope: Scope) -> bool:
@@ -191,6 +193,8 @@ class ApiKeyAuth:
         auth = headers.get(b"authorization", b"")
         if auth[:7].lower() == b"bearer ":
             given = auth[7:].strip()
+        if not given:
+            return False
         ok = False
         for key in self.keys:
             ok |= hmac.compare_digest(given, key)

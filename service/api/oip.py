@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -43,6 +44,7 @@ T = TypeVar("T")
 
 SERVER_NAME = "camserve"
 VERSION = "1"  # every model has one version
+# Both bindings; REST also serves Triton's model configuration and statistics extensions (oip_model_info.py).
 EXTENSIONS = ["binary_tensor_data", "model_repository", "parameters"]
 OUTPUTS = ("scores", "heatmap", "heatmap_png", "target_class")
 INPUTS = ("image", "pixels")
@@ -54,15 +56,14 @@ DATATYPES = {"scores": "FP32", "heatmap": "FP32", "heatmap_png": "BYTES", "targe
 
 
 # -- server and model state ---------------------------------------------------------------------
-def server_metadata() -> dict[str, Any]:
-    return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
+def server_metadata(extensions: Sequence[str] = EXTENSIONS) -> dict[str, Any]:
+    return {"name": SERVER_NAME, "version": __version__, "extensions": list(extensions)}
 
 
 def check_server_ready(repository: ModelRepository) -> None:
-    if not repository.ready:
-        waiting = [f"{m.name} ({m.state.value})" for m in repository if not m.ready and m.state.value != "unloaded"]
-        raise NotReady("the server is shutting down" if repository.draining
-                       else f"models not ready: {', '.join(waiting) or 'none loaded'}")
+    reason = repository.not_ready_reason()
+    if reason is not None:
+        raise NotReady(reason)
 
 
 def check_version(name: str, version: str | None) -> None:
@@ -105,10 +106,18 @@ class InputTensor:
     data: Sequence[Any] | np.ndarray | None = None
 
 
+# No input holds more elements than this (64 images of 40 MP, RGB): a shape beyond it is refused before
+# anything multiplies it in fixed-width integers, where it could wrap around.
+MAX_ELEMENTS = 2**40
+
+
 def check_shape(value: Any, name: str) -> list[int]:
     if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                                  for d in value):
         raise InvalidInput(f"input {name!r}: `shape` must be a list of non-negative integers, got {value!r}")
+    if math.prod(value) > MAX_ELEMENTS:  # Python integers: exact, whatever the size
+        raise InvalidInput(f"input {name!r}: `shape` {value} holds {math.prod(value)} elements, more than any "
+                           f"request may ({MAX_ELEMENTS})")
     return value
 
 
@@ -133,7 +142,7 @@ def _pixels_input(tensor: InputTensor) -> list[ImageInput]:
         raise InvalidInput(f"input 'pixels' must have datatype FP32 (normalised) or UINT8, got {datatype!r}")
     if len(shape) != 4 or shape[1] != 3:
         raise InvalidInput(f"input 'pixels' must have shape [N, 3, H, W], got {shape}")
-    count = int(np.prod(shape))
+    count = math.prod(shape)
     if tensor.raw is not None:
         array = binary.unpack_numbers(tensor.raw, datatype, shape, "pixels")
     elif isinstance(tensor.data, np.ndarray):
@@ -160,13 +169,15 @@ def parse_inputs(tensors: Sequence[InputTensor]) -> list[ImageInput]:
     if not tensors:
         raise InvalidInput(f"`inputs` must be a non-empty list of tensors; valid inputs: {', '.join(INPUTS)}")
     images: list[ImageInput] | None = None
+    seen = None
     for tensor in tensors:
         if tensor.name not in INPUTS:
             raise InvalidInput(f"unknown input {tensor.name!r}; valid inputs: {', '.join(INPUTS)}")
-        parsed = _images_input(tensor) if tensor.name == "image" else _pixels_input(tensor)
         if images is not None:
-            raise InvalidInput("send one input, `image` or `pixels`, not both")
-        images = parsed
+            raise InvalidInput(f"input {tensor.name!r} is given twice" if tensor.name == seen else
+                               "send one input, `image` or `pixels`, not both")
+        seen = tensor.name
+        images = _images_input(tensor) if tensor.name == "image" else _pixels_input(tensor)
     assert images is not None
     if not images:
         raise InvalidInput("no image given: the input's first dimension is 0")
@@ -284,6 +295,9 @@ def _top(plan: Plan, top: int) -> Plan:
 def plan_passes(dataplane: DataPlane, model: str, n: int, params: Mapping[str, Any], wanted: list[Wanted]) -> Passes:
     by_name = {w.name: w for w in wanted}
     if not by_name.keys() & {"heatmap", "heatmap_png", "target_class"}:
+        if params.keys() & {*EXPLAIN_KEYS, *RENDER_KEYS} - {"top_k"}:
+            # Checked as if a heatmap were asked for, so a typo in an option is a 400 whatever the outputs.
+            plan_passes(dataplane, model, n, params, [Wanted("heatmap", False, {})])
         return Passes(dataplane.plan(model, n))
     served = dataplane.repository.get(model)
     assert served.model is not None

@@ -168,7 +168,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
     @_rpc(needs_key=False)
     async def ServerReady(self, request: pb.ServerReadyRequest,
                           context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.repository.ready)
+        return pb.ServerReadyResponse(ready=self.repository.not_ready_reason() is None)
 
     @_rpc()
     async def ModelReady(self, request: pb.ModelReadyRequest,

@@ -5,6 +5,10 @@ Loading runs code chosen by the caller (a ``python:`` source, a TorchScript file
 operator actions. With ``admin_api_keys`` set they need one of those keys (401 with none, 403 with any
 other key); with none set they are refused (403) unless ``enable_repository_api`` is true, and then
 they are open to whoever may call the server (a server with ``api_keys`` but no admin key refuses them).
+
+A server that is one of several replicas (Ray Serve) sets ``app.state.repository_fixed`` to why: a load
+or unload would reach only the replica that takes the request, so they are refused (403, like
+Triton's load and unload outside explicit model control); the index, read-only, stays.
 """
 
 from __future__ import annotations
@@ -51,11 +55,12 @@ def key_matches(given: str | None, keys: tuple[str, ...]) -> bool:
 
 
 def check_admin_key(given: str | None, settings: Settings) -> None:
+    admin_keys = tuple(k for k in settings.admin_api_keys if k.strip())  # fail closed, whatever the list holds
     if settings.admin_api_keys:
-        if not given:
+        if not given or not admin_keys:
             raise Unauthorized("the model repository API needs an admin key: send `Authorization: Bearer <key>` "
                                "or `X-API-Key: <key>`")
-        if not key_matches(given, settings.admin_api_keys):
+        if not key_matches(given, admin_keys):
             raise Forbidden("this key may not use the model repository API; it needs an admin key")
         return
     if not settings.enable_repository_api:
@@ -66,6 +71,12 @@ def check_admin_key(given: str | None, settings: Settings) -> None:
 
 def check_admin(request: Request, settings: Settings) -> None:
     check_admin_key(given_key(request.headers.get("authorization"), request.headers.get("x-api-key")), settings)
+
+
+def check_changeable(request: Request) -> None:
+    reason: str | None = getattr(request.app.state, "repository_fixed", None)
+    if reason:
+        raise Forbidden(reason)
 
 
 def entry(served: ServedModel) -> dict[str, Any]:
@@ -132,13 +143,14 @@ async def load_model(repository: ModelRepository, settings: Settings, name: str,
     try:
         return await repository.load(spec)
     except ModelLoadError as exc:
-        raise InvalidInput(f"model {name!r} failed to load: {exc}") from None
+        raise InvalidInput(str(exc)) from None  # the message already names the model
 
 
 @router.post("/v2/repository/models/{name}/load")
 async def load(name: str, request: Request, repository: RepositoryDep, settings: SettingsDep) -> dict[str, Any]:
     """Load a model (or reload it with a new table); the others keep serving meanwhile."""
     check_admin(request, settings)
+    check_changeable(request)
     body = await _json_body(request, settings)
     return entry(await load_model(repository, settings, name, body.get("parameters")))
 
@@ -147,6 +159,7 @@ async def load(name: str, request: Request, repository: RepositoryDep, settings:
 async def unload(name: str, request: Request, repository: RepositoryDep, settings: SettingsDep) -> dict[str, Any]:
     """Stop taking requests for the model, let its queued ones finish, free it."""
     check_admin(request, settings)
+    check_changeable(request)
     await _json_body(request, settings)  # Triton's clients send `unload_dependents`; there are none here
     log.info("repository API: unloading model %r", name)
     return entry(await repository.unload(name))

@@ -30,9 +30,13 @@ router = APIRouter(tags=["open inference protocol (v2)"], include_in_schema=Fals
 
 
 # -- server and model metadata ------------------------------------------------------------------
+# REST also serves Triton's model configuration and statistics extensions (oip_model_info.py).
+EXTENSIONS = [*oip.EXTENSIONS, "model_configuration", "statistics"]
+
+
 @router.get("/v2")
 async def server_metadata() -> dict[str, Any]:
-    return oip.server_metadata()
+    return oip.server_metadata(EXTENSIONS)
 
 
 @router.get("/v2/health/live")

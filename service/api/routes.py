@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -30,7 +30,6 @@ from service.api.schemas import (
     PredictOptions,
 )
 from service.cam import METHODS
-from service.dataplane import ExplainOptions as ExplainRequest
 from service.errors import NotAcceptable, NotReady
 from service.repository import ServedModel
 
@@ -64,10 +63,13 @@ def _body_doc(body: type[PredictBody] | type[ExplainBody], options: type[Predict
 
 
 def public_source(served: ServedModel) -> str:
-    """The source kind and name, never a server path: ``torchscript:/srv/m.pt`` shows as ``torchscript:m.pt``."""
+    """The source kind and name, never a server path: ``torchscript:/srv/m.pt`` shows as ``torchscript:m.pt``
+    (and so does any source whose target is a file or folder: ``onnx:``, ``export:``, ``hf:./dir``)."""
     if served.spec is None:
         return "unknown"
     kind, _, target = served.spec.source.partition(":")
+    if "/" in target and (target.startswith(("/", ".", "~")) or kind == "torchscript" or Path(target).exists()):
+        return f"{kind}:{PurePath(target).name}"
     return f"{kind}:{PurePath(target).name}" if kind == "torchscript" else served.spec.source
 
 
@@ -91,15 +93,12 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", tags=["health"], responses=openapi_responses(errors.NotReady))
 async def readyz(repository: RepositoryDep) -> dict[str, Any]:
-    """200 when every model is loaded and warm and the server is not draining; the body shows each
-    model's state."""
-    states = {m.name: m.state.value for m in repository}
-    if repository.draining:
-        raise NotReady("the server is shutting down")
-    if not repository.ready:
-        waiting = [f"{name} ({state})" for name, state in states.items() if state != "ready"]
-        raise NotReady(f"models not ready: {', '.join(waiting) or 'none configured yet'}")
-    return {"status": "ready", "models": [name for name, state in states.items() if state == "ready"]}
+    """200 when every configured model is loaded and warm and the server is not draining; the body
+    lists the ready models. A model loaded through the repository API has its own readiness."""
+    reason = repository.not_ready_reason()
+    if reason is not None:
+        raise NotReady(reason)
+    return {"status": "ready", "models": [m.name for m in repository if m.ready]}
 
 
 @router.get("/models", tags=["models"], response_model=ModelList)
@@ -186,10 +185,7 @@ async def predict(request: Request, dataplane: DataPlaneDep, settings: SettingsD
 async def explain(request: Request, dataplane: DataPlaneDep, settings: SettingsDep) -> Any:
     """Class scores plus a Grad-CAM (or other CAM) heatmap per image and target class."""
     images, opts = await parse_request(request, ExplainOptions, settings.max_images_per_request)
-    plan = dataplane.plan(opts.model, len(images), top_k=opts.top_k, explain=ExplainRequest(
-        method=opts.method, layer=opts.layer, targets=tuple(opts.targets or ()), output=opts.output,  # type: ignore[arg-type]
-        size=opts.size, colormap=opts.colormap, alpha=opts.alpha, fuse=opts.fuse, smooth=opts.smooth,  # type: ignore[arg-type]
-        metrics=tuple(opts.metrics or ()), metric_steps=opts.metric_steps))
+    plan = dataplane.plan(opts.model, len(images), top_k=opts.top_k, explain=opts.request())
     note_request(request.scope, model=plan.model_name, images=len(images))
     assert plan.query is not None
     png = _answer_as(request, len(images), len(plan.query.classes), opts.output) == PNG

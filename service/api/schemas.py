@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from service.cam import FUSIONS, METHODS, SMOOTHINGS
 from service.cam.metrics import DEFAULT_STEPS, MAX_STEPS, METRICS, MIN_STEPS
 from service.colormaps import COLORMAPS
+from service.dataplane import ExplainOptions as ExplainRequest
 from service.rendering import OUTPUTS, SIZES
 
 
@@ -59,6 +60,13 @@ class ExplainOptions(PredictOptions):
     _check_targets = field_validator("targets", mode="before")(_no_bools)
     _check_steps = field_validator("metric_steps", mode="before")(_no_bools)
 
+    def request(self) -> ExplainRequest:
+        """The data plane's options: every field passes through, so no front-end can drop one."""
+        return ExplainRequest(
+            method=self.method, layer=self.layer, targets=tuple(self.targets or ()), fuse=self.fuse,
+            smooth=self.smooth, metrics=tuple(self.metrics or ()), metric_steps=self.metric_steps,
+            output=self.output, size=self.size, colormap=self.colormap, alpha=self.alpha)  # type: ignore[arg-type]
+
 
 class _Images(BaseModel):
     image: str | None = Field(None, description="One image, base64 or a data: URI.")
@@ -100,6 +108,8 @@ class ExplanationOut(PredictionOut):
     metrics: dict[str, float] | None = Field(
         None, description="Faithfulness figures when `metrics` was asked for: average_drop, increase (confidence), "
         "deletion, insertion (areas under the curves) and the curves' steps.")
+    note: str | None = Field(None, description="Why the map is what it is, when it would puzzle: an all-zero map "
+                             "says whether the model ignores its input or the layer does not raise the class.")
 
 
 class ResultOut(BaseModel):

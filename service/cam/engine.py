@@ -28,7 +28,7 @@ from torch.utils.hooks import RemovableHandle
 
 from service.cam.guided import guided_gradients, has_relu_modules
 from service.cam.layers import LayerInfo, as_spatial, find_layers
-from service.cam.methods import CamContext, CamMethod, LinearHead, get_method
+from service.cam.methods import CamContext, CamMethod, Cost, LinearHead, get_method
 from service.cam.metrics import DEFAULT_STEPS, check_metrics, metric_forwards, metrics_work
 from service.cam.replay import linear_head, tail_module
 from service.errors import InvalidArgument
@@ -41,12 +41,25 @@ _REPLAY_ELEMENTS = 1 << 24
 _AUGMENTATIONS = tuple((flip, gain) for flip in (False, True) for gain in (1.0, 0.9, 1.1))
 
 
+_BUDGET_HINT = ("ask for fewer images or targets, a layer with fewer channels, fewer metric steps or a gradient "
+                "method")
+
+
 def check_extra_forwards(cost: int, limit: int) -> None:
     """Refuse a request whose extra forward images (perturbations, metrics) exceed ``limit``."""
     if cost > limit:
         raise InvalidArgument("method", f"this request needs {cost} extra forward images, over the limit of "
-                              f"{limit} (SERVICE_MAX_EXTRA_FORWARDS); ask for fewer images or targets, a layer with "
-                              "fewer channels, fewer metric steps or a gradient method")
+                              f"{limit} (SERVICE_MAX_EXTRA_FORWARDS); {_BUDGET_HINT}")
+
+
+def check_time(forwards: int, forward_s: float, timeout_s: float) -> None:
+    """Refuse a request whose ``forwards`` whole-model forward images, at ``forward_s`` each (measured
+    at load), would take longer than ``timeout_s``: it could only end in a timeout."""
+    if forwards * forward_s > timeout_s:
+        raise InvalidArgument("method", f"this request needs {forwards} extra forward images, about "
+                              f"{forwards * forward_s:.0f} s at this model's measured {forward_s * 1000:.1f} ms per "
+                              f"image, over the request timeout of {timeout_s:g} s (SERVICE_REQUEST_TIMEOUT_S); "
+                              f"{_BUDGET_HINT}")
 
 
 @dataclass(frozen=True)
@@ -193,12 +206,15 @@ class CamEngine:
         """Whether ``query`` has work beyond the shared pass (run in chunks by :class:`ExplainJob`)."""
         return get_method(query.method).needs.deferred or bool(query.metrics)
 
-    def extra_forwards(self, query: CamQuery) -> int:
-        """Extra forward (or replay) images one image of ``query`` costs beyond the shared pass."""
+    def extra_forwards(self, query: CamQuery, whole_only: bool = False) -> int:
+        """Extra forward (or replay) images one image of ``query`` costs beyond the shared pass. With
+        ``whole_only``, only forwards of the whole model count (ScoreCAM's masked inputs, metrics):
+        a replay runs just the layers after the target, a fraction of that, so it is left out of
+        time estimates rather than overpriced."""
         method = get_method(query.method)
         variants = len(_AUGMENTATIONS) if query.smooth == "aug" else 1
         total = 0
-        for name in query.layers:
+        for name in query.layers if not whole_only or method.cost is Cost.FORWARDS else ():
             layer = self.layers.resolve(name)
             channels = self.layers.channels.get(layer, 0)
             closed = self._closed_form.get(layer)

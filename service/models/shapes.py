@@ -222,6 +222,12 @@ def train_shapes(
 def load_shapes(path: Path | None = None, map_location: str | torch.device = "cpu") -> tuple[ShapesNet, list[str]]:
     """Load a checkpoint written by `train_shapes`; returns the model in eval mode and its labels."""
     checkpoint = torch.load(path or DEFAULT_WEIGHTS, map_location=map_location, weights_only=True)
+    if not isinstance(checkpoint, dict) or not {"state_dict", "labels", "input_size"} <= set(checkpoint):
+        from service.sources import describe
+
+        raise ValueError(f"{Path(path or DEFAULT_WEIGHTS).name!r} holds {describe(checkpoint)}; expected a shapes "
+                         "checkpoint (a dict with state_dict, labels and input_size, as `camserve train-shapes` "
+                         "writes)")
     labels = [str(label) for label in checkpoint["labels"]]
     if int(checkpoint["input_size"]) != INPUT_SIZE:
         raise ValueError(f"checkpoint input_size {checkpoint['input_size']} != {INPUT_SIZE}")

@@ -24,7 +24,8 @@ def free_port() -> int:
 def start_server(port: int, env: dict[str, str] | None = None, config: Path | None = None,
                  ready_timeout_s: float = 90, log: Path | None = None) -> subprocess.Popen[bytes]:
     """Start ``camserve serve`` and wait for ``/readyz``. Its output goes to ``log`` or a temporary file
-    (a pipe nobody reads would block a chatty server), shown if it fails to start."""
+    (a pipe nobody reads would block a chatty server), shown if it fails to start. No shutdown grace
+    unless ``env`` sets ``SERVICE_SHUTDOWN_GRACE_S``: tests stop their servers with SIGTERM."""
     cmd = [sys.executable, "-m", "service", "serve", "--port", str(port)]
     if config is not None:
         cmd += ["--config", str(config)]
@@ -32,7 +33,8 @@ def start_server(port: int, env: dict[str, str] | None = None, config: Path | No
     if log is not None:
         os.close(fd)
         fd, log_path = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), str(log)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=fd, stderr=subprocess.STDOUT)
+    env = {**os.environ, "SERVICE_SHUTDOWN_GRACE_S": "0", **(env or {})}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fd, stderr=subprocess.STDOUT)
     os.close(fd)  # the child keeps its own copy
     deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:

@@ -1,4 +1,6 @@
-"""A drain timeout shorter than the work in flight: those requests get the JSON 503, and the log stays clean."""
+"""Shutdown of a real server: the readiness grace (503 on readiness while new connections are still
+served), then the drain; a drain timeout shorter than the work in flight gives those requests the
+JSON 503, and the log stays clean."""
 
 from __future__ import annotations
 
@@ -47,3 +49,52 @@ def test_requests_cut_by_the_drain_timeout_get_a_json_503(tmp_path):
     text = log.read_text()
     for needle in ("Traceback", "never retrieved", "Exception in ASGI", "Cancel "):
         assert needle not in text, text[-3000:]
+
+
+def _until(check, timeout_s: float = 20.0, every_s: float = 0.02):
+    """Poll ``check`` until it returns something other than None; that value."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value is not None:
+            return value
+        time.sleep(every_s)
+    raise AssertionError(f"not reached in {timeout_s} s")
+
+
+@pytest.mark.slow
+def test_sigterm_turns_readiness_off_while_new_connections_are_still_served(tmp_path):
+    cfg = tmp_path / "fast.toml"
+    cfg.write_text('[models.slow]\nsource = "python:tests.api.models:slow"\n'
+                   "[models.slow.preprocess]\nresize = [32, 32]\n")
+    port = free_port()
+    grace = 2.0
+    proc = start_server(port, {"SLOW_MODEL_S": "0", "SERVICE_SHUTDOWN_GRACE_S": str(grace)}, cfg,
+                        ready_timeout_s=300, log=tmp_path / "server.log")
+    base = f"http://127.0.0.1:{port}"
+    image = b64(png_bytes(scene("circle")[0]))
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _until(lambda: True if httpx.get(f"{base}/readyz", timeout=5).status_code == 503 else None)
+    withdrawn = time.monotonic()
+    # Within the grace: readiness says 503 in both dialects, and a request on a new connection is served.
+    with httpx.Client(base_url=base, timeout=10) as client:  # one connection for the probes
+        r = client.get("/v2/health/ready")
+        assert r.status_code == 503 and r.json()["error"] == "the server is shutting down"
+    answered = httpx.post(f"{base}/predict", json={"image": image}, timeout=10)
+    served_at = time.monotonic()
+    assert answered.status_code == 200, answered.text
+    assert served_at - signalled < grace, "the grace had already ended; the test machine is too slow"
+
+    def refused() -> bool | None:
+        try:
+            httpx.get(f"{base}/healthz", timeout=1)
+        except httpx.ConnectError:
+            return True
+        return None
+
+    _until(refused)
+    closed = time.monotonic()
+    assert proc.wait(timeout=30) == 0
+    assert withdrawn - signalled < 1.0, "readiness did not turn off at once"
+    assert closed - signalled >= grace * 0.9, f"the listener closed {closed - signalled:.2f} s after SIGTERM"

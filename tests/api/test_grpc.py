@@ -275,8 +275,8 @@ def test_sigterm_lets_the_calls_in_flight_finish(tmp_path, circle):
                    '[models.slow.preprocess]\nresize = [32, 32]\n')
     port, grpc_port = free_port(), free_port()
     log = tmp_path / "server.log"
-    proc = start_server(port, {"SERVICE_GRPC_PORT": str(grpc_port), "SLOW_MODEL_S": "1.5"}, cfg,
-                        ready_timeout_s=300, log=log)
+    env = {"SERVICE_GRPC_PORT": str(grpc_port), "SLOW_MODEL_S": "1.5", "SERVICE_SHUTDOWN_GRACE_S": "0"}
+    proc = start_server(port, env, cfg, ready_timeout_s=300, log=log)
     client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
     results: list[object] = []
 

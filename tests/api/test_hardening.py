@@ -9,10 +9,16 @@ import logging
 import httpx
 import numpy as np
 import pytest
+import torch
+from starlette.requests import Request
 
+from service.api.middleware import ApiKeyAuth
+from service.api.oip_repository import check_admin
 from service.app import create_app
-from service.config import Settings
-from service.logs import JsonFormatter
+from service.config import ConfigError, Settings, load_settings
+from service.errors import Unauthorized
+from service.logs import JsonFormatter, TextFormatter
+from service.registry import ModelSpec, serve_module
 from tests.api.conftest import b64, png_bytes
 from tests.api.hardening_helpers import tiny_client
 from tests.api.models import tiny_model
@@ -37,6 +43,50 @@ def test_api_keys(tmp_path):
         assert c.get("/models").status_code == 401
         for path in ("/healthz", "/readyz", "/metrics"):
             assert c.get(path).status_code == 200, path
+
+
+@pytest.mark.parametrize("settings", [
+    {"api_keys": ("realkey",), "admin_api_keys": ("",)},
+    {"api_keys": ("realkey", "  ")},
+    {"api_keys": (" realkey",)},
+    {"admin_api_keys": ("\t",)},
+])
+def test_empty_or_padded_keys_are_a_config_error(settings):
+    with pytest.raises(ConfigError, match="empty key"):
+        Settings(**settings)
+
+
+def test_empty_keys_from_variables_and_files_are_config_errors(tmp_path):
+    for value in (",", "realkey,", " "):
+        with pytest.raises(ConfigError, match="admin_api_keys"):
+            load_settings(env={"SERVICE_API_KEYS": "realkey", "SERVICE_ADMIN_API_KEYS": value})
+    empty = tmp_path / "keys"
+    empty.write_text("# no keys yet\n\n")
+    with pytest.raises(ConfigError, match="holds no keys"):
+        Settings(api_keys_file=str(empty))
+    # An unset variable is no key list at all, not an empty key.
+    assert load_settings(env={"SERVICE_ADMIN_API_KEYS": ""}).admin_api_keys == ()
+
+
+def test_auth_fails_closed_whatever_the_key_list_holds():
+    """Settings refuse empty keys; the middleware and the admin check must refuse a missing key even
+    when a list built another way holds one."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    inner = Starlette(routes=[Route("/x", lambda r: PlainTextResponse("in"))])
+    with TestClient(ApiKeyAuth(inner, keys=["realkey", "", " "], open_paths=())) as c:
+        assert c.get("/x").status_code == 401
+        assert c.get("/x", headers={"X-API-Key": ""}).status_code == 401
+        assert c.get("/x", headers={"Authorization": "Bearer "}).status_code == 401
+        assert c.get("/x", headers={"X-API-Key": "realkey"}).status_code == 200
+    settings = Settings()
+    object.__setattr__(settings, "admin_api_keys", ("",))  # past validation, as a buggy caller might
+    request = Request({"type": "http", "method": "GET", "path": "/", "headers": []})
+    with pytest.raises(Unauthorized):
+        check_admin(request, settings)
 
 
 def test_open_paths_are_configurable():
@@ -156,6 +206,18 @@ def test_soak_mixed_requests_no_errors_and_flat_memory():
     assert end - warm < 50, f"RSS grew {end - warm:.1f} MB over 2000 requests"
 
 
+def test_text_logs_cannot_be_forged_with_control_characters(caplog):
+    caplog.set_level(logging.INFO, logger="camserve.access")
+    forged = "2026-12-04 14:00:00,000 INFO camserve.access: POST /admin 200 FORGED"
+    with tiny_client(api_keys=("k",)) as c:
+        assert c.get(f"/healthz%0a{forged}%0d%1b[2K%e2%80%a8").status_code == 401
+    record = next(r for r in caplog.records if "FORGED" in r.getMessage())
+    line = TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s").format(record)
+    assert "\n" not in line and "\r" not in line and "\x1b" not in line and "\u2028" not in line
+    assert "/healthz\\n2026-12-04" in line and "\\r\\x1b[2K\\u2028" in line
+    assert record.getMessage().count("\n") == 1  # the record itself is untouched (JSON logs escape it their way)
+
+
 def test_json_logs_carry_the_request_id_and_no_secrets(caplog):
     caplog.set_level(logging.INFO, logger="camserve.access")
     with tiny_client(api_keys=("sekret",)) as c:
@@ -167,3 +229,43 @@ def test_json_logs_carry_the_request_id_and_no_secrets(caplog):
     assert line["model"] == "tiny"
     assert "sekret" not in caplog.text
     assert b64(IMG)[:40] not in caplog.text
+
+
+def test_a_model_that_ignores_its_input_is_named_at_load_and_in_each_map(caplog):
+    """torchvision's ViT with weights = "none" has a zero head: every gradient map is zero. Say so at
+    load, and say why in each explanation, rather than return blank maps without a word."""
+    from tests.api.models import TINY_PRE, Tiny
+
+    zero = Tiny()
+    torch.nn.init.zeros_(zero.head.weight)
+    caplog.set_level(logging.WARNING, logger="camserve")
+    model = serve_module(zero, ModelSpec(name="zero", source="python:x:y"), ["a", "b", "c", "d"], TINY_PRE)
+    assert model.input_independent
+    assert "does not depend on its input" in caplog.text
+    assert not tiny_model().input_independent
+    with tiny_client(models=[model]) as c:
+        (e,) = c.post("/explain", json={"image": b64(IMG), "output": "array"}).json()["results"][0]["explanations"]
+        assert np.max(e["heatmap"]["data"]) == 0 and "does not depend on its input" in e["note"]
+    with tiny_client() as c:
+        (e,) = c.post("/explain", json={"image": b64(IMG)}).json()["results"][0]["explanations"]
+        assert "note" not in e
+
+
+def test_a_perturbation_request_that_cannot_finish_in_time_is_refused_up_front():
+    """ScoreCAM's cost is priced at the model's forward time measured at load; a request that could
+    only time out is a 422 naming the cost and the limit, before any work."""
+    with tiny_client(request_timeout_s=2) as c:
+        served = c.app.state.repository.get("tiny")
+        assert served.model.forward_s is not None and 0 < served.model.forward_s < 1  # measured at load
+        assert c.post("/explain?method=scorecam", json={"image": b64(IMG)}).status_code == 200
+        served.model.forward_s = 0.5  # as a large model on a small CPU: 8 channels x 0.5 s > 2 s
+        r = c.post("/explain?method=scorecam", json={"image": b64(IMG)})
+        assert r.status_code == 422, r.text
+        message = r.json()["error"]["message"]
+        assert "8 extra forward images, about 4 s" in message and "request timeout of 2 s" in message
+        # Replays and gradient methods are not priced as whole forwards.
+        assert c.post("/explain?method=ablationcam", json={"image": b64(IMG)}).status_code == 200
+        assert c.post("/explain", json={"image": b64(IMG)}).status_code == 200
+    with tiny_client(request_timeout_s=0) as c:  # no timeout: nothing to refuse for
+        c.app.state.repository.get("tiny").model.forward_s = 0.5
+        assert c.post("/explain?method=scorecam", json={"image": b64(IMG)}).status_code == 200

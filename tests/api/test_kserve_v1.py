@@ -73,6 +73,23 @@ def test_explain_options_in_query(client, circle_png):
     assert e["heatmap"]["format"] == "overlay" and e["label"] == "circle"
 
 
+def test_explain_passes_every_option_through(client, circle_png):
+    """smooth, metrics, fuse and metric_steps reach the data plane: the V1 answer equals /explain's."""
+    params = {"smooth": "aug", "metrics": "deletion", "metric_steps": 4, "layer": "features.2,features.3",
+              "fuse": "max", "output": "array", "size": "feature"}
+    r = client.post("/v1/models/shapes:explain", json={"instances": [b64(circle_png)], "parameters": params})
+    assert r.status_code == 200, r.text
+    (e,) = r.json()["explanations"][0]
+    assert "deletion" in e["metrics"] and e["metrics"]["steps"] == 4
+    native = client.post("/explain", json={"image": b64(circle_png), **params, "metrics": ["deletion"],
+                                           "layer": ["features.2", "features.3"]})
+    assert native.status_code == 200, native.text
+    assert [e] == native.json()["results"][0]["explanations"]
+    plain = client.post("/v1/models/shapes:explain", json={"instances": [b64(circle_png)], "parameters": {
+        "output": "array", "size": "feature"}}).json()["explanations"][0][0]
+    assert plain["heatmap"] != e["heatmap"] and "metrics" not in plain
+
+
 @pytest.mark.parametrize(("path", "body", "status"), [
     ("/v1/models/shapes:predict", {"instances": ["not base64!"]}, 400),
     ("/v1/models/shapes:predict", {"instances": [b64(b"not an image")]}, 400),
@@ -90,6 +107,10 @@ def test_explain_options_in_query(client, circle_png):
     ("/v1/models/shapes:explain", {"instances": ["CIRCLE"], "parameters": {"targets": ["unicorn"]}}, 400),
     ("/v1/models/shapes:explain", {"instances": ["CIRCLE"], "parameters": {"alpha": 2}}, 400),
     ("/v1/models/shapes:explain", {"instances": ["CIRCLE"], "parameters": {"colour": "red"}}, 400),
+    ("/v1/models/shapes:explain", {"instances": ["CIRCLE"], "parameters": {"smooth": "bogus"}}, 400),
+    ("/v1/models/shapes:explain", {"instances": ["CIRCLE"], "parameters": {"metrics": ["bogus"]}}, 400),
+    ("/v1/models/shapes:explain", {"instances": ["CIRCLE"], "parameters": {"fuse": "bogus"}}, 400),
+    ("/v1/models/shapes:explain", {"instances": ["CIRCLE"], "parameters": {"metric_steps": 1}}, 400),
     ("/v1/models/nope:predict", {"instances": ["CIRCLE"]}, 404),
     ("/v1/models/nope:explain", {"instances": ["CIRCLE"]}, 404),
 ])

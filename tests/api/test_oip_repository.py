@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from service.repository import ModelState
 from tests.api.conftest import b64, make_client
 
 INDEX = "/v2/repository/index"
@@ -110,3 +111,67 @@ def test_unload_lets_queued_requests_finish(circle_png):
         assert time.perf_counter() - started < 15
         r = c.post("/v2/models/shapes/infer", json=scores_request(circle_png))
         assert r.status_code == 404 and set(r.json()) == {"error"}
+
+
+def test_a_failed_optional_load_leaves_the_server_ready(circle_png):
+    """Server readiness is the configured models'; one loaded through the API has its own."""
+    with make_client(api_keys=("user",), admin_api_keys=("boss",)) as c:
+        admin, user = {"X-API-Key": "boss"}, {"X-API-Key": "user"}
+        r = c.post("/v2/repository/models/ev/load", headers=admin, json={"parameters": {"config": {
+            "source": "torchvision:resnet18", "weights": "/nonexistent/secret.pth"}}})
+        assert r.status_code == 400 and r.json()["error"].count("model 'ev'") == 1, r.text
+        assert "/nonexistent/secret.pth" in r.json()["error"]  # the admin is told where
+        assert c.get("/readyz").status_code == 200
+        assert c.get("/v2/health/ready").status_code == 200
+        ev = c.get("/v2/models/ev/ready", headers=user)
+        assert ev.status_code == 503 and "secret.pth" not in ev.text and "/nonexistent" not in ev.text
+        r = c.post("/predict?model=ev", headers=user, json={"image": b64(circle_png)})
+        assert r.status_code == 503 and "/nonexistent" not in r.text
+        # A configured model that is not ready does take the server out.
+        shapes = c.app.state.repository.find("shapes")
+        shapes.state = ModelState.LOADING
+        try:
+            assert c.get("/readyz").status_code == 503
+        finally:
+            shapes.state = ModelState.READY
+
+
+def test_a_failed_reload_keeps_the_working_model(circle_png):
+    with make_client(enable_repository_api=True) as c:
+        good = {"parameters": {"config": {"source": "builtin:shapes"}}}
+        assert c.post("/v2/repository/models/extra/load", json=good).status_code == 200
+        before = c.post("/v2/models/extra/infer", json=scores_request(circle_png)).json()
+        bad = {"parameters": {"config": {"source": "builtin:shapes", "weights": "/no/such/weights.pt"}}}
+        r = c.post("/v2/repository/models/extra/load", json=bad)
+        assert r.status_code == 400 and "weights.pt" in r.json()["error"]
+        # Still serving, from the old table, and ready.
+        assert c.get("/v2/models/extra/ready").status_code == 200
+        after = c.post("/v2/models/extra/infer", json=scores_request(circle_png))
+        assert after.status_code == 200 and after.json()["outputs"] == before["outputs"]
+        # A bodyless load reloads the last good table, not the broken one.
+        assert c.post("/v2/repository/models/extra/load").json()["state"] == "READY"
+        # Configured models reload the same way.
+        r = c.post("/v2/repository/models/shapes/load", json={"parameters": {"config": {"source": "torchvision:nope"}}})
+        assert r.status_code == 400
+        assert c.get("/v2/models/shapes/ready").status_code == 200
+        assert c.post("/v2/repository/models/shapes/load").json()["state"] == "READY"
+
+
+def test_a_reload_under_traffic_loses_nothing(circle_png):
+    with make_client(enable_repository_api=True, max_wait_ms=50) as c, ThreadPoolExecutor(4) as pool:
+        pending = [pool.submit(c.post, "/v2/models/shapes/infer", json=scores_request(circle_png))
+                   for _ in range(12)]
+        assert c.post("/v2/repository/models/shapes/load").json()["state"] == "READY"
+        assert [f.result().status_code for f in pending] == [200] * 12
+
+
+def test_a_replica_refuses_changes_but_lists():
+    """A server that is one of several replicas (``repository_fixed``, set by service.rayserve) refuses
+    load and unload with the reason, and still answers the index."""
+    with make_client(enable_repository_api=True) as c:
+        c.app.state.repository_fixed = "changes would reach one replica only"
+        for path in ("/v2/repository/models/shapes/load", "/v2/repository/models/shapes/unload"):
+            r = c.post(path)
+            assert r.status_code == 403 and r.json() == {"error": "changes would reach one replica only"}, path
+        assert c.post(INDEX).json() == [{"name": "shapes", "version": "1", "state": "READY"}]
+        assert c.get("/v2/models/shapes/ready").status_code == 200

@@ -266,13 +266,35 @@ def _bad_requests(png: bytes) -> list[tuple[str, dict | bytes, dict, int]]:
         ("data and binary", ({"inputs": [{**tensor, "data": ["x"]}]}, packed), {}, 400),
         ("pixels byte count", ({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 3, 64, 64],
                                             "parameters": {"binary_data_size": 10}}]}, b"0" * 10), {}, 400),
+        # np.prod of this shape wraps around to 0 in int64
+        ("overflowing shape", ({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [4611686018427387904, 3,
+                                                                                            4, 1],
+                                            "parameters": {"binary_data_size": 0}}]}, b""), {}, 400),
+        ("overflowing shape json", {"inputs": [{"name": "pixels", "datatype": "UINT8",
+                                                "shape": [4611686018427387904, 3, 4, 1], "data": []}]}, {}, 400),
+        # A request asking only for scores still has its explanation options checked.
+        ("scores only, bad method", {"inputs": [j], "outputs": [{"name": "scores"}], "parameters": {"method": "x"}},
+         {}, 400),
+        ("scores only, bad layer", {"inputs": [j], "outputs": [{"name": "scores"}], "parameters": {"layer": "nope"}},
+         {}, 400),
+        ("scores only, bool target", {"inputs": [j], "outputs": [{"name": "scores"}],
+                                      "parameters": {"targets": [True]}}, {}, 400),
+        ("image twice", {"inputs": [j, j]}, {}, 400),
     ]
 
 
-@pytest.mark.parametrize("index", range(34))
+def test_error_messages_name_the_problem(client, circle_png):
+    j = {"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64(circle_png)]}
+    r = post(client, {"inputs": [j, j]})
+    assert r.json()["error"] == "input 'image' is given twice"
+    huge = {"name": "pixels", "datatype": "FP32", "shape": [4611686018427387904, 3, 4, 1], "data": []}
+    assert "elements, more than any request may" in post(client, {"inputs": [huge]}).json()["error"]
+
+
+@pytest.mark.parametrize("index", range(40))
 def test_bad_requests_are_400_with_plain_errors(client, circle_png, index):
     cases = _bad_requests(circle_png)
-    assert len(cases) == 34
+    assert len(cases) == 40
     what, body, headers, status = cases[index]
     if isinstance(body, tuple):
         r = post(client, body[0], body[1], **headers)

@@ -148,3 +148,41 @@ def test_readme_tritonclient_snippet(server, tmp_path, monkeypatch):
     exec(compile(snippet.replace("localhost:8000", f"localhost:{port}"), "README.md", "exec"), namespace)
     assert namespace["label"] == "circle"
     assert (tmp_path / "heatmap.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_model_configuration_and_statistics_extensions(triton, circle_file):
+    """tritonclient's get_model_config and get_inference_statistics read what camserve knows."""
+    assert {"model_configuration", "statistics"} <= set(triton.get_server_metadata()["extensions"])
+    config = triton.get_model_config("shapes")
+    assert config["name"] == "shapes" and config["max_batch_size"] == 32
+    assert [i["name"] for i in config["input"]] == ["image", "pixels"]
+    assert config["input"][0]["data_type"] == "TYPE_STRING"
+    assert config["output"][0] == {"name": "scores", "data_type": "TYPE_FP32", "dims": [K]}
+    assert config["dynamic_batching"]["max_queue_delay_microseconds"] == 5000
+
+    def stats() -> dict:
+        (entry,) = triton.get_inference_statistics("shapes")["model_stats"]
+        return entry
+
+    before = stats()
+    triton.infer("shapes", [png_input(circle_file, True)],
+                 outputs=[httpclient.InferRequestedOutput("scores", binary_data=True)])
+    bad = httpclient.InferInput("image", [1], "BYTES")
+    bad.set_data_from_numpy(np.array([b"not an image"], dtype=np.object_), binary_data=True)
+    with pytest.raises(InferenceServerException):
+        triton.infer("shapes", [bad])
+    after = stats()
+    assert after["name"] == "shapes" and after["version"] == "1"
+    s0, s1 = before["inference_stats"], after["inference_stats"]
+    assert s1["success"]["count"] == s0["success"]["count"] + 1 and s1["success"]["ns"] > s0["success"]["ns"]
+    assert s1["fail"]["count"] == s0["fail"]["count"] + 1
+    assert after["inference_count"] == before["inference_count"] + 1
+    assert after["execution_count"] == before["execution_count"] + 1
+    assert s1["compute_infer"]["ns"] > s0["compute_infer"]["ns"] and after["last_inference"] > 0
+    assert sum(b["compute_infer"]["count"] for b in after["batch_stats"]) == after["execution_count"]
+    everything = triton.get_inference_statistics()["model_stats"]
+    assert [m["name"] for m in everything] == ["shapes"]
+    with pytest.raises(InferenceServerException, match="unknown model"):
+        triton.get_model_config("nope")
+    with pytest.raises(InferenceServerException, match="unknown model"):
+        triton.get_inference_statistics("nope")

@@ -189,7 +189,8 @@ def launch_camserve(name: str, config: Path, env: dict[str, str], cwd: Path = RO
     From ``cwd``, ``python -m service`` imports the copy of the code there."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--port", str(port), "--config", str(config)],
-                            cwd=cwd, env={**os.environ, **env, "SERVICE_LOG_LEVEL": "warning"},
+                            cwd=cwd, env={**os.environ, "SERVICE_SHUTDOWN_GRACE_S": "0", **env,
+                                          "SERVICE_LOG_LEVEL": "warning"},
                             stdout=subprocess.DEVNULL)
     return Server(name, port, proc)
 
