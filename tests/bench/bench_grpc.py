@@ -67,7 +67,8 @@ def grpc_rows(models: list[tuple[str, str, Path, bytes, int]], rounds: int, conc
     """``models``: (label, model name, config, image, requests per cell). Prints one table per model."""
     for label, model, config, image, requests in models:
         port, grpc_port = free_port(), free_port()
-        proc = start_server(port, {"SERVICE_LOG_LEVEL": "warning", "SERVICE_GRPC_PORT": str(grpc_port)}, config,
+        proc = start_server(port, {"SERVICE_LOG_LEVEL": "warning", "SERVICE_GRPC_PORT": str(grpc_port),
+                                   "SERVICE_SHUTDOWN_GRACE_S": "0"}, config,
                             ready_timeout_s=600)
         address = f"127.0.0.1:{grpc_port}"
         variants = {"native /predict (multipart)": _request_bytes(port, f"/predict?model={model}", image),
