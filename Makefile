@@ -10,7 +10,7 @@ KSERVE ?= kserve>=0.21,<0.22
 
 .DEFAULT_GOAL := help
 .PHONY: help install browser run test test-kserve lint docs bench bench-http bench-stages bench-ray bench-gpu gpu-check \
-	gpu-wheels train-shapes \
+	gpu-wheels train-shapes grpc-gen \
 	docker clean docker-base docker-wheels docker-wheels-cuda docker-cpu docker-cuda docker-test
 
 help: ## list the targets
@@ -89,6 +89,10 @@ gpu-wheels: $(STAMP) ## the wheels a bare CUDA image lacks, in .whl/ (carried wi
 	$(BIN)/pip wheel --quiet --no-deps --wheel-dir .whl "grad-cam==$$($(BIN)/pip freeze | sed -n 's/^grad-cam==//p')"
 	@ls .whl/*.whl | wc -l | xargs echo "wheels in .whl:"; du -sh .whl
 
+grpc-gen: $(STAMP) ## regenerate service/api/grpc_gen/*.py from its grpc_predict_v2.proto (grpcio-tools)
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
+		service/api/grpc_gen/grpc_predict_v2.proto
+
 train-shapes: $(STAMP) ## retrain the built-in shapes model (deterministic, a few minutes on 2 cores)
 	$(BIN)/camserve train-shapes
 
@@ -98,7 +102,7 @@ BASE_IMAGE ?= debian:bookworm-slim
 IMAGE ?= camserve:cpu
 IMAGE_CUDA ?= camserve:cuda
 TORCH_INDEX_CPU ?= https://download.pytorch.org/whl/cpu
-EXTRAS ?=
+EXTRAS ?= grpc
 # The build context is streamed as a tar of what the Dockerfiles copy, so .venv and caches never travel.
 DOCKER_CONTEXT = tar -c --exclude=__pycache__ --exclude='*.pyc' pyproject.toml README.md service \
 	docker/Dockerfile docker/Dockerfile.cuda docker/pip-install.sh

@@ -11,6 +11,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -26,7 +27,7 @@ from service.api.oip_model_info import router as oip_model_info_router
 from service.api.oip_repository import router as oip_repository_router
 from service.api.oip_v2 import router as oip_v2_router
 from service.api.routes import router
-from service.config import Settings
+from service.config import ConfigError, Settings
 from service.dataplane import DataPlane, Limits
 from service.metrics import Metrics
 from service.modelspec import ModelSpec
@@ -50,6 +51,17 @@ def limits(settings: Settings) -> Limits:
                   max_extra_forwards=settings.max_extra_forwards)
 
 
+def _grpc() -> tuple[Any, Any]:
+    """The gRPC server's start and stop, imported only when a gRPC port is set: grpcio is an optional
+    extra, and its generated ``inference`` messages must not meet another copy (tritonclient's) in a
+    process that never serves gRPC."""
+    try:
+        from service.api.grpc_server import start_grpc, stop_grpc
+    except ImportError as exc:
+        raise ConfigError(f"setting `grpc_port` needs grpcio: pip install 'camserve[grpc]' ({exc})") from None
+    return start_grpc, stop_grpc
+
+
 def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] | None = None) -> FastAPI:
     """Build the app. ``models`` short-cuts loading with already-built models (tests, notebooks, the
     command line, which loads before it binds the port so that a bad model is one clear line)."""
@@ -66,6 +78,7 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         repository.start()
+        grpc_server = None
         try:
             for source in sources:
                 try:
@@ -73,8 +86,14 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
                 except ModelLoadError as exc:
                     log.error("camserve: %s", exc)
                     raise
+            if settings.grpc_port is not None:
+                start_grpc, stop_grpc = _grpc()
+                grpc_server, app.state.grpc_port = await start_grpc(settings, dataplane, metrics)
             yield
         finally:
+            if grpc_server is not None:
+                # uvicorn has drained HTTP by now; calls still in flight get the drain timeout too.
+                await stop_grpc(grpc_server, settings.drain_timeout_s)
             await repository.close(close_models=models is None)
 
     app = FastAPI(

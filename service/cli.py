@@ -44,6 +44,11 @@ def _serve(args: argparse.Namespace) -> int:
     if settings is None:
         return 2
     setup_logging(settings.log_format, settings.log_level)
+    if settings.grpc_port is not None and not args.ray:
+        import importlib.util
+
+        if importlib.util.find_spec("grpc") is None or importlib.util.find_spec("grpc_health") is None:
+            return _fail("setting `grpc_port` needs grpcio and grpcio-health-checking: pip install 'camserve[grpc]'")
     if args.ray:
         return _serve_ray(args, settings)
     # Models load before the port opens, so a model that cannot load is one line and exit code 2,

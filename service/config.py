@@ -36,6 +36,8 @@ class ConfigError(ValueError):
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
+    # The Open Inference Protocol over gRPC, on its own port (Triton's is 8001); off unless set. 0 picks a free one.
+    grpc_port: int | None = None
     max_batch_size: int = 32
     max_wait_ms: float = 5.0
     batch_policy: str = "adaptive"
@@ -89,6 +91,10 @@ class Settings:
                 out.append(f"setting `{name}` must be at least 1, got {value}")
         if not 0 <= self.port <= 65535:
             out.append(f"setting `port` must be in 0..65535, got {self.port}")
+        if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
+            out.append(f"setting `grpc_port` must be in 0..65535, got {self.grpc_port}")
+        elif self.grpc_port and self.grpc_port == self.port:
+            out.append(f"setting `grpc_port` must differ from `port`, both are {self.port}")
         for name in ("max_wait_ms", "request_timeout_s", "drain_timeout_s", "shutdown_grace_s"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:

@@ -171,6 +171,12 @@ class _ReplicaHeaders:
         await self.app(scope, receive, tagged)
 
 
+def replica_settings(settings: Settings, threads: int) -> Settings:
+    """A replica's settings: its CPU share, and no gRPC port (Ray Serve's proxies own the ports, and
+    replicas sharing a node would each try to bind it)."""
+    return dataclasses.replace(settings, cpu_threads=threads, grpc_port=None)
+
+
 @serve.ingress()
 class CamServe:
     """One replica: the camserve app for ``settings``, with ``threads`` CPU threads."""
@@ -179,7 +185,7 @@ class CamServe:
         import torch
 
         torch.set_num_threads(threads)
-        self._settings = dataclasses.replace(settings, cpu_threads=threads)
+        self._settings = replica_settings(settings, threads)
         self._app: FastAPI | None = None
 
     def __serve_build_asgi_app__(self) -> FastAPI:

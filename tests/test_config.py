@@ -47,6 +47,8 @@ def _problems(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> l
     ('[models.m]\nsource = "builtin:shapes"\noutput = "logits"\n', "model 'm': `output` must be one of softmax, "
                                                                       "sigmoid, none, got 'logits'"),
     ('default_model = "nope"\n[models.m]\nsource = "builtin:shapes"\n', "`default_model` 'nope' is not among"),
+    ("[server]\ngrpc_port = 70000\n", "setting `grpc_port` must be in 0..65535, got 70000"),
+    ("[server]\nport = 8001\ngrpc_port = 8001\n", "setting `grpc_port` must differ from `port`, both are 8001"),
 ])
 def test_each_problem_is_one_line_naming_key_and_value(tmp_path, text, expected):
     problems = _problems(tmp_path, text)
@@ -71,6 +73,14 @@ def test_environment_strings_are_parsed_and_zero_timeout_means_no_limit(tmp_path
     from service.app import limits
 
     assert limits(s).timeout_s is None
+
+
+def test_grpc_port_is_off_unless_set():
+    assert load_settings(None, env={}).grpc_port is None
+    assert load_settings(None, env={"SERVICE_GRPC_PORT": "8001"}).grpc_port == 8001
+    assert load_settings(None, env={"SERVICE_GRPC_PORT": ""}).grpc_port is None
+    with pytest.raises(ConfigError, match=r"`grpc_port` \(from SERVICE_GRPC_PORT\) must be an integer, got 'h2'"):
+        load_settings(None, env={"SERVICE_GRPC_PORT": "h2"})
 
 
 def test_a_partial_preprocess_table_keeps_the_other_defaults():

@@ -39,6 +39,7 @@ from service.rayserve import (
     deployment_options,
     models_ready,
     proxy_environment,
+    replica_settings,
     stop_serving,
 )
 from service.repository import ModelState
@@ -387,3 +388,9 @@ def test_stop_finishes_in_flight_requests(two_replicas):
     assert set(kinds) <= {200, 503, "refused"}, kinds
     assert all(retry == "1" for _, kind, retry in outcomes if kind == 503)
     assert any(at > stopping and kind == 200 for at, kind, _ in outcomes), "nothing in flight finished"
+
+
+def test_replicas_never_bind_the_grpc_port():
+    """Replicas sharing a node would collide on it; Ray Serve's proxies own the ports."""
+    settings = replica_settings(Settings(grpc_port=8001), 2)
+    assert settings.grpc_port is None and settings.cpu_threads == 2

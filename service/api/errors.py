@@ -41,6 +41,24 @@ STATUS: dict[type[errors.CamserveError], tuple[int, str]] = {
     errors.RequestTimeout: (504, "Timed out"),
 }
 
+# Class -> gRPC status code name (``grpc.StatusCode[name]``), for the gRPC binding of the Open Inference
+# Protocol; looked up along the class hierarchy like ``STATUS``. Named, so that this module needs no grpcio.
+GRPC_CODES: dict[type[errors.CamserveError], str] = {
+    errors.CamserveError: "INTERNAL",
+    errors.InvalidInput: "INVALID_ARGUMENT",
+    errors.InvalidArgument: "INVALID_ARGUMENT",
+    errors.Unauthorized: "UNAUTHENTICATED",
+    errors.Forbidden: "PERMISSION_DENIED",
+    errors.ModelNotFound: "NOT_FOUND",
+    errors.NotAcceptable: "INVALID_ARGUMENT",
+    errors.PayloadTooLarge: "RESOURCE_EXHAUSTED",
+    errors.UnsupportedMediaType: "INVALID_ARGUMENT",
+    errors.ModelError: "INTERNAL",
+    errors.NotReady: "UNAVAILABLE",
+    errors.Overloaded: "RESOURCE_EXHAUSTED",
+    errors.RequestTimeout: "DEADLINE_EXCEEDED",
+}
+
 # Statuses Starlette raises itself (routing, method), with the codes our clients see.
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
 
@@ -57,6 +75,13 @@ def status_of(exc: errors.CamserveError) -> int:
         if cls in STATUS:
             return STATUS[cls][0]
     return 500
+
+
+def grpc_code_of(exc: errors.CamserveError) -> str:
+    for cls in type(exc).__mro__:
+        if cls in GRPC_CODES:
+            return GRPC_CODES[cls]
+    return "INTERNAL"
 
 
 def openapi_responses(*classes: type[errors.CamserveError]) -> dict[int | str, dict[str, Any]]:

@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from service.api.deps import MetricsDep, RepositoryDep, SettingsDep
-from service.api.oip_v2 import VERSION, check_version, metadata
+from service.api.oip import VERSION, check_version, metadata
 from service.metrics import Duration, ModelStats
 from service.repository import ModelState
 

@@ -21,13 +21,14 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from service.api.deps import RepositoryDep, SettingsDep
-from service.api.oip_v2 import VERSION, read_body
+from service.api.oip import VERSION
+from service.api.oip_v2 import read_body
 from service.api.parsing import json_object
 from service.config import Settings
 from service.errors import Forbidden, InvalidInput, ModelNotFound, Unauthorized
 from service.modelspec import ModelSpec, SpecError
 from service.registry import ModelLoadError
-from service.repository import ModelState, ServedModel
+from service.repository import ModelRepository, ModelState, ServedModel
 
 router = APIRouter(tags=["open inference protocol (v2): model repository"], include_in_schema=False)
 log = logging.getLogger("camserve")
@@ -37,24 +38,29 @@ _STATES = {ModelState.LOADING: "LOADING", ModelState.READY: "READY", ModelState.
            ModelState.FAILED: "UNAVAILABLE", ModelState.UNLOADED: "UNAVAILABLE"}
 
 
-def _given_key(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
+def given_key(authorization: str | None, api_key: str | None) -> str | None:
+    """The key a caller sent: ``Authorization: Bearer <key>``, else ``X-API-Key`` (HTTP headers or gRPC
+    call metadata alike)."""
+    auth = authorization or ""
     if auth[:7].lower() == "bearer ":
         return auth[7:].strip()
-    return request.headers.get("x-api-key")
+    return api_key
 
 
-def check_admin(request: Request, settings: Settings) -> None:
-    admin_keys = [k for k in settings.admin_api_keys if k.strip()]  # fail closed, whatever the list holds
+def key_matches(given: str | None, keys: tuple[str, ...]) -> bool:
+    ok = False
+    for key in keys:  # every key compared, so timing tells nothing
+        ok |= hmac.compare_digest((given or "").encode(), key.encode())
+    return ok and bool(given)
+
+
+def check_admin_key(given: str | None, settings: Settings) -> None:
+    admin_keys = tuple(k for k in settings.admin_api_keys if k.strip())  # fail closed, whatever the list holds
     if settings.admin_api_keys:
-        given = _given_key(request)
         if not given or not admin_keys:
             raise Unauthorized("the model repository API needs an admin key: send `Authorization: Bearer <key>` "
                                "or `X-API-Key: <key>`")
-        ok = False
-        for key in admin_keys:  # every key compared, so timing tells nothing
-            ok |= hmac.compare_digest(given.encode(), key.encode())
-        if not ok:
+        if not key_matches(given, admin_keys):
             raise Forbidden("this key may not use the model repository API; it needs an admin key")
         return
     if not settings.enable_repository_api:
@@ -63,13 +69,17 @@ def check_admin(request: Request, settings: Settings) -> None:
         raise Forbidden("the model repository API needs an admin key (admin_api_keys), and none is configured")
 
 
+def check_admin(request: Request, settings: Settings) -> None:
+    check_admin_key(given_key(request.headers.get("authorization"), request.headers.get("x-api-key")), settings)
+
+
 def check_changeable(request: Request) -> None:
     reason: str | None = getattr(request.app.state, "repository_fixed", None)
     if reason:
         raise Forbidden(reason)
 
 
-def _entry(served: ServedModel) -> dict[str, Any]:
+def entry(served: ServedModel) -> dict[str, Any]:
     item: dict[str, Any] = {"name": served.name, "version": VERSION, "state": _STATES[served.state]}
     if served.state is ModelState.FAILED and served.error:
         item["reason"] = served.error
@@ -93,13 +103,13 @@ async def index(request: Request, repository: RepositoryDep, settings: SettingsD
     only_ready = body.get("ready", False)
     if not isinstance(only_ready, bool):
         raise InvalidInput(f"`ready` must be true or false, got {only_ready!r}")
-    return [_entry(m) for m in repository if m.ready or not only_ready]
+    return [entry(m) for m in repository if m.ready or not only_ready]
 
 
-def _spec(name: str, body: dict[str, Any], settings: Settings, known: ServedModel | None) -> ModelSpec:
+def spec_for(name: str, params: Any, settings: Settings, known: ServedModel | None) -> ModelSpec:
     """The model table from ``parameters.config`` (an object, or JSON text as Triton's clients send
     it), else the spec the model was served with, else the configured one."""
-    params = body.get("parameters") or {}
+    params = params or {}
     if not isinstance(params, dict):
         raise InvalidInput(f"`parameters` must be a JSON object, got {type(params).__name__}")
     config = params.get("config")
@@ -122,23 +132,27 @@ def _spec(name: str, body: dict[str, Any], settings: Settings, known: ServedMode
                         '{"parameters": {"config": {"source": "torchvision:resnet18"}}}')
 
 
+async def load_model(repository: ModelRepository, settings: Settings, name: str, params: Any) -> ServedModel:
+    """Load (or reload) ``name`` from ``params["config"]`` or the table it is known by."""
+    try:
+        known: ServedModel | None = repository.find(name)
+    except ModelNotFound:
+        known = None
+    spec = spec_for(name, params, settings, known)
+    log.info("repository API: loading model %r from %s", name, spec.source)
+    try:
+        return await repository.load(spec)
+    except ModelLoadError as exc:
+        raise InvalidInput(str(exc)) from None  # the message already names the model
+
+
 @router.post("/v2/repository/models/{name}/load")
 async def load(name: str, request: Request, repository: RepositoryDep, settings: SettingsDep) -> dict[str, Any]:
     """Load a model (or reload it with a new table); the others keep serving meanwhile."""
     check_admin(request, settings)
     check_changeable(request)
     body = await _json_body(request, settings)
-    try:
-        known: ServedModel | None = repository.find(name)
-    except ModelNotFound:
-        known = None
-    spec = _spec(name, body, settings, known)
-    log.info("repository API: loading model %r from %s", name, spec.source)
-    try:
-        served = await repository.load(spec)
-    except ModelLoadError as exc:
-        raise InvalidInput(str(exc)) from None  # the message already names the model
-    return _entry(served)
+    return entry(await load_model(repository, settings, name, body.get("parameters")))
 
 
 @router.post("/v2/repository/models/{name}/unload")
@@ -148,4 +162,4 @@ async def unload(name: str, request: Request, repository: RepositoryDep, setting
     check_changeable(request)
     await _json_body(request, settings)  # Triton's clients send `unload_dependents`; there are none here
     log.info("repository API: unloading model %r", name)
-    return _entry(await repository.unload(name))
+    return entry(await repository.unload(name))

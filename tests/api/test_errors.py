@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service import errors
 from tests.api.conftest import b64, make_client, png_bytes
 
 
@@ -189,3 +190,25 @@ def test_an_exception_is_described_by_class_and_text_without_paths():
     assert describe(exc) == 'RuntimeError: File "<path>", line 3: BFloat16 did not match Float (<path>, <path>) x'
     assert describe(ValueError()) == "ValueError"
     assert len(describe(RuntimeError("y" * 5000))) < 320
+
+
+@pytest.mark.parametrize(("error", "code"), [
+    (errors.InvalidInput("x"), "INVALID_ARGUMENT"),
+    (errors.InvalidImage("x"), "INVALID_ARGUMENT"),
+    (errors.InvalidArgument("top_k", "x"), "INVALID_ARGUMENT"),
+    (errors.ModelNotFound("x"), "NOT_FOUND"),
+    (errors.Unauthorized("x"), "UNAUTHENTICATED"),
+    (errors.Forbidden("x"), "PERMISSION_DENIED"),
+    (errors.Overloaded("x"), "RESOURCE_EXHAUSTED"),
+    (errors.OutOfMemory("x"), "RESOURCE_EXHAUSTED"),
+    (errors.PayloadTooLarge("x"), "RESOURCE_EXHAUSTED"),
+    (errors.NotReady("x"), "UNAVAILABLE"),
+    (errors.RequestTimeout("x"), "DEADLINE_EXCEEDED"),
+    (errors.ModelError("x"), "INTERNAL"),
+])
+def test_grpc_status_codes_follow_the_class_tree(error, code):
+    from service.api.errors import grpc_code_of
+
+    assert grpc_code_of(error) == code
+    grpc = pytest.importorskip("grpc")
+    assert grpc.StatusCode[code]  # a name grpcio knows

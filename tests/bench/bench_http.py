@@ -324,7 +324,7 @@ class EngineClock:
         return statistics.median(self.times)
 
 
-def _v2_request(port: int, image: bytes, as_binary: bool, outputs: list[str] | None) -> bytes:
+def _v2_request(port: int, image: bytes, as_binary: bool, outputs: list[str] | None, model: str = "shapes") -> bytes:
     """One Open Inference Protocol infer request: the image as a BYTES tensor, base64 in JSON or raw."""
     import base64
     import json
@@ -344,7 +344,7 @@ def _v2_request(port: int, image: bytes, as_binary: bool, outputs: list[str] | N
         header["parameters"] = {"binary_data_output": True}
     text = json.dumps(header).encode()
     extra = f"Inference-Header-Content-Length: {len(text)}\r\n" if as_binary else ""
-    head = (f"POST /v2/models/shapes/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: "
+    head = (f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: "
             f"{'application/octet-stream' if as_binary else 'application/json'}\r\n{extra}"
             f"Content-Length: {len(text) + len(raw)}\r\n\r\n").encode()
     return head + text + raw
@@ -406,6 +406,8 @@ def protocol_rows(config: Path, image: bytes, requests: int, concurrency: int = 
 
 
 def main() -> None:
+    from tests.bench.bench_grpc import grpc_rows
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=5, help="rounds over all cells; figures are medians")
@@ -417,6 +419,7 @@ def main() -> None:
     parser.add_argument("--no-peer", action="store_true", help="leave out the KServe peer (.venv-kserve)")
     parser.add_argument("--peer-only", action="store_true", help="only resnet18 against the KServe peer")
     parser.add_argument("--peer-python", default=str(PEER_PYTHON), help="the Python that runs the KServe peer")
+    parser.add_argument("--grpc-only", action="store_true", help="only the gRPC vs REST V2 vs native rows")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     images = {"shapes": _png(make_scene(rng).image)}  # a 64x64 PNG
@@ -433,6 +436,11 @@ def main() -> None:
         return
     if args.peer_only:
         peer_only(args, r18, images)
+        return
+    grpc_models = [("shapes", "shapes", shapes_cfg, images["shapes"], args.requests),
+                   ("resnet18", "r18", r18, images["photo"], args.resnet_requests)]
+    if args.grpc_only:
+        grpc_rows(grpc_models, args.rounds)
         return
 
     engine = EngineClock(shapes_cfg, images["shapes"], args.device)
@@ -471,6 +479,7 @@ def main() -> None:
                 s.proc.kill()
                 s.proc.wait()
     protocol_rows(shapes_cfg, images["shapes"], args.requests, rounds=args.rounds)  # its own server, alone
+    grpc_rows(grpc_models, args.rounds)  # one server per model, alone
 
 
 def run_all(args: argparse.Namespace, servers: dict[str, Server], images: dict[str, bytes],
