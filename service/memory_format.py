@@ -57,16 +57,27 @@ def has_convolutions(module: nn.Module) -> bool:
 
 def measure(module: nn.Module, forward: Callable[[Tensor], object], example: Tensor, sizes: Sequence[int],
             reps: int = 3, sync: Callable[[], None] = lambda: None,
-            clock: Callable[[], float] = time.perf_counter, margin: float = 0.03) -> FormatPlan:
+            clock: Callable[[], float] = time.perf_counter, margin: float = 0.03,
+            budget_s: float = 15.0) -> FormatPlan:
     """Time ``forward`` on ``example`` ``(1, 3, H, W)`` repeated to each batch size of ``sizes``, each way of
     running it, in rounds that visit every way once (so a drift of a shared machine touches them all alike;
     medians of ``reps`` rounds), and leave ``module``'s weights in the chosen format. A model without
-    convolutions stays contiguous."""
+    convolutions stays contiguous. When the first forward shows that the whole measurement would take more
+    than ``budget_s``, the model stays channels_last unmeasured: a load must not take minutes for this."""
     if not has_convolutions(module):
         module.to(memory_format=CONTIGUOUS)
         return FormatPlan(CONTIGUOUS, ((1, CONTIGUOUS),))
     ways = {CHANNELS_LAST: (CHANNELS_LAST,), CONTIGUOUS: (CONTIGUOUS, CHANNELS_LAST)}  # weights -> inputs
     sizes = sorted(set(sizes))
+    module.to(memory_format=CHANNELS_LAST)
+    sync()
+    t0 = clock()
+    forward(example.contiguous(memory_format=CHANNELS_LAST))
+    sync()
+    # Every way at every size, reps + 1 rounds; a batch of n costs at most about n lone images.
+    estimate = (clock() - t0) * (reps + 1) * sum(len(v) for v in ways.values()) * sum(sizes)
+    if estimate > budget_s:
+        return FormatPlan(CHANNELS_LAST, ((1, CHANNELS_LAST),), {"unmeasured, estimated s": round(estimate, 1)})
     batches = {(n, fmt): example.expand(n, *example.shape[1:]).contiguous(memory_format=fmt)
                for n in sizes for fmt in (CHANNELS_LAST, CONTIGUOUS)}
     times: dict[tuple[torch.memory_format, torch.memory_format, int], list[float]] = {}

@@ -5,7 +5,6 @@ load is a ``service.modelspec.ModelSpec``; which models are served, and their st
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +20,6 @@ from service.labels import LabelsFileError, read_labels
 from service.modelspec import ModelSpec
 from service.preprocess import Preprocess
 from service.sources import ModelLoadError, build
-
-log = logging.getLogger("camserve")
 
 __all__ = ["DTYPES", "LoadedModel", "ModelLoadError", "ModelSpec", "load_model", "resolve_device", "serve_module"]
 
@@ -40,8 +37,8 @@ class LoadedModel:
     preprocess: Preprocess
     device: torch.device
     precision: torch.dtype | None = None
-    # The logits did not change between two different inputs at load: a zero-initialised head (a
-    # torchvision ViT with `weights = "none"`) or a broken model. Every gradient map is then zero.
+    # The logits did not change between two different inputs (measured with the forward time, in the
+    # repository's warm-up): a zero-initialised head or a broken model. Every gradient map is then zero.
     input_independent: bool = False
     # Seconds one image's forward pass takes at a batch of chunk size, measured once the model is warm
     # (the repository's warm-up); prices perturbation methods before they run. None: not measured.
@@ -170,16 +167,4 @@ def serve_module(module: nn.Module, spec: ModelSpec, labels: list[str] | None = 
         raise ModelLoadError(f"model {spec.name!r}: {len(labels)} labels{where} but the model has "
                              f"{engine.num_classes} outputs")
     labels = labels or [f"class_{i}" for i in range(engine.num_classes)]
-    constant = _input_independent(engine, example)
-    if constant:
-        log.warning("model %r: its output does not depend on its input (the same logits for two different "
-                    "images; a zero-initialised head, as torchvision's ViT has with weights = \"none\"?): every "
-                    "gradient map will be zero", spec.name)
-    return LoadedModel(spec, module, engine, labels, pre, device, DTYPES[spec.precision], constant)
-
-
-def _input_independent(engine: CamEngine, example: Tensor) -> bool:
-    """Whether two different images (mid-grey and seeded noise) give exactly the same logits."""
-    noise = torch.rand(example.shape, generator=torch.Generator().manual_seed(0)).to(example.device)
-    # One image a call: the warm-up decides what batch sizes fit; this check must not be the first to try 2.
-    return bool(torch.equal(engine.predict(example + 0.5), engine.predict(noise * 4 - 2)))
+    return LoadedModel(spec, module, engine, labels, pre, device, DTYPES[spec.precision])

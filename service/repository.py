@@ -335,19 +335,25 @@ class ModelRepository:
 
 def _forward_seconds(model: LoadedModel, rows: int = 8) -> float:
     """Per image, the faster of two timed forwards of ``rows`` images (the size perturbation methods
-    forward in, at most their chunk): what one of their extra forwards costs, roughly."""
+    forward in, at most their chunk): what one of their extra forwards costs, roughly. The rows are two
+    different images, so the same forwards tell whether the model's output depends on its input at all."""
     h, w = model.preprocess.input_size
     rows = min(rows, model.engine.chunk_rows)
+    noise = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0)) * 4 - 2
+    grey = torch.full((1, 3, h, w), 0.5)
     while True:
-        x = torch.zeros(rows, 3, h, w, device=model.device)
+        x = torch.cat([grey.expand(rows - 1, -1, -1, -1), noise]).to(model.device)
         best = math.inf
         try:
             for _ in range(2):
                 started = time.perf_counter()
-                model.engine.predict(x)
+                logits = model.engine.predict(x)
                 if model.device.type == "cuda":
                     torch.cuda.synchronize(model.device)
                 best = min(best, time.perf_counter() - started)
+            if rows == 1:  # the grey image alone, when only one image fits
+                logits = torch.cat([model.engine.predict(grey.to(model.device)), logits])
+            _check_input_dependence(model, logits)
             return best / rows
         except RuntimeError as exc:  # out of memory: fewer rows (the warm-up has shown that one fits)
             if rows == 1 or not is_oom(exc):
@@ -356,6 +362,16 @@ def _forward_seconds(model: LoadedModel, rows: int = 8) -> float:
             if model.device.type == "cuda":
                 torch.cuda.empty_cache()
             rows //= 2
+
+
+def _check_input_dependence(model: LoadedModel, logits: torch.Tensor) -> None:
+    """Warn about a model whose logits are the same for a grey image and for noise: a zero-initialised head
+    (torchvision's ViT with weights = "none") or a broken model, whose every gradient map is zero."""
+    model.input_independent = bool(torch.equal(logits[0], logits[-1]))
+    if model.input_independent:
+        log.warning("model %r: its output does not depend on its input (the same logits for two different "
+                    "images; a zero-initialised head, as torchvision's ViT has with weights = \"none\"?): every "
+                    "gradient map will be zero", model.name)
 
 
 def _evict(model: LoadedModel) -> None:

@@ -52,6 +52,17 @@ def test_channels_last_throughout_when_it_wins_at_every_size():
     assert not model.conv.weight.is_contiguous()
 
 
+def test_a_model_too_slow_to_measure_stays_channels_last_after_one_forward():
+    """A forward of 3 s (a large model on a small CPU) would make the measurement cost minutes of load."""
+    costs = {("cl", "cl", 1): 3000, ("nchw", "nchw", 1): 1, ("nchw", "cl", 1): 1,
+             ("cl", "cl", 8): 1, ("nchw", "nchw", 8): 1, ("nchw", "cl", 8): 1}
+    model = Timed(costs)
+    plan = measure(model, model, torch.randn(1, 3, 8, 8), [1, 8], reps=3, clock=lambda: model.now)
+    assert plan.weights is CHANNELS_LAST and plan.inputs == ((1, CHANNELS_LAST),)
+    assert model.now == 3.0  # one forward, then nothing more
+    assert "unmeasured, estimated s" in plan.timings_ms
+
+
 def test_a_model_without_convolutions_stays_contiguous():
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
     plan = measure(model, model, torch.randn(1, 3, 2, 2), [1, 8])
