@@ -38,6 +38,9 @@ class FormatPlan:
     weights: torch.memory_format = CHANNELS_LAST
     inputs: tuple[tuple[int, torch.memory_format], ...] = ((1, CHANNELS_LAST),)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    # Seconds per image of the chosen way at the largest size measured (or of the one forward that showed
+    # the measurement too slow): what an extra forward of a perturbation method costs. None: not timed.
+    forward_s: float | None = None
 
     def input_format(self, batch: int) -> torch.memory_format:
         chosen = self.inputs[0][1]
@@ -75,9 +78,11 @@ def measure(module: nn.Module, forward: Callable[[Tensor], object], example: Ten
     forward(example.contiguous(memory_format=CHANNELS_LAST))
     sync()
     # Every way at every size, reps + 1 rounds; a batch of n costs at most about n lone images.
-    estimate = (clock() - t0) * (reps + 1) * sum(len(v) for v in ways.values()) * sum(sizes)
+    first = clock() - t0
+    estimate = first * (reps + 1) * sum(len(v) for v in ways.values()) * sum(sizes)
     if estimate > budget_s:
-        return FormatPlan(CHANNELS_LAST, ((1, CHANNELS_LAST),), {"unmeasured, estimated s": round(estimate, 1)})
+        return FormatPlan(CHANNELS_LAST, ((1, CHANNELS_LAST),), {"unmeasured, estimated s": round(estimate, 1)},
+                          first)
     batches = {(n, fmt): example.expand(n, *example.shape[1:]).contiguous(memory_format=fmt)
                for n in sizes for fmt in (CHANNELS_LAST, CONTIGUOUS)}
     times: dict[tuple[torch.memory_format, torch.memory_format, int], list[float]] = {}
@@ -114,4 +119,6 @@ def measure(module: nn.Module, forward: Callable[[Tensor], object], example: Ten
     weights = CONTIGUOUS if plans[CONTIGUOUS][0] < plans[CHANNELS_LAST][0] * (1 - margin) else CHANNELS_LAST
     module.to(memory_format=weights)
     timings = {f"weights {_NAMES[w]}, inputs {_NAMES[f]}, batch {n}": round(v, 3) for (w, f, n), v in ms.items()}
-    return FormatPlan(weights, plans[weights][1], timings)
+    largest = sizes[-1]
+    per_image = min(v for (w, _, n), v in ms.items() if w == weights and n == largest) / 1000 / largest
+    return FormatPlan(weights, plans[weights][1], timings, per_image)

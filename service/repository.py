@@ -266,7 +266,9 @@ class ModelRepository:
             query = CamQuery(method=model.engine.methods[0]) if model.explainable else None
             await pipeline.run([png] * n, top_k=1, query=query,
                                spec=HeatmapSpec(), max_pixels=self.settings.max_image_pixels)
-        model.forward_s = await asyncio.to_thread(_forward_seconds, model)
+        # The memory-format measurement has timed forwards already; a model it did not time is timed here.
+        model.forward_s = pipeline.formats.forward_s or await asyncio.to_thread(_forward_seconds, model)
+        await asyncio.to_thread(_check_input_dependence, model)
 
     def _format_sizes(self, model: LoadedModel) -> list[int]:
         """A lone request's batch and a loaded server's; on a CPU, time grows with the batch, and 8 images
@@ -335,25 +337,19 @@ class ModelRepository:
 
 def _forward_seconds(model: LoadedModel, rows: int = 8) -> float:
     """Per image, the faster of two timed forwards of ``rows`` images (the size perturbation methods
-    forward in, at most their chunk): what one of their extra forwards costs, roughly. The rows are two
-    different images, so the same forwards tell whether the model's output depends on its input at all."""
+    forward in, at most their chunk): what one of their extra forwards costs, roughly."""
     h, w = model.preprocess.input_size
     rows = min(rows, model.engine.chunk_rows)
-    noise = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0)) * 4 - 2
-    grey = torch.full((1, 3, h, w), 0.5)
     while True:
-        x = torch.cat([grey.expand(rows - 1, -1, -1, -1), noise]).to(model.device)
+        x = torch.zeros(rows, 3, h, w, device=model.device)
         best = math.inf
         try:
             for _ in range(2):
                 started = time.perf_counter()
-                logits = model.engine.predict(x)
+                model.engine.predict(x)
                 if model.device.type == "cuda":
                     torch.cuda.synchronize(model.device)
                 best = min(best, time.perf_counter() - started)
-            if rows == 1:  # the grey image alone, when only one image fits
-                logits = torch.cat([model.engine.predict(grey.to(model.device)), logits])
-            _check_input_dependence(model, logits)
             return best / rows
         except RuntimeError as exc:  # out of memory: fewer rows (the warm-up has shown that one fits)
             if rows == 1 or not is_oom(exc):
@@ -364,10 +360,14 @@ def _forward_seconds(model: LoadedModel, rows: int = 8) -> float:
             rows //= 2
 
 
-def _check_input_dependence(model: LoadedModel, logits: torch.Tensor) -> None:
+def _check_input_dependence(model: LoadedModel) -> None:
     """Warn about a model whose logits are the same for a grey image and for noise: a zero-initialised head
-    (torchvision's ViT with weights = "none") or a broken model, whose every gradient map is zero."""
-    model.input_independent = bool(torch.equal(logits[0], logits[-1]))
+    (torchvision's ViT with weights = "none") or a broken model, whose every gradient map is zero. One image
+    a forward: the warm-up has shown that one fits."""
+    h, w = model.preprocess.input_size
+    noise = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0)) * 4 - 2
+    grey, noisy = (model.engine.predict(x.to(model.device)) for x in (torch.full((1, 3, h, w), 0.5), noise))
+    model.input_independent = bool(torch.equal(grey, noisy))
     if model.input_independent:
         log.warning("model %r: its output does not depend on its input (the same logits for two different "
                     "images; a zero-initialised head, as torchvision's ViT has with weights = \"none\"?): every "
