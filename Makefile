@@ -9,7 +9,7 @@ KSERVE_STAMP := $(KSERVE_VENV)/.installed
 KSERVE ?= kserve>=0.21,<0.22
 
 .DEFAULT_GOAL := help
-.PHONY: help install browser run test test-kserve lint docs bench bench-http bench-stages bench-ray bench-gpu gpu-check \
+.PHONY: help install browser run test test-fast test-kserve lint docs bench bench-http bench-stages bench-ray bench-gpu gpu-check \
 	gpu-wheels train-shapes grpc-gen \
 	docker clean docker-base docker-wheels docker-wheels-cuda docker-cpu docker-cuda docker-test
 
@@ -36,8 +36,14 @@ browser: ## Debian's chromium + chromedriver for the browser tests (apt-get as r
 	    >/dev/null; } || echo "could not install chromium: the browser tests will be skipped"; \
 	else echo "no /usr/bin/chromium and no root apt-get to install it: the browser tests will be skipped"; fi
 
-test: $(STAMP) browser ## run the test suite (browser tests included)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+# Two workers: much of the suite waits on server processes, Ray and the browser, so two halve its time on
+# two cores (11.5 -> 4.4 min of pytest measured on the 2-core machine). TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
+test: $(STAMP) browser ## run the test suite (browser tests included; TEST_WORKERS=2 processes)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
+
+test-fast: $(STAMP) ## the edit-run loop: no browser, servers, Ray, Docker or slow tests
+	$(BIN)/python -m pytest -q -m "not slow and not browser and not integration" $(PYTEST_ARGS)
 
 $(KSERVE_STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "need $(PY) on PATH (or make PY=python3.X)"; exit 1; }

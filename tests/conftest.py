@@ -7,12 +7,22 @@ import pytest
 import torch
 from torch import nn
 
+# Modules whose tests start server processes, Ray clusters or Docker: `make test-fast` leaves them out.
+INTEGRATION = {
+    "tests/api/test_drain.py", "tests/api/test_e2e.py", "tests/api/test_grpc.py", "tests/api/test_header_limits.py",
+    "tests/api/test_heavy_renders.py", "tests/api/test_kserve_client.py", "tests/api/test_lifecycle.py",
+    "tests/api/test_ray_proxy.py", "tests/api/test_schema_fuzz.py", "tests/api/test_triton_client.py",
+    "tests/test_bench_paired.py", "tests/test_rayserve.py", "tests/test_docker.py", "tests/test_gpu_check.py",
+}
+
 
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs CUDA")
     for item in items:
         if "needs_cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip)
+        if item.nodeid.split("::")[0] in INTEGRATION:
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(autouse=True)
