@@ -43,7 +43,7 @@ test: $(STAMP) browser ## run the test suite (browser tests included; TEST_WORKE
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## the edit-run loop: no browser, servers, Ray, Docker or slow tests
-	$(BIN)/python -m pytest -q -m "not slow and not browser and not integration" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow and not browser and not integration" $(PYTEST_ARGS)
 
 $(KSERVE_STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "need $(PY) on PATH (or make PY=python3.X)"; exit 1; }

@@ -89,6 +89,7 @@ print((after - before) * 1024, sum(len(o.data) for o in out))
 """
 
 
+@pytest.mark.slow
 def test_five_overlays_of_a_large_image_take_a_bounded_working_set():
     # 5 targets at 2000x1500: the float pipeline took about 50 bytes per output pixel (750 MB);
     # banded uint8 rendering needs one 9 MB output buffer, one band, and the PNGs it returns.

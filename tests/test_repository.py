@@ -74,6 +74,7 @@ def test_a_failed_load_is_a_state_with_its_reason_and_others_keep_serving():
     asyncio.run(go())
 
 
+@pytest.mark.slow
 def test_unload_lets_queued_requests_finish_and_refuses_new_ones():
     async def go() -> None:
         repository = _repo()

@@ -137,6 +137,7 @@ def test_a_failing_batch_fails_only_its_requests():
         assert c.get("/readyz").status_code == 200
 
 
+@pytest.mark.slow
 def test_slow_model_times_out_with_504_and_stays_ready():
     with tiny_client(models=[tiny_model(delay_s=0.6)], request_timeout_s=0.2) as c:
         r = c.post("/predict", json={"image": b64(IMG)})

@@ -73,7 +73,7 @@ def test_confidence_equals_torchcam(shapes_batch):
     assert increase(model, x, maps, classes).mean().item() == pytest.approx(expected["conf_increase"], abs=1e-4)
 
 
-@pytest.mark.parametrize("steps", [4, 16, 64])
+@pytest.mark.parametrize("steps", [4, 16, pytest.param(64, marks=pytest.mark.slow)])
 def test_deletion_and_insertion_equal_torchcam(shapes_batch, steps):
     model, x, maps, classes = shapes_batch
     for kind, fn, baseline in (("deletion", deletion, deletion_baseline(x)),
@@ -134,6 +134,7 @@ def scores_200(maps_200) -> dict[str, dict[str, float]]:
             for label, m in maps.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("metric", ["average_drop", "deletion", "insertion"])
 def test_gradcam_beats_random_and_centre_maps_over_200_scenes(scores_200, metric):
     lower_is_better = metric in ("average_drop", "deletion")
@@ -142,6 +143,7 @@ def test_gradcam_beats_random_and_centre_maps_over_200_scenes(scores_200, metric
         assert (ours < theirs) if lower_is_better else (ours > theirs), scores_200
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="measured: on the shapes model Grad-CAM's `increase` (share of images whose "
                    "confidence rises when multiplied by the map) is 0.06, below a random map's 0.155; the cause is "
                    "the reference protocol's masking, shown by the next test")

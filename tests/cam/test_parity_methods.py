@@ -115,6 +115,7 @@ def _perturbation_arch(arch):
     return name, layer, size, model, x
 
 
+@pytest.mark.slow
 def test_scorecam(arch):
     name, layer, size, model, x = _perturbation_arch(arch)
     classes, cam = _ours(model, x, layer, "scorecam", n_targets=1)  # the reference's cost is per target

@@ -12,6 +12,8 @@ import torchvision
 from service.modelspec import ModelSpec
 from tests.api.conftest import b64, make_client, png_bytes, scene
 
+pytestmark = pytest.mark.slow  # every source loaded and served: seconds each
+
 pytest.importorskip("timm")
 pytest.importorskip("onnxruntime")
 transformers = pytest.importorskip("transformers")
