@@ -27,6 +27,8 @@ def test_two_heavy_overlays_leave_small_predicts_flowing_within_the_memory_bound
     assert res.heavy_status == [200, 200]
     assert not res.small_failed
     assert res.small_n >= 5, "the heavy requests ended before the small ones could be measured"
-    assert res.loaded_p95_s < 10 * res.idle_p95_s, (res.loaded_p95_s, res.idle_p95_s)
+    # Blocked behind a heavy render, a small request would wait its seconds (heavy_s); 0.25 s floors the
+    # bound for a machine where another test process shares the cores (the suite runs on two workers).
+    assert res.loaded_p95_s < max(10 * res.idle_p95_s, 0.25), (res.loaded_p95_s, res.idle_p95_s, res.heavy_s)
     bound = 2 * (BYTES_PER_HEATMAP_PIXEL * targets + BYTES_PER_UPLOAD_PIXEL) * width * height
     assert res.peak_rss - res.idle_rss <= bound, (res.peak_rss - res.idle_rss, bound)
