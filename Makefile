@@ -36,11 +36,12 @@ browser: ## Debian's chromium + chromedriver for the browser tests (apt-get as r
 	    >/dev/null; } || echo "could not install chromium: the browser tests will be skipped"; \
 	else echo "no /usr/bin/chromium and no root apt-get to install it: the browser tests will be skipped"; fi
 
-# Two workers: much of the suite waits on server processes, Ray and the browser, so two halve its time on
-# two cores (11.5 -> 4.4 min of pytest measured on the 2-core machine). TEST_WORKERS=0 runs it in one process.
+# Two workers: much of the suite waits on server processes, Ray and the browser, so two cut its time on two
+# cores (11.5 -> 4.2 min of pytest on the 2-core machine); worksteal evens out the long tests at the end.
+# TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 test: $(STAMP) browser ## run the test suite (browser tests included; TEST_WORKERS=2 processes)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## the edit-run loop: no browser, servers, Ray, Docker or slow tests
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow and not browser and not integration" $(PYTEST_ARGS)
