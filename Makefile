@@ -36,11 +36,11 @@ browser: ## Debian's chromium + chromedriver for the browser tests (apt-get as r
 	    >/dev/null; } || echo "could not install chromium: the browser tests will be skipped"; \
 	else echo "no /usr/bin/chromium and no root apt-get to install it: the browser tests will be skipped"; fi
 
-# Two workers: much of the suite waits on server processes, Ray and the browser, so two cut its time on two
-# cores (11.5 -> 4.2 min of pytest on the 2-core machine); worksteal evens out the long tests at the end.
-# TEST_WORKERS=0 runs it in one process.
-TEST_WORKERS ?= 2
-test: $(STAMP) browser ## run the test suite (browser tests included; TEST_WORKERS=2 processes)
+# Three workers on two cores: much of the suite waits on server processes, Ray and the browser, so they cut
+# its time (11.5 min of pytest in one process, 4.2 with two workers, 3.8 with three, on the 2-core machine);
+# worksteal evens out the long tests at the end. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 3
+test: $(STAMP) browser ## run the test suite (browser tests included; TEST_WORKERS=3 processes)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## the edit-run loop: no browser, servers, Ray, Docker or slow tests
