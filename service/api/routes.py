@@ -68,9 +68,11 @@ def public_source(served: ServedModel) -> str:
     if served.spec is None:
         return "unknown"
     kind, _, target = served.spec.source.partition(":")
-    if "/" in target and (target.startswith(("/", ".", "~")) or kind == "torchscript" or Path(target).exists()):
+    file_kinds = ("torchscript", "onnx", "export")
+    # An `hf:` target is a hub id ("org/model") unless it names a folder that exists here.
+    if kind in file_kinds or ("/" in target and (target.startswith(("/", ".", "~")) or Path(target).exists())):
         return f"{kind}:{PurePath(target).name}"
-    return f"{kind}:{PurePath(target).name}" if kind == "torchscript" else served.spec.source
+    return served.spec.source
 
 
 def _summary(served: ServedModel) -> dict[str, Any]:

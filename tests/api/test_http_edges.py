@@ -228,3 +228,20 @@ def test_no_path_is_answered_with_a_bodyless_redirect(client):
         assert r.status_code != 307, path
         if r.status_code >= 400:
             assert r.headers["content-type"] == "application/json", path
+
+
+@pytest.mark.parametrize(("source", "shown"), [
+    ("torchscript:/srv/models/m.pt", "torchscript:m.pt"),
+    ("onnx:/srv/models/r50.onnx", "onnx:r50.onnx"),
+    ("export:./exported/vit.pt2", "export:vit.pt2"),
+    ("hf:/srv/hf/vit-small", "hf:vit-small"),
+    ("hf:google/vit-base-patch16-224", "hf:google/vit-base-patch16-224"),  # a hub id, not a path
+    ("torchvision:resnet18", "torchvision:resnet18"),
+    ("python:tests.api.models:tiny", "python:tests.api.models:tiny"),
+])
+def test_public_source_never_shows_a_server_path(source, shown):
+    from service.api.routes import public_source
+    from service.modelspec import ModelSpec
+    from service.repository import ServedModel
+
+    assert public_source(ServedModel("m", ModelSpec(name="m", source=source))) == shown
