@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 
 from tests.api.server import free_port, start_server
-from tests.bench.bench_http import _request_bytes, _v2_request, load
+from tests.bench.bench_http import _request_bytes, _v2_request, drive, load
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -52,14 +52,7 @@ async def grpc_load(address: str, request: bytes, concurrency: int, total: int) 
                 latencies.append((time.perf_counter() - t0) * 1000)
 
         start = asyncio.Event()
-        tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
-        await asyncio.sleep(0.3)
-        t0 = time.perf_counter()
-        start.set()
-        await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - t0
-    latencies.sort()
-    return statistics.median(latencies), latencies[int(0.95 * (len(latencies) - 1))], total / elapsed
+        return await drive(worker, start, concurrency, latencies, total)
 
 
 def grpc_rows(models: list[tuple[str, str, Path, bytes, int]], rounds: int, concurrencies: tuple[int, ...] = (8, 32)

@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,6 +109,13 @@ async def load(port: int, request: bytes, concurrency: int, total: int) -> tuple
             writer.close()
 
     start = asyncio.Event()
+    return await drive(worker, start, concurrency, latencies, total)
+
+
+async def drive(worker: Callable[[], Awaitable[None]], start: asyncio.Event, concurrency: int,
+                latencies: list[float], total: int) -> tuple[float, float, float]:
+    """Start ``concurrency`` workers, let them warm up, release them together with ``start``; p50 ms,
+    p95 ms and requests/s of the ``latencies`` they record."""
     tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
     await asyncio.sleep(0.3)
     t0 = time.perf_counter()

@@ -115,3 +115,12 @@ def gradient_parity(model, layer, x, reshape, methods=("gradcam", "gradcam++", "
         for p in model.parameters():
             p.requires_grad_(False)
     return compared
+
+
+def reshape_for(layout):
+    """pytorch-grad-cam's ``reshape_transform`` for a layer of this layout (None for NCHW)."""
+    if layout.kind == "nhwc":
+        return nhwc_reshape
+    if layout.kind == "tokens":
+        return token_reshape(layout.prefix, layout.grid)
+    return None

@@ -11,7 +11,7 @@ from torch import nn
 from service.modelspec import ModelSpec
 from service.registry import ModelLoadError, load_model
 from tests.api.conftest import b64, make_client, png_bytes, scene
-from tests.cam.helpers import gradient_parity, nhwc_reshape, token_reshape
+from tests.cam.helpers import gradient_parity, reshape_for
 
 transformers = pytest.importorskip("transformers")
 
@@ -60,14 +60,6 @@ def _save(build, path):
     return model
 
 
-def _reshape(layout):
-    if layout.kind == "nhwc":
-        return nhwc_reshape
-    if layout.kind == "tokens":
-        return token_reshape(layout.prefix, layout.grid)
-    return None
-
-
 @pytest.mark.parametrize(("build", "size", "layer", "kind"), MODELS, ids=["vit", "convnext", "swin"])
 def test_saved_classifier_predicts_and_explains(tmp_path, build, size, layer, kind):
     model = _save(build, tmp_path)
@@ -81,7 +73,7 @@ def test_saved_classifier_predicts_and_explains(tmp_path, build, size, layer, ki
         with torch.no_grad():
             expected = model(pixel_values=x).logits.softmax(dim=-1)
         torch.testing.assert_close(served.scores(served.engine.predict(x)), expected, atol=1e-5, rtol=0)
-        gradient_parity(served.module, layer, x, _reshape(layers.layouts[layer]), engine=served.engine)
+        gradient_parity(served.module, layer, x, reshape_for(layers.layouts[layer]), engine=served.engine)
     finally:
         served.close()
 

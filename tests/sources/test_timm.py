@@ -11,7 +11,7 @@ from torch import nn
 
 from service.cam import CamQuery
 from service.registry import ModelLoadError, ModelSpec, load_model
-from tests.cam.helpers import gradient_parity, nhwc_reshape, token_reshape
+from tests.cam.helpers import gradient_parity, reshape_for
 
 timm = pytest.importorskip("timm")
 
@@ -29,14 +29,6 @@ FAMILIES = [
     ("beit_base_patch16_224", {"img_size": 64, "depth": 2, "embed_dim": 32, "num_heads": 2}, 64, "blocks.1.norm1",
      "tokens"),
 ]
-
-
-def _reshape(layout):
-    if layout.kind == "nhwc":
-        return nhwc_reshape
-    if layout.kind == "tokens":
-        return token_reshape(layout.prefix, layout.grid)
-    return None
 
 
 def _loud(model: nn.Module) -> None:
@@ -65,7 +57,7 @@ def test_family_loads_explains_and_matches_the_reference(name, options, size, la
         maps = out.cams[0].maps
         assert maps.shape[-2:] == layers.layouts[layer].grid
         assert float(maps.std()) > 0, "the default layer's map is constant"
-        gradient_parity(served.module, layer, x, _reshape(layers.layouts[layer]), engine=served.engine)
+        gradient_parity(served.module, layer, x, reshape_for(layers.layouts[layer]), engine=served.engine)
     finally:
         served.close()
 
