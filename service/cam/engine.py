@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field, replace
 from types import TracebackType
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ from service.cam.methods import METHODS, CamContext, CamMethod, Cost, LinearHead
 from service.cam.metrics import DEFAULT_STEPS, check_metrics, metric_forwards, metrics_work
 from service.cam.replay import linear_head, tail_module
 from service.cam.runtime import Runtime
+from service.cam.tasks import OBJECTIVES, Resolved, Summary, Task, TaskTarget
 from service.errors import InvalidArgument
 
 SMOOTHINGS = ("aug", "eigen")
@@ -65,7 +67,8 @@ def check_time(forwards: int, forward_s: float, timeout_s: float) -> None:
 
 @dataclass(frozen=True)
 class CamQuery:
-    """What to explain for one image: explicit ``classes``, or else the ``top`` highest-scoring ones.
+    """What to explain for one image: explicit ``classes`` (or, for other tasks, ``targets``), or else the
+    ``top`` highest-scoring ones. ``objective``: how a detection target is scored (``score``, ``score+iou``).
 
     ``layer``: one layer, several (fused with ``fuse``), or ``None`` for the model's default;
     ``smooth``: ``None``, ``"aug"`` (test-time augmentation) or ``"eigen"`` (principal component of the
@@ -79,6 +82,8 @@ class CamQuery:
     fuse: str = "mean"
     metrics: tuple[str, ...] = ()  # faithfulness metrics of each map (service.cam.metrics.METRICS)
     metric_steps: int = DEFAULT_STEPS
+    targets: tuple[TaskTarget, ...] = ()
+    objective: str = "score"
 
     @property
     def layers(self) -> tuple[str | None, ...]:
@@ -103,14 +108,18 @@ class CamMaps:
     raw_max: Tensor
     metrics: dict[str, Tensor] | None = None  # figure -> (T,), when the query asked for metrics
     metric_steps: int | None = None  # the steps of the deletion/insertion curves, when computed
+    resolved: tuple[Resolved, ...] = ()  # for tasks other than classification: what each map explains
 
 
 @dataclass(frozen=True)
 class EngineOutput:
-    """``logits``: ``(N, K)`` float32; ``cams[i]`` is ``None`` for an image that was only predicted."""
+    """``logits``: ``(N, K)`` float32; ``cams[i]`` is ``None`` for an image that was only predicted.
+    ``summaries``: per image, what a model of another task than classification predicts (``logits`` is
+    then the ``(N, T)`` target scores)."""
 
     logits: Tensor
     cams: list[CamMaps | None]
+    summaries: list[Summary] | None = None
 
 
 class CamEngine:
@@ -122,18 +131,29 @@ class CamEngine:
     """
 
     def __init__(self, model: nn.Module, example: Tensor, layers: LayerInfo | None = None,
-                 chunk_rows: int = 32, runtime: Runtime | None = None) -> None:
+                 chunk_rows: int = 32, runtime: Runtime | None = None, task: Task | None = None) -> None:
         """``example``: one input ``(1, 3, H, W)`` on the model's device, used to trace the layers.
 
         ``runtime``: where the model runs outside autograd (``model`` is then its :class:`RuntimeModule`):
-        layer outputs come from it instead of hooks, and only the gradient-free methods are offered."""
+        layer outputs come from it instead of hooks, and only the gradient-free methods are offered.
+        ``task``: what the output means when the model is not a classifier (``service.cam.tasks``)."""
         self.runtime = runtime
+        self.task = task
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.layers = layers or (find_runtime_layers(runtime, example) if runtime is not None
                                  else find_layers(self.model, example))
-        self.num_classes = int(self._forward(example).shape[1])
+        if layers is None and self.layers.candidates:
+            ordered = [*self.layers.candidates[1:], self.layers.candidates[0]]
+            own = getattr(self.model, "camserve_default_layer", None)
+            preferred = own if own in ordered else (task.default_layer(ordered) if task is not None else None)
+            if preferred is not None:
+                self.layers = self.layers.with_default(preferred)
+        with torch.inference_mode():
+            first = self._forward(example)
+        # Classes for a classifier; for other tasks the width of what the model returns per image, when fixed.
+        self.num_classes = int(first.shape[1]) if isinstance(first, Tensor) else 0
         self.chunk_rows = chunk_rows
         self._modules = dict(self.model.named_modules())
         self._handles: dict[str, RemovableHandle] = {}
@@ -180,6 +200,12 @@ class CamEngine:
                 return None
             if not isinstance(out, Tensor):
                 raise InvalidArgument("layer", f"layer {layer!r} does not return a single tensor")
+            if layer in self._captured:
+                # A head shared by the levels of a feature pyramid runs once per level: keeping the last
+                # call would explain one level and call it the layer.
+                raise InvalidArgument("layer", f"layer {layer!r} runs more than once in one forward pass (a "
+                                      "module shared across feature-pyramid levels?); choose a layer that runs "
+                                      "once")
             # An output already in the graph means an earlier target layer started it; keep the
             # link so that layer's gradient still flows through this one.
             src = out if out.requires_grad else out.detach().requires_grad_(True)
@@ -190,7 +216,11 @@ class CamEngine:
 
     # -- validation and cost ---------------------------------------------------------------------
     def supports(self, method: CamMethod) -> bool:
-        """Whether this model can run ``method``: a runtime gives no gradients."""
+        """Whether this model can run ``method``: a runtime gives no gradients; a task other than
+        classification is explained from the shared pass alone (gradient methods and EigenCAM), because
+        perturbation, replay and guided methods re-score other passes through the logits."""
+        if self.task is not None and (method.needs.deferred or method.needs.input_gradients):
+            return False
         return self.runtime is None or not (method.needs.gradients or method.needs.input_gradients)
 
     @property
@@ -204,8 +234,23 @@ class CamEngine:
         """Validate ``query`` against this model and return it with its layers resolved."""
         method = get_method(query.method)
         if not self.supports(method):
+            if self.task is not None:
+                raise InvalidArgument("method", f"`method` {method.name!r} is not offered for {self.task.name} "
+                                      f"models; use one of {', '.join(self.methods)}")
             raise InvalidArgument("method", f"`method` {method.name!r} needs gradients, which this model's runtime "
                                   f"does not give; use one of {', '.join(self.methods)}")
+        if self.task is not None:
+            if query.metrics:
+                raise InvalidArgument("metrics", f"`metrics` re-score perturbed images, which is offered for "
+                                      f"classifiers only, not for {self.task.name} models")
+            if query.smooth == "aug":
+                raise InvalidArgument("smooth", f"`smooth` 'aug' flips the image, which is offered for classifiers "
+                                      f"only, not for {self.task.name} models; use 'eigen'")
+            if query.classes:
+                raise InvalidArgument("targets", f"a {self.task.name} model's targets are not class indices alone")
+        if query.objective not in OBJECTIVES:
+            raise InvalidArgument("objective", f"`objective` must be one of {', '.join(OBJECTIVES)}, got "
+                                  f"{query.objective!r}")
         if query.smooth is not None and query.smooth not in SMOOTHINGS:
             raise InvalidArgument("smooth", f"`smooth` must be one of {', '.join(SMOOTHINGS)}, got {query.smooth!r}")
         if query.fuse not in FUSIONS:
@@ -218,9 +263,7 @@ class CamEngine:
             raise InvalidArgument("method", f"`method` {method.name!r} needs the model's ReLUs to be modules "
                                   "(nn.ReLU); this model applies them as functions, so guided backpropagation "
                                   "cannot reach them")
-        return CamQuery(method=query.method, layer=layers[0] if len(layers) == 1 else layers, classes=query.classes,
-                        top=query.top, smooth=query.smooth, fuse=query.fuse, metrics=metrics,
-                        metric_steps=query.metric_steps)
+        return replace(query, layer=layers[0] if len(layers) == 1 else layers, metrics=metrics)
 
     def deferred(self, query: CamQuery) -> bool:
         """Whether ``query`` has work beyond the shared pass (run in chunks by :class:`ExplainJob`)."""
@@ -247,16 +290,21 @@ class CamEngine:
         return total * variants + targets * metric_forwards(query.metrics, query.metric_steps)
 
     # -- compute ---------------------------------------------------------------------------------
-    def _forward(self, x: Tensor) -> Tensor:
+    def _forward(self, x: Tensor) -> Any:
         out = self.model(x)
+        if self.task is not None:
+            self.task.check_output(out, x.shape[0])
+            return out
         if not isinstance(out, Tensor) or out.dim() != 2:
             raise ValueError("the model must return logits of shape (N, num_classes)")
         return out
 
-    def predict(self, x: Tensor) -> Tensor:
-        """``x``: ``(N, 3, H, W)`` -> logits ``(N, K)`` float32, under inference mode."""
+    def predict(self, x: Tensor) -> Any:
+        """``x``: ``(N, 3, H, W)`` -> logits ``(N, K)`` float32, under inference mode; for a task other than
+        classification, the model's own output."""
         with self._lock, torch.inference_mode():
-            return self._forward(x).float()
+            out = self._forward(x)
+            return out if self.task is not None else out.float()
 
     def explain(self, x: Tensor, queries: Sequence[CamQuery | None]) -> EngineOutput:
         """One forward for the whole batch, one backward for all targets of all images, then any extra work.
@@ -274,19 +322,39 @@ class CamEngine:
         if len(queries) != x.shape[0]:
             raise ValueError(f"{len(queries)} queries for {x.shape[0]} images")
         if all(q is None for q in queries):
-            return ExplainJob(self, self.predict(x), [None] * len(queries))
+            out = self.predict(x)
+            if self.task is None:
+                return ExplainJob(self, out, [None] * len(queries))
+            return ExplainJob(self, torch.zeros(len(queries), 0, device=x.device), [None] * len(queries),
+                              summaries=self.task.summarize(out))
         checked = [None if q is None else self.check(q) for q in queries]
         rows = _expand(x, checked)
+        summaries: list[Summary] | None = None
+        resolved: list[tuple[Resolved, ...]] = []
         with self._lock:
-            logits, captured = self._capture(rows.x, rows.layers)
-            targets = self._targets(logits.detach(), rows)
+            raw, captured = self._capture(rows.x, rows.layers)
+            if self.task is None:
+                logits = raw
+                targets = self._targets(logits.detach(), rows)
+            else:
+                # The task's targets become the columns of a score matrix: the rest is the classifier's path.
+                summaries = self.task.summarize(raw)
+                resolved = [() if q is None else self.task.resolve(summaries[i], q.targets, q.top, q.objective)
+                            for i, q in enumerate(rows.queries)]
+                logits = self.task.scores(raw, resolved)
+                targets = [tuple(range(len(r))) for r in resolved]
+                for r, found in enumerate(resolved):
+                    if not found:  # nothing to explain in this image (no detection): it is only predicted
+                        rows.queries[r] = None
+                        rows.layers[r] = ()
             grad_layers = sorted({layer for r, q in enumerate(rows.queries) if q is not None
                                   and get_method(q.method).needs.gradients for layer in rows.layers[r]})
             grads = _gradients(logits, [captured[n] for n in grad_layers], targets)
             grad_of = dict(zip(grad_layers, grads, strict=True))
             precision = compute_dtype(rows.x.device, logits.dtype)
             logits = logits.detach().float()
-            job = ExplainJob(self, logits[rows.identity], [None] * len(queries), rows, targets)
+            job = ExplainJob(self, logits[rows.identity], [None] * len(queries), rows, targets, summaries=summaries,
+                             resolved=resolved, asked=checked)
             groups: dict[tuple[str, str, str | None], list[int]] = {}
             for r, q in enumerate(rows.queries):
                 if q is not None:
@@ -306,7 +374,7 @@ class CamEngine:
         job.finish_if_done()
         return job
 
-    def _capture(self, x: Tensor, layers: list[tuple[str, ...]]) -> tuple[Tensor, dict[str, Tensor]]:
+    def _capture(self, x: Tensor, layers: list[tuple[str, ...]]) -> tuple[Any, dict[str, Tensor]]:
         self._wanted = {name for names in layers for name in names}
         for name in self._wanted:
             self.register(name)
@@ -361,7 +429,8 @@ class CamEngine:
 
     def _extra_forward(self, x: Tensor) -> Tensor:
         with torch.inference_mode():
-            return self._forward(x).float()
+            out: Tensor = self._forward(x)
+            return out.float()
 
     def _tail(self, layer: str) -> nn.Module | None:
         if layer not in self._tails:
@@ -389,7 +458,8 @@ class CamEngine:
                     return out.float()
             handle = self._modules[layer].register_forward_hook(lambda m, a, o: native.to(o.dtype))
             try:
-                return self._forward(inputs).float()
+                logits: Tensor = self._forward(inputs)
+                return logits.float()
             finally:
                 handle.remove()
 
@@ -470,6 +540,9 @@ class ExplainJob:
     cams: list[CamMaps | None]
     rows: _Rows | None = None
     targets: list[tuple[int, ...]] = field(default_factory=list)
+    summaries: list[Summary] | None = None
+    resolved: list[tuple[Resolved, ...]] = field(default_factory=list)
+    asked: list[CamQuery | None] = field(default_factory=list)  # per image, the checked query
     pending: list[_Pending] = field(default_factory=list)
     _row_maps: dict[tuple[int, str], tuple[Tensor, Tensor]] = field(default_factory=dict)
     _maps_done: bool = False
@@ -512,7 +585,7 @@ class ExplainJob:
             raise RuntimeError("the explanation was cancelled")
         if self.pending:
             raise RuntimeError("the explanation has chunks left to run")
-        return EngineOutput(self.logits, self.cams)
+        return EngineOutput(self.logits, self.cams, self.summaries)
 
     def finish_group(self, layer: str, rows: list[int], maps: Tensor) -> None:
         """``maps``: ``(T, n, h, w)`` before ReLU for ``rows``."""
@@ -531,6 +604,10 @@ class ExplainJob:
         for image, first in enumerate(rows.identity):
             q = rows.queries[first]
             if q is None:
+                asked = self.asked[image] if self.asked else None
+                if asked is not None:  # a task image with nothing to explain (no detection): no maps
+                    self.cams[image] = CamMaps((), asked.method, "+".join(n for n in asked.layers if n),
+                                               torch.zeros(0, 1, 1), torch.zeros(0))
                 continue
             members = [r for r in range(len(rows.image)) if rows.image[r] == image]
             per_layer = []
@@ -541,7 +618,9 @@ class ExplainJob:
                     stacked = torch.stack([self._row_maps[(r, layer)][0] for r in members])
                     per_layer.append(normalize_by_peak(stacked.mean(dim=0)))
             maps, peaks = per_layer[0] if len(per_layer) == 1 else _fuse([m for m, _ in per_layer], q.fuse)
-            self.cams[image] = CamMaps(self.targets[first], q.method, "+".join(rows.layers[first]), maps, peaks)
+            resolved = self.resolved[first] if self.resolved else ()
+            self.cams[image] = CamMaps(self.targets[first], q.method, "+".join(rows.layers[first]), maps, peaks,
+                                       resolved=resolved)
             if q.metrics:
                 self.pending.append(self._metrics(image, first, maps, q))
         self._row_maps.clear()

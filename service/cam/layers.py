@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -272,12 +273,20 @@ def find_layers(model: nn.Module, example: Tensor, layout: str | None = None) ->
                  "choose): %s", len(unknown), ", ".join(unknown[:10]))
     if not order:
         raise ValueError("the model has no layer with a spatial output to explain")
+    # A module called more than once per forward (a head shared by feature-pyramid levels) has no one map.
+    calls = Counter(name for name, _ in order)
+    repeated = sorted(name for name, n in calls.items() if n > 1)
+    if repeated:
+        log.info("%d layers run more than once per forward and are not listed: %s", len(repeated),
+                 ", ".join(repeated[:10]))
+        order = [(name, out) for name, out in order if calls[name] == 1]
+        if not order:
+            raise ValueError("the model has no layer with a spatial output that runs once per forward")
     names: list[str] = []
     layouts: dict[str, Layout] = {}
     for name, out in order:
-        if name not in names:
-            names.append(name)
-            layouts[name] = known[id(out)]
+        names.append(name)
+        layouts[name] = known[id(out)]
     default = _vit_default(model, layouts) or _outermost_of_last(order)
     return LayerInfo(default=default, candidates=(default, *[n for n in names if n != default]), layouts=layouts)
 

@@ -1,0 +1,374 @@
+"""What a model's output means and what a target is: classification, detection, segmentation, embedding.
+
+The engine keeps one forward and one batched backward for every task by asking the model's :class:`Task`
+for a *score matrix*: ``scores(out, resolved)`` returns ``(N, K)`` differentiable scores and, per image,
+the columns to explain. For a classifier that is the logits and the target classes, exactly as before.
+For the other tasks column ``t`` of row ``i`` is image ``i``'s ``t``-th target's objective, zero-padded:
+
+- detection: the score of the detection that overlaps the target box most, when its label matches and
+  the overlap passes 0.5 (plus that overlap with ``score+iou``, which equals pytorch-grad-cam's
+  ``FasterRCNNBoxScoreTarget``); a box that is lost scores 0. Boxes are matched again in every pass,
+  because indices are not stable across passes;
+- segmentation: the sum of class ``c``'s logits over a region, the predicted region of ``c`` or a mask
+  the client sends (``SemanticSegmentationTarget``);
+- embedding: the cosine similarity of the image's embedding to a reference vector
+  (the ``SimilarityToConceptTarget`` of pytorch-grad-cam's tutorial).
+
+Everything here takes and returns tensors on the model's device; nothing knows HTTP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import box_iou
+
+from service.errors import InvalidArgument
+
+TASKS = ("classification", "detection", "segmentation", "embedding")
+OBJECTIVES = ("score", "score+iou")
+# A box must overlap a detection by more than this to be that detection (pytorch-grad-cam's threshold).
+MATCH_IOU = 0.5
+_BACKGROUND = ("__background__", "background", "bg")
+
+
+@dataclass(frozen=True)
+class TaskTarget:
+    """One target as the client gave it, in model-input pixels (the pipeline maps uploads to them).
+
+    ``index``: a class (classification, segmentation) or a detection's index (detection);
+    ``box``: ``(x0, y0, x1, y1)`` matched to a detection by IoU, with ``label`` if given;
+    ``mask``: ``(h, w)`` bool region at the model input's size (segmentation);
+    ``reference``: ``(D,)`` float vector (embedding)."""
+
+    index: int | None = None
+    box: tuple[float, float, float, float] | None = None
+    label: int | None = None
+    mask: Tensor | None = None
+    reference: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A target made concrete on one image's output: what is differentiated in every pass."""
+
+    label: int  # the class explained (-1: an embedding's similarity)
+    box: Tensor | None = None  # (4,) detection box in model-input pixels
+    detection: int | None = None  # the detection's index in the shared pass
+    region: Tensor | None = None  # (h, w) float 0/1 at the output's resolution
+    region_kind: str | None = None  # "predicted" or "mask"
+    reference: Tensor | None = None  # (D,) unit vector
+    iou: bool = False  # add the IoU to the detection score (score+iou)
+
+
+@dataclass(frozen=True)
+class Detection:
+    """``box`` in model-input pixels ``(x0, y0, x1, y1)``."""
+
+    index: int
+    label: int
+    score: float
+    box: tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A class present in the predicted mask: its ``area`` in output pixels and mean probability there."""
+
+    label: int
+    area: int
+    score: float
+
+
+@dataclass(frozen=True)
+class Summary:
+    """One image's prediction, detached: ``detections``, ``segments`` with the ``mask`` ``(h, w)`` int64
+    class map, or ``embedding`` ``(D,)``."""
+
+    detections: tuple[Detection, ...] = ()
+    segments: tuple[Segment, ...] = ()
+    mask: Tensor | None = None
+    embedding: Tensor | None = None
+
+
+class Task:
+    """The part of serving a model that depends on what its output means. ``labels``: the model's classes."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, labels: Sequence[str] = ()) -> None:
+        self.labels = list(labels)
+
+    def is_background(self, label: int) -> bool:
+        return 0 <= label < len(self.labels) and self.labels[label].lower() in _BACKGROUND
+
+    def default_layer(self, candidates: Sequence[str]) -> str | None:
+        """The layer to explain when none is named, among the traced ``candidates`` in call order; ``None``:
+        the tracer's choice."""
+        return None
+
+    def check_output(self, out: object, n: int) -> None:
+        """Raise ``ValueError`` unless ``out`` is this task's output for ``n`` images."""
+        raise NotImplementedError
+
+    def summarize(self, out: object) -> list[Summary]:
+        """Per image, what the model predicts (detached)."""
+        raise NotImplementedError
+
+    def resolve(self, summary: Summary, targets: Sequence[TaskTarget], top: int, objective: str
+                ) -> tuple[Resolved, ...]:
+        """One image's targets, or its ``top`` default ones when none are given."""
+        raise NotImplementedError
+
+    def objective(self, out: object, image: int, target: Resolved) -> Tensor:
+        """The differentiable scalar of ``target`` on image ``image`` of ``out``."""
+        raise NotImplementedError
+
+    def scores(self, out: object, resolved: Sequence[tuple[Resolved, ...]]) -> Tensor:
+        """``(N, T_max)``: row ``i``'s targets' objectives, zero where an image has fewer."""
+        t_max = max((len(r) for r in resolved), default=0)
+        rows = []
+        for i, targets in enumerate(resolved):
+            row = [self.objective(out, i, t).reshape(()) for t in targets]
+            zero = self._zero(out)
+            rows.append(torch.stack([*row, *[zero] * (t_max - len(row))]) if t_max else zero.new_zeros(0))
+        return torch.stack(rows)
+
+    def _zero(self, out: object) -> Tensor:
+        raise NotImplementedError
+
+
+def _float(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.float32 else t.float()
+
+
+class DetectionTask(Task):
+    """torchvision's convention: ``model(x)`` returns one dict per image with ``boxes`` ``(K, 4)``,
+    ``labels`` ``(K,)`` and ``scores`` ``(K,)``, sorted by score; scores and boxes differentiable."""
+
+    name = "detection"
+
+    def default_layer(self, candidates: Sequence[str]) -> str | None:
+        # torchvision's detectors: the backbone's last map; the FPN and heads run once per level, the RoI
+        # heads on boxes rather than images.
+        return _last_under(candidates, "backbone.body.") or _last_under(candidates, "backbone.")
+
+    def check_output(self, out: object, n: int) -> None:
+        if not (isinstance(out, list | tuple) and len(out) == n and all(
+                isinstance(d, Mapping) and {"boxes", "labels", "scores"} <= set(d) for d in out)):
+            raise ValueError("a detection model must return one dict with `boxes`, `labels` and `scores` per "
+                             f"image (torchvision's convention), got {type(out).__name__}")
+
+    def summarize(self, out: object) -> list[Summary]:
+        assert isinstance(out, list | tuple)
+        summaries = []
+        for d in out:
+            boxes, labels, scores = d["boxes"].detach().float().cpu(), d["labels"].cpu(), d["scores"].detach().float()
+            summaries.append(Summary(detections=tuple(
+                Detection(j, int(label), float(score), (float(b[0]), float(b[1]), float(b[2]), float(b[3])))
+                for j, (b, label, score) in enumerate(zip(boxes, labels.tolist(), scores.cpu().tolist(),
+                                                          strict=True)))))
+        return summaries
+
+    def resolve(self, summary: Summary, targets: Sequence[TaskTarget], top: int, objective: str
+                ) -> tuple[Resolved, ...]:
+        found = summary.detections
+        iou = objective == "score+iou"
+        if not targets:
+            return tuple(Resolved(d.label, torch.tensor(d.box), d.index, iou=iou) for d in found[:top])
+        out = []
+        for t in targets:
+            if t.box is None:
+                if t.index is None or not 0 <= t.index < len(found):
+                    raise InvalidArgument("targets", f"a detection target must be a detection index in "
+                                          f"0..{len(found) - 1} or a box, got {t.index!r} (this image has "
+                                          f"{len(found)} detections)" if found else
+                                          "a detection index was given, but this image has no detections; "
+                                          "give a box instead")
+                d = found[t.index]
+                out.append(Resolved(d.label, torch.tensor(d.box), d.index, iou=iou))
+                continue
+            box = torch.tensor(t.box, dtype=torch.float32)
+            label, index = t.label, None
+            if found:
+                overlaps = box_iou(box[None], torch.tensor([d.box for d in found]))[0]
+                best = int(overlaps.argmax())
+                if float(overlaps[best]) > MATCH_IOU and (label is None or found[best].label == label):
+                    label, index = found[best].label, best
+            if label is None:
+                raise InvalidArgument("targets", f"no detection overlaps the box {list(t.box)} by more than IoU "
+                                      f"{MATCH_IOU}; give its `label` to explain it anyway")
+            out.append(Resolved(label, box, index, iou=iou))
+        return tuple(out)
+
+    def objective(self, out: object, image: int, target: Resolved) -> Tensor:
+        assert isinstance(out, list | tuple)
+        assert target.box is not None
+        d = out[image]
+        boxes: Tensor = d["boxes"]
+        scores: Tensor = d["scores"]
+        if boxes.shape[0] == 0:
+            return scores.new_zeros(()).float()
+        # As FasterRCNNBoxScoreTarget: the detection that overlaps the box most counts when its label
+        # matches; the overlap itself is differentiable through the detection's box.
+        ious = box_iou(target.box.to(boxes.device, torch.float32)[None], _float(boxes))[0]
+        best = int(ious.detach().argmax())
+        if float(ious[best].detach()) <= MATCH_IOU or int(d["labels"][best]) != target.label:
+            return scores.new_zeros(()).float()
+        score = _float(scores[best])
+        return score + ious[best] if target.iou else score
+
+    def _zero(self, out: object) -> Tensor:
+        assert isinstance(out, list | tuple)
+        scores: Tensor = out[0]["scores"]
+        return scores.new_zeros(()).float()
+
+
+class SegmentationTask(Task):
+    """``model(x)`` returns ``(N, K, h, w)`` logits, or a dict whose ``out`` holds them (torchvision)."""
+
+    name = "segmentation"
+
+    def default_layer(self, candidates: Sequence[str]) -> str | None:
+        # torchvision's segmenters: the backbone's last map, not the classifier, whose K channels are the
+        # logits themselves.
+        return _last_under(candidates, "backbone.")
+
+    @staticmethod
+    def logits(out: object) -> Tensor:
+        if isinstance(out, Mapping):
+            out = out["out"]
+        assert isinstance(out, Tensor)
+        return out
+
+    def check_output(self, out: object, n: int) -> None:
+        t = out.get("out") if isinstance(out, Mapping) else out
+        if not (isinstance(t, Tensor) and t.dim() == 4 and t.shape[0] == n):
+            raise ValueError("a segmentation model must return (N, classes, h, w) logits, or a dict whose `out` "
+                             "holds them (torchvision's convention)")
+
+    def summarize(self, out: object) -> list[Summary]:
+        logits = _float(self.logits(out).detach())
+        probs = logits.softmax(dim=1)
+        masks = probs.argmax(dim=1)
+        summaries = []
+        for i in range(logits.shape[0]):
+            mask = masks[i]
+            counts = torch.bincount(mask.flatten(), minlength=logits.shape[1])
+            present = counts.nonzero()[:, 0].tolist()
+            means = [(probs[i, c] * (mask == c)).sum() / counts[c] for c in present]
+            segments = tuple(Segment(c, int(counts[c]), float(m)) for c, m in zip(present, means, strict=True))
+            summaries.append(Summary(segments=tuple(sorted(segments, key=lambda s: -s.area)), mask=mask))
+        return summaries
+
+    def resolve(self, summary: Summary, targets: Sequence[TaskTarget], top: int, objective: str
+                ) -> tuple[Resolved, ...]:
+        assert summary.mask is not None
+        mask = summary.mask
+        k = len(self.labels)
+        if not targets:
+            shown = [s for s in summary.segments if not self.is_background(s.label)]
+            return tuple(Resolved(s.label, region=(mask == s.label).float(), region_kind="predicted")
+                         for s in shown[:top])
+        out = []
+        for t in targets:
+            if t.index is None or not 0 <= t.index < k:
+                raise InvalidArgument("targets", f"a segmentation target must be a class in 0..{k - 1}, got "
+                                      f"{t.index!r}")
+            if t.mask is not None:
+                region = F.interpolate(t.mask[None, None].float(), size=tuple(mask.shape), mode="nearest")[0, 0]
+                out.append(Resolved(t.index, region=region.to(mask.device), region_kind="mask"))
+            else:
+                out.append(Resolved(t.index, region=(mask == t.index).float(), region_kind="predicted"))
+        return tuple(out)
+
+    def objective(self, out: object, image: int, target: Resolved) -> Tensor:
+        assert target.region is not None
+        return (_float(self.logits(out)[image, target.label]) * target.region).sum()
+
+    def _zero(self, out: object) -> Tensor:
+        return self.logits(out).new_zeros(()).float()
+
+
+class EmbeddingTask(Task):
+    """``model(x)`` returns ``(N, D)`` embeddings; a target is the cosine similarity to a reference."""
+
+    name = "embedding"
+
+    def check_output(self, out: object, n: int) -> None:
+        if not (isinstance(out, Tensor) and out.dim() == 2 and out.shape[0] == n):
+            raise ValueError("an embedding model must return (N, D) embeddings")
+
+    def summarize(self, out: object) -> list[Summary]:
+        assert isinstance(out, Tensor)
+        return [Summary(embedding=e) for e in _float(out.detach())]
+
+    def resolve(self, summary: Summary, targets: Sequence[TaskTarget], top: int, objective: str
+                ) -> tuple[Resolved, ...]:
+        assert summary.embedding is not None
+        dim = summary.embedding.shape[0]
+        if not targets:
+            raise InvalidArgument("targets", "an embedding model explains a similarity: give a `reference` vector "
+                                  f"of {dim} numbers, or another image of the request, as the target")
+        out = []
+        for t in targets:
+            if t.reference is None:
+                raise InvalidArgument("targets", "an embedding target must be a `reference` vector or an image of "
+                                      "the request")
+            if t.reference.shape != (dim,):
+                raise InvalidArgument("targets", f"a `reference` must have {dim} numbers (this model's embedding "
+                                      f"size), got {t.reference.numel()}")
+            ref = _float(t.reference).to(summary.embedding.device)
+            norm = ref.norm()
+            if not torch.isfinite(norm) or norm == 0:
+                raise InvalidArgument("targets", "a `reference` must be finite and not all zero")
+            out.append(Resolved(-1, reference=ref / norm))
+        return tuple(out)
+
+    def objective(self, out: object, image: int, target: Resolved) -> Tensor:
+        assert isinstance(out, Tensor)
+        assert target.reference is not None
+        e = _float(out[image])
+        return F.cosine_similarity(e, target.reference.to(e.device), dim=0)
+
+    def _zero(self, out: object) -> Tensor:
+        assert isinstance(out, Tensor)
+        return out.new_zeros(()).float()
+
+
+def get_task(name: str, labels: Sequence[str] = ()) -> Task | None:
+    """The task object for ``name``; ``None`` for classification, which the engine serves from its logits."""
+    if name == "classification":
+        return None
+    table: dict[str, type[Task]] = {"detection": DetectionTask, "segmentation": SegmentationTask,
+                                    "embedding": EmbeddingTask}
+    if name not in table:
+        raise ValueError(f"`task` must be one of {', '.join(TASKS)}, got {name!r}")
+    return table[name](labels)
+
+
+def _last_under(candidates: Sequence[str], prefix: str) -> str | None:
+    """The last-traced of ``candidates`` (in call order) inside ``prefix``."""
+    inside = [c for c in candidates if c.startswith(prefix)]
+    return inside[-1] if inside else None
+
+
+def describe_target(target: Resolved, labels: Sequence[str]) -> dict[str, Any]:
+    """A JSON-able description of what a map explains (without tensors larger than a box)."""
+    if target.reference is not None:
+        return {"kind": "similarity"}
+    out: dict[str, Any] = {"label": labels[target.label] if 0 <= target.label < len(labels) else target.label,
+                           "index": target.label}
+    if target.box is not None:
+        out["kind"] = "detection"
+        out["detection"] = target.detection
+        out["objective"] = "score+iou" if target.iou else "score"
+    elif target.region is not None:
+        out["kind"] = "segment"
+        out["region"] = target.region_kind
+    return out
