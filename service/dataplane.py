@@ -8,7 +8,7 @@ It validates options against the model, resolves the model in the repository, bo
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,8 +21,12 @@ from service.pipeline import ImageInput
 from service.rendering import HeatmapSpec, Output, Size
 from service.repository import ModelRepository, ServedModel
 from service.results import InferenceResult
+from service.target_specs import read_targets
+from service.task_results import RequestTarget
 
 MAX_TARGETS = 16
+# The most detections a detector's answer lists per image (``top_k``).
+MAX_DETECTIONS = 100
 
 
 def method_name(name: str) -> str:
@@ -48,7 +52,9 @@ class ExplainOptions:
 
     method: str | None = None  # None: the model's first method (gradcam, or eigencam without gradients)
     layer: str | Sequence[str] | None = None  # several layers are fused with `fuse`
-    targets: Sequence[int | str] = field(default_factory=tuple)
+    # Classes (index or label); for other tasks also objects (service.target_specs)
+    targets: Sequence[int | str | Mapping[str, Any]] = field(default_factory=tuple)
+    objective: str = "score"  # how a detection target is scored: score, or score+iou
     fuse: str = "mean"
     smooth: str | None = None
     metrics: Sequence[str] = field(default_factory=tuple)
@@ -67,6 +73,7 @@ class Plan:
     top_k: int
     query: CamQuery | None
     spec: HeatmapSpec | None
+    targets: tuple[RequestTarget, ...] = ()  # a detector's, segmenter's or embedding model's targets
 
     @property
     def model_name(self) -> str:
@@ -104,9 +111,9 @@ class DataPlane:
         if n_images > queue:  # could never be queued whole: a retry cannot help, so not a 503
             raise PayloadTooLarge(f"{n_images} images in one request, more than the model's queue holds ({queue}); "
                                   "send them in smaller requests")
-        k = loaded.num_classes
+        k = loaded.num_classes if loaded.task is None else MAX_DETECTIONS
         if top_k is None:
-            top_k = min(5, k)
+            top_k = min(5, k)  # for a detector: the detections listed
         elif not 1 <= top_k <= k:
             raise InvalidArgument("top_k", f"`top_k` must be between 1 and {k}, got {top_k}")
         if explain is None:
@@ -117,16 +124,24 @@ class DataPlane:
         layer = explain.layer if explain.layer is None or isinstance(explain.layer, str) else tuple(explain.layer)
         if isinstance(layer, tuple) and len(layer) == 1:
             layer = layer[0]
-        classes = tuple(class_index(loaded.labels, t) for t in explain.targets)
+        targets: tuple[RequestTarget, ...] = ()
+        if loaded.task is None:
+            classes = tuple(class_index(loaded.labels, t) for t in explain.targets)  # type: ignore[arg-type]
+        else:
+            classes = ()
+            targets = read_targets(loaded.task.name, loaded.labels, explain.targets, self.limits.max_image_pixels)
+            if loaded.task.name == "embedding" and not targets:
+                raise InvalidArgument("targets", "an embedding model explains a similarity: give a target "
+                                      "{\"reference\": [numbers]} or {\"similar_to\": <image index>}")
         query = loaded.engine.check(CamQuery(method=method, layer=layer, classes=classes, fuse=explain.fuse,
                                              smooth=explain.smooth, metrics=tuple(explain.metrics),
-                                             metric_steps=explain.metric_steps))
+                                             metric_steps=explain.metric_steps, objective=explain.objective))
         check_extra_forwards(n_images * loaded.engine.extra_forwards(query), self.limits.max_extra_forwards)
         if loaded.forward_s is not None and self.limits.timeout_s is not None:
             check_time(n_images * loaded.engine.extra_forwards(query, whole_only=True), loaded.forward_s,
                        self.limits.timeout_s)
         spec = HeatmapSpec(explain.output, explain.size, explain.colormap, explain.alpha)
-        return Plan(served, top_k, query, spec)
+        return Plan(served, top_k, query, spec, targets)
 
     async def run(self, plan: Plan, images: Sequence[ImageInput]) -> InferenceResult:
         """Run a planned request; the whole of it (decode, queue, compute, render) is bounded by the
@@ -136,7 +151,8 @@ class DataPlane:
             raise NotReady(f"model {plan.model_name!r} is {plan.served.state.value}")
         work = asyncio.ensure_future(pipeline.run(
             images, top_k=plan.top_k, query=plan.query, spec=plan.spec, max_pixels=self.limits.max_image_pixels,
-            submit=plan.served.submit, expect=plan.served.expect, max_render_pixels=self.limits.max_render_pixels))
+            submit=plan.served.submit, expect=plan.served.expect, max_render_pixels=self.limits.max_render_pixels,
+            targets=plan.targets))
         stopping = asyncio.ensure_future(self.repository.stopping.wait())
         timeout = self.limits.timeout_s
         try:

@@ -14,6 +14,8 @@ ACTIVATIONS = ("softmax", "sigmoid", "none")
 # How a layer's output lies on the image grid (service.cam.layers.LAYOUTS; kept here so a config check
 # imports no torch).
 LAYOUTS = ("nchw", "nhwc", "tokens", "lnd")
+# What a model's output means (service.cam.tasks; kept here so a config check imports no torch).
+TASKS = ("classification", "detection", "segmentation", "embedding")
 SOURCE_KINDS = ("builtin", "torchvision", "torchscript", "python", "timm", "hf", "onnx", "export")
 
 
@@ -65,6 +67,7 @@ class ModelSpec:
     output: str = "softmax"
     layout: str | None = None  # read layers this way where their shape allows it (nchw, nhwc, tokens, lnd)
     options: Mapping[str, Any] | None = None  # keyword arguments of the source's builder (timm, torchvision)
+    task: str = "classification"  # what the output means: one of TASKS
 
     @property
     def kind(self) -> str:
@@ -79,7 +82,7 @@ class ModelSpec:
                              f"{type(table).__name__} {table!r}"])
         problems: list[str] = []
         known = {"source", "weights", "device", "target_layer", "labels", "preprocess", "precision", "output",
-                 "layout", "options"}
+                 "layout", "options", "task"}
         for key in sorted(set(table) - known):
             problems.append(f"{where}: unknown key `{key}`; known: {', '.join(sorted(known))}")
         for key in sorted(known - {"preprocess", "options"}):
@@ -97,6 +100,8 @@ class ModelSpec:
                             f"{table['precision']!r}")
         if isinstance(table.get("layout"), str) and table["layout"] not in LAYOUTS:
             problems.append(f"{where}: `layout` must be one of {', '.join(LAYOUTS)}, got {table['layout']!r}")
+        if isinstance(table.get("task"), str) and table["task"] not in TASKS:
+            problems.append(f"{where}: `task` must be one of {', '.join(TASKS)}, got {table['task']!r}")
         if isinstance(table.get("output"), str) and table["output"] not in ACTIVATIONS:
             problems.append(f"{where}: `output` must be one of {', '.join(ACTIVATIONS)}, got {table['output']!r}")
         if "options" in table and not isinstance(table["options"], Mapping):

@@ -18,7 +18,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import numpy as np
@@ -27,13 +27,15 @@ from PIL import Image
 from torch import Tensor
 
 from service.cam import CamMaps, CamQuery, ExplainJob
+from service.cam.tasks import Summary
 from service.errors import CamserveError, InvalidInput, OutOfMemory, PayloadTooLarge
 from service.imaging import decode_image, load_rgb, open_image
 from service.memory_format import FormatPlan, measure
 from service.preprocess import Geometry
 from service.registry import LoadedModel
-from service.rendering import HeatmapSpec, output_size, render
+from service.rendering import Heatmap, HeatmapSpec, output_size, render
 from service.results import Explanation, ImageResult, Prediction
+from service.task_results import RequestTarget, describe, finish_task, label_name, localise
 
 # Pixels of decoding plus rendering one request may do on the event loop (a 64x64 image decodes and
 # preprocesses in about 0.4 ms, and renders a heatmap in about as much).
@@ -82,9 +84,10 @@ class Job:
 class JobResult:
     """``pending``: an explanation with chunks left (ScoreCAM, AblationCAM, metrics); ``cam`` comes once it ends."""
 
-    logits: Tensor  # (K,)
+    logits: Tensor  # (K,); for tasks beyond classification, (T,) the target scores
     cam: CamMaps | None
     pending: ExplainJob | None = None
+    summary: Summary | None = None  # a detector's, segmenter's or embedding model's prediction
 
 
 Submit = Callable[[list[Job]], Awaitable[list[JobResult]]]
@@ -207,7 +210,8 @@ class Pipeline:
                 x = self._inputs([jobs[i] for i in now])
                 out = engine.explain(x, [jobs[i].query for i in now])
                 for k, i in enumerate(now):
-                    results[i] = JobResult(out.logits[k], out.cams[k])
+                    results[i] = JobResult(out.logits[k], out.cams[k],
+                                           summary=out.summaries[k] if out.summaries else None)
             for i in sorted(deferred):
                 results[i] = self._advance(engine.begin(self._inputs([jobs[i]]), [jobs[i].query]), step=False)
         return [r for r in results if r is not None]
@@ -227,11 +231,13 @@ class Pipeline:
             job.step()
         if job.done:
             out = job.result()
-            return JobResult(out.logits[0], out.cams[0])
+            return JobResult(out.logits[0], out.cams[0], summary=out.summaries[0] if out.summaries else None)
         return JobResult(job.logits[0], None, pending=job)
 
     # -- stage 3: CPU pool -----------------------------------------------------------------------
     def finish(self, prepared: PreparedImage, result: JobResult, top_k: int, spec: HeatmapSpec | None) -> ImageResult:
+        if result.summary is not None:
+            return self._finish_task(prepared, result, top_k, spec)
         scores = self.model.scores(result.logits)
         top, idx = scores.topk(top_k)
         labels = self.model.labels
@@ -249,6 +255,26 @@ class Pipeline:
                                     self._note(cam, t))
                         for t, (c, h) in enumerate(zip(cam.classes, heatmaps, strict=True))]
         return ImageResult(preds, all_scores, explanations)
+
+    def _finish_task(self, prepared: PreparedImage, result: JobResult, top_k: int,
+                     spec: HeatmapSpec | None) -> ImageResult:
+        assert result.summary is not None
+        labels, geom = self.model.labels, prepared.geometry
+        found = finish_task(result.summary, geom, labels, top_k)
+        if result.cam is None or spec is None:
+            return ImageResult([], [], task=found)
+        cam = result.cam
+        heatmaps: list[Heatmap] = []
+        if cam.classes:
+            base = None
+            if spec.output == "overlay":
+                base = prepared.image if spec.size == "original" else prepared.input_image()
+            heatmaps = render(cam.maps, spec, geom, self.model.preprocess.input_size, base)
+        explanations = [Explanation(t.label, label_name(labels, t.label) if t.label >= 0 else "similarity",
+                                    round(float(result.logits[k]), 6), cam.method, cam.layer, h, None,
+                                    self._note(cam, k), describe(t, geom, labels))
+                        for k, (t, h) in enumerate(zip(cam.resolved, heatmaps, strict=True))]
+        return ImageResult([], [], explanations, task=found)
 
     def _note(self, cam: CamMaps, target: int) -> str | None:
         if float(cam.raw_max[target]) > 0:
@@ -294,19 +320,25 @@ class Pipeline:
 
     async def run(self, images: Sequence[ImageInput], *, top_k: int, query: CamQuery | None,
                   spec: HeatmapSpec | None, max_pixels: int, submit: Submit | None = None,
-                  expect: Expect | None = None, max_render_pixels: int = MAX_RENDER_PIXELS) -> list[ImageResult]:
+                  expect: Expect | None = None, max_render_pixels: int = MAX_RENDER_PIXELS,
+                  targets: Sequence[RequestTarget] = ()) -> list[ImageResult]:
         """Predict (``query`` None) or explain every image of one request, in order.
 
         ``submit`` hands the jobs to a batcher; without it they are computed here as one batch.
         ``expect`` (the batcher's) announces the images while they are decoded. ``max_render_pixels``
-        bounds the heatmap pixels one request renders (the memory its answer takes)."""
+        bounds the heatmap pixels one request renders (the memory its answer takes). ``targets``: a
+        detector's, segmenter's or embedding model's targets, in the uploads' pixels."""
         with expect(len(images)) if expect is not None else nullcontext():
             prepared = await self._prepare_all(images, max_pixels)
         total = self.render_pixels(prepared, query, spec)
         if total > max_render_pixels:
             raise PayloadTooLarge(f"{total} heatmap pixels asked for, over the limit of {max_render_pixels}; "
                                   "ask for fewer targets or images, or `size=input`")
-        jobs = [Job(p.pixels, query, p.normalized) for p in prepared]
+        if query is not None and targets:
+            queries = await self._localised(prepared, query, targets, submit)
+            jobs = [Job(p.pixels, q, p.normalized) for p, q in zip(prepared, queries, strict=True)]
+        else:
+            jobs = [Job(p.pixels, query, p.normalized) for p in prepared]
         results = await self._submit(jobs, submit)
         for i, r in enumerate(results):
             # One chunk per submission: other requests' batches queue between our chunks. A cancelled
@@ -319,6 +351,27 @@ class Pipeline:
             return await asyncio.gather(*(loop.run_in_executor(self.render_pool, self.finish, p, r, top_k, spec)
                                           for p, r in zip(prepared, results, strict=True)))
         return await self._finish_all(prepared, results, top_k, spec)
+
+    async def _localised(self, prepared: list[PreparedImage], query: CamQuery, targets: Sequence[RequestTarget],
+                         submit: Submit | None) -> list[CamQuery]:
+        """Each image's query with its targets in its model-input pixels. Images that other images' targets
+        name as their reference (``similar_to``) are embedded first, through the batcher like any image."""
+        for t in targets:
+            if t.image is not None and not 0 <= t.image < len(prepared):
+                raise InvalidInput(f"a target is for image {t.image}, but the request has {len(prepared)} images")
+            if t.similar_to is not None and not 0 <= t.similar_to < len(prepared):
+                raise InvalidInput(f"a target refers to image {t.similar_to}, but the request has {len(prepared)} "
+                                   "images")
+        named = sorted({t.similar_to for t in targets if t.similar_to is not None})
+        embeddings: dict[int, Tensor] = {}
+        if named:
+            done = await self._submit([Job(prepared[i].pixels, None, prepared[i].normalized) for i in named], submit)
+            for i, r in zip(named, done, strict=True):
+                if r.summary is None or r.summary.embedding is None:
+                    raise InvalidInput("an image can be a target only for an embedding model")
+                embeddings[i] = r.summary.embedding
+        return [replace(query, targets=localise(targets, i, p.geometry, self.model.device, embeddings))
+                for i, p in enumerate(prepared)]
 
     async def _prepare_all(self, images: Sequence[ImageInput], max_pixels: int) -> list[PreparedImage]:
         """Headers are read here (no pixel decoded); small images are decoded here too, the rest in the

@@ -13,8 +13,10 @@ import torch
 from torch import Tensor, nn
 
 from service.cam import CamEngine, find_layers
+from service.cam.engine import preferred_layers
 from service.cam.layers import find_runtime_layers
 from service.cam.runtime import Runtime
+from service.cam.tasks import Task, get_task
 from service.errors import InvalidArgument
 from service.labels import LabelsFileError, read_labels
 from service.modelspec import ModelSpec
@@ -50,7 +52,17 @@ class LoadedModel:
 
     @property
     def num_classes(self) -> int:
-        return self.engine.num_classes
+        """Classes (the labels) for every task but embedding, whose width is its embedding size."""
+        return self.engine.num_classes if self.task is None or self.task.name == "embedding" else len(self.labels)
+
+    @property
+    def task(self) -> Task | None:
+        """``None`` for a classifier; otherwise what the output means (``service.cam.tasks``)."""
+        return self.engine.task
+
+    @property
+    def task_name(self) -> str:
+        return self.spec.task
 
     @property
     def explainable(self) -> bool:
@@ -160,11 +172,21 @@ def serve_module(module: nn.Module, spec: ModelSpec, labels: list[str] | None = 
             raise ModelLoadError(f"model {spec.name!r}: `target_layer`: {exc.message}") from None
     elif default_layer in layers.candidates:
         layers = layers.with_default(default_layer)
-    engine = CamEngine(module, example, layers, runtime=runtime)
-    if labels is not None and len(labels) != engine.num_classes:
+    task = get_task(spec.task)
+    if spec.target_layer is None and default_layer not in layers.candidates:
+        layers = preferred_layers(layers, module, task)
+    try:
+        engine = CamEngine(module, example, layers, runtime=runtime, task=task)
+    except ValueError as exc:
+        raise ModelLoadError(f"model {spec.name!r}: {exc} (`task` is {spec.task!r})") from None
+    # A detector's classes are whatever its labels index; every other task's output has a fixed width.
+    fixed = spec.task != "detection" and spec.task != "embedding"
+    if labels is not None and fixed and len(labels) != engine.num_classes:
         engine.close()
         where = f" in {spec.labels}" if spec.labels else ""
         raise ModelLoadError(f"model {spec.name!r}: {len(labels)} labels{where} but the model has "
                              f"{engine.num_classes} outputs")
     labels = labels or [f"class_{i}" for i in range(engine.num_classes)]
+    if task is not None:
+        task.labels = list(labels)
     return LoadedModel(spec, module, engine, labels, pre, device, DTYPES[spec.precision])

@@ -30,15 +30,18 @@ from enum import StrEnum
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_leaves
 
 from service.batching import Batcher, BatchStats
 from service.cam import CamQuery
+from service.cam.tasks import TaskTarget
 from service.errors import ModelNotFound, NotReady
 from service.imaging import encode_png
 from service.modelspec import ModelSpec
 from service.pipeline import Job, JobResult, Pipeline, is_oom
 from service.registry import LoadedModel, ModelLoadError, load_model
 from service.rendering import HeatmapSpec
+from service.task_results import RequestTarget
 
 log = logging.getLogger("camserve")
 
@@ -262,10 +265,12 @@ class ModelRepository:
         png = encode_png(np.full((h, w, 3), 127, dtype=np.uint8))
         # A batch that runs out of memory here is split like any other (Pipeline.compute); only an image
         # that does not fit alone fails the load.
+        # An embedding model explains a similarity: the warm-up's is each image's to the first.
+        targets = (RequestTarget(TaskTarget(), similar_to=0),) if model.task_name == "embedding" else ()
         for n in self._warm_up_sizes(model):
             query = CamQuery(method=model.engine.methods[0]) if model.explainable else None
-            await pipeline.run([png] * n, top_k=1, query=query,
-                               spec=HeatmapSpec(), max_pixels=self.settings.max_image_pixels)
+            await pipeline.run([png] * n, top_k=1, query=query, spec=HeatmapSpec(),
+                               max_pixels=self.settings.max_image_pixels, targets=targets)
         # The memory-format measurement has timed forwards already; a model it did not time is timed here.
         model.forward_s = pipeline.formats.forward_s or await asyncio.to_thread(_forward_seconds, model)
         await asyncio.to_thread(_check_input_dependence, model)
@@ -366,8 +371,11 @@ def _check_input_dependence(model: LoadedModel) -> None:
     a forward: the warm-up has shown that one fits."""
     h, w = model.preprocess.input_size
     noise = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0)) * 4 - 2
-    grey, noisy = (model.engine.predict(x.to(model.device)) for x in (torch.full((1, 3, h, w), 0.5), noise))
-    model.input_independent = bool(torch.equal(grey, noisy))
+    grey, noisy = (tree_leaves(model.engine.predict(x.to(model.device)))
+                   for x in (torch.full((1, 3, h, w), 0.5), noise))
+    model.input_independent = len(grey) == len(noisy) and all(
+        isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+        for a, b in zip(grey, noisy, strict=True))
     if model.input_independent:
         log.warning("model %r: its output does not depend on its input (the same logits for two different "
                     "images; a zero-initialised head, as torchvision's ViT has with weights = \"none\"?): every "

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from service.rendering import Heatmap
+
+if TYPE_CHECKING:
+    from service.task_results import TaskResult
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,7 @@ class Explanation(Prediction):
     heatmap: Heatmap
     metrics: dict[str, float] | None = None  # faithfulness figures, when asked for (service.cam.metrics)
     note: str | None = None  # why the map is what it is, when a client would otherwise wonder (all zero)
+    target: dict[str, object] | None = None  # for tasks beyond classification: the detection, region or reference
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,7 @@ class ImageResult:
     predictions: list[Prediction]
     scores: list[float]
     explanations: list[Explanation] | None = None
+    task: TaskResult | None = None  # a detector's, segmenter's or embedding model's prediction
 
 
 @dataclass(frozen=True)

@@ -152,22 +152,73 @@ def _builtin(spec: ModelSpec, target: str, num_labels: int | None) -> Built:
     return Built(model, labels, pre)
 
 
+# Where torchvision keeps each task's builders.
+_TORCHVISION_TASKS = {"classification": torchvision.models, "detection": torchvision.models.detection,
+                      "segmentation": torchvision.models.segmentation}
+
+
+def _builder_options(spec: ModelSpec) -> dict[str, object]:
+    """The builder's keyword arguments; ``"none"`` means None, so a table can say ``weights_backbone = "none"``.
+    Detection and segmentation builders default ``weights_backbone`` to ImageNet weights, a download: here
+    it is None unless asked for."""
+    options = {k: None if isinstance(v, str) and v.lower() == "none" else v for k, v in (spec.options or {}).items()}
+    if spec.task in ("detection", "segmentation"):
+        options.setdefault("weights_backbone", None)
+    return options
+
+
+def _task_preprocess(spec: ModelSpec, model: nn.Module) -> Preprocess | None:
+    """Detectors normalise and resize inside (``model.transform``): feed them [0, 1] pixels at their own
+    minimum size, uncropped. Segmenters take ImageNet-normalised images, uncropped, at 520 as torchvision's
+    weights do."""
+    if spec.task == "detection":
+        sizes = getattr(getattr(model, "transform", None), "min_size", (512,))
+        side = int(sizes[0]) if isinstance(sizes, tuple | list) else int(sizes)
+        return Preprocess(resize=(side, side), crop=None, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    if spec.task == "segmentation":
+        return Preprocess(resize=(520, 520), crop=None)
+    return None
+
+
+def _task_labels(spec: ModelSpec, model: nn.Module) -> list[str] | None:
+    """A random detector's or segmenter's classes, from the size it was built with."""
+    classes = spec.options.get("num_classes") if spec.options else None
+    if spec.task == "detection" and isinstance(classes, int):
+        return [f"class_{i}" for i in range(classes)]
+    if spec.task == "segmentation" and isinstance(classes, int) and classes > 1:
+        return ["__background__", *[f"class_{i}" for i in range(1, classes)]]  # torchvision's convention
+    return None
+
+
 @source("torchvision", "torchvision:<builder>")
 def _torchvision(spec: ModelSpec, builder: str, num_labels: int | None) -> Built:
-    available = torchvision.models.list_models(module=torchvision.models)
+    built = _torchvision_module(spec, builder, num_labels)
+    pre = _task_preprocess(spec, built.module)
+    if pre is None:
+        return built
+    return Built(built.module, built.labels or _task_labels(spec, built.module), pre)
+
+
+def _torchvision_module(spec: ModelSpec, builder: str, num_labels: int | None) -> Built:
+    namespace = _TORCHVISION_TASKS.get(spec.task)
+    if namespace is None:
+        raise ModelLoadError(f"model {spec.name!r}: torchvision has no {spec.task} builders; use a python: factory")
+    available = torchvision.models.list_models(module=namespace)
     if builder not in available:
-        raise ModelLoadError(f"model {spec.name!r}: unknown torchvision classifier {builder!r}; known: "
+        raise ModelLoadError(f"model {spec.name!r}: unknown torchvision {spec.task} builder {builder!r}; known: "
                              f"{', '.join(available)}")
     weights = spec.weights
-    options = dict(spec.options or {})
+    options = _builder_options(spec)
     if weights is None or weights.lower() == "none":
         log.warning("model %r: no weights given, using random initialisation", spec.name)
         kwargs = {"num_classes": num_labels} if num_labels else {}
         return Built(torchvision.models.get_model(builder, weights=None, **{**kwargs, **options}))
     if Path(weights).suffix in (".pth", ".pt", ".safetensors"):
         state = load_state_dict(weights)
+        # A classifier's head gives its class count; a detector's last 2-D weight is its box regressor.
+        classes = num_labels or (_head_size(state) or 1000 if spec.task == "classification" else None)
         model = torchvision.models.get_model(builder, weights=None, **{
-            "num_classes": num_labels or _head_size(state) or 1000, **options})
+            **({"num_classes": classes} if classes else {}), **options})
         try:
             load_weights(model, state, f"torchvision's {builder}")
         except RuntimeError as exc:  # same names, other shapes

@@ -6,12 +6,15 @@ results their own way (binary tensors, KServe's instance lists)."""
 from __future__ import annotations
 
 import base64
+import io
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from service.rendering import Heatmap
 from service.results import Explanation, ImageResult, InferenceResult
+from service.task_results import TaskResult
 
 # Four decimals are 1/10000 of the map's peak, finer than any colormap shows. Rounding is done on
 # float64 values so that what is serialised is the short decimal, not float32 noise
@@ -34,6 +37,8 @@ def explanation_json(e: Explanation) -> dict[str, Any]:
         out["metrics"] = e.metrics
     if e.note is not None:
         out["note"] = e.note
+    if e.target is not None:
+        out["target"] = e.target
     return out
 
 
@@ -41,7 +46,24 @@ def image_json(r: ImageResult) -> dict[str, Any]:
     item: dict[str, Any] = {"predictions": [vars(p) for p in r.predictions]}
     if r.explanations is not None:
         item["explanations"] = [explanation_json(e) for e in r.explanations]
+    if r.task is not None:
+        item.update(task_json(r.task))
     return item
+
+
+def task_json(t: TaskResult) -> dict[str, Any]:
+    """A detector's, segmenter's or embedding model's prediction, as the native API and KServe V1 give it."""
+    if t.detections is not None:
+        return {"detections": [{"index": d.index, "label": d.label, "score": d.score, "box": list(d.box)}
+                               for d in t.detections]}
+    if t.segments is not None:
+        out: dict[str, Any] = {"segments": [vars(s) for s in t.segments]}
+        if t.mask is not None:
+            buf = io.BytesIO()
+            Image.fromarray(t.mask, mode="L").save(buf, format="PNG")
+            out["mask"] = base64.b64encode(buf.getvalue()).decode()
+        return out
+    return {"embedding": t.embedding}
 
 
 def inference_json(result: InferenceResult) -> dict[str, Any]:

@@ -84,9 +84,10 @@ def query_options(request: Request) -> dict[str, Any]:
     return out
 
 
-def _list_option(values: list[str], key: str = "targets") -> list[str]:
-    """``targets=3&targets=cat``, ``targets=3,cat`` or ``targets=[3, "cat"]`` -> ``["3", "cat"]``."""
-    items: list[str] = []
+def _list_option(values: list[str], key: str = "targets") -> list[Any]:
+    """``targets=3&targets=cat``, ``targets=3,cat`` or ``targets=[3, "cat"]`` -> ``["3", "cat"]``. A JSON list
+    of ``targets`` may hold objects (a detector's boxes, a segmenter's masks), kept as they are."""
+    items: list[Any] = []
     for v in values:
         v = v.strip()
         if v.startswith("["):
@@ -94,7 +95,9 @@ def _list_option(values: list[str], key: str = "targets") -> list[str]:
                 parsed = json.loads(v)
             except (ValueError, RecursionError):  # also int digit limits and absurd nesting
                 raise InvalidArgument(key, f"`{key}` is not a valid JSON list, got {v!r}") from None
-            items += [str(x) for x in parsed] if isinstance(parsed, list) else [str(parsed)]
+            keep = key == "targets"
+            items += ([x if keep and isinstance(x, dict) else str(x) for x in parsed] if isinstance(parsed, list)
+                      else [parsed if keep and isinstance(parsed, dict) else str(parsed)])
         else:
             items += [p.strip() for p in v.split(",") if p.strip()]
     return items

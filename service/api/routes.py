@@ -80,7 +80,7 @@ def _summary(served: ServedModel) -> dict[str, Any]:
     assert m is not None
     return {
         "name": m.name, "source": public_source(served), "state": served.state.value, "device": str(m.device),
-        "num_classes": m.num_classes, "input_size": list(m.preprocess.input_size),
+        "task": m.task_name, "num_classes": m.num_classes, "input_size": list(m.preprocess.input_size),
         "layers": list(m.engine.layers.candidates), "methods": m.engine.methods,
         "method_costs": {n: METHODS[n].cost.value for n in m.engine.methods},
         "explanations": m.explanations, "explanations_note": m.explanations_note,

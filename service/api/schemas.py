@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.cam import FUSIONS, METHODS, SMOOTHINGS
 from service.cam.metrics import DEFAULT_STEPS, MAX_STEPS, METRICS, MIN_STEPS
+from service.cam.tasks import OBJECTIVES
 from service.colormaps import COLORMAPS
 from service.dataplane import ExplainOptions as ExplainRequest
 from service.rendering import OUTPUTS, SIZES
@@ -38,8 +39,13 @@ class PredictOptions(BaseModel):
 
 
 class ExplainOptions(PredictOptions):
-    targets: list[int | str] | None = Field(
-        None, description="Classes to explain for every image, as indices or labels; default: each image's top-1.")
+    targets: list[int | str | dict[str, Any]] | None = Field(
+        None, description="Classes to explain for every image, as indices or labels; default: each image's top-1. "
+        "Detection: detection indices or {box: [x0, y0, x1, y1], label}; segmentation: classes or "
+        "{class, mask: base64 PNG}; embedding: {reference: [numbers]} or {similar_to: image index}; an object may "
+        "name the `image` it is for.")
+    objective: str = _enum(list(OBJECTIVES), "score", "How a detection target is scored: the matched detection's "
+                           "score, or score+iou (pytorch-grad-cam's FasterRCNNBoxScoreTarget).")
     method: str = _enum(list(METHODS), "gradcam", "CAM method; when omitted, gradcam, or eigencam for a model "
                         "explained without gradients (`explanations` in /models).")
     layer: str | list[str] | None = Field(
@@ -66,7 +72,7 @@ class ExplainOptions(PredictOptions):
         # A method left out is the model's choice (gradcam, or eigencam without gradients), not the wire default.
         return ExplainRequest(
             method=self.method if "method" in self.model_fields_set else None, layer=self.layer,
-            targets=tuple(self.targets or ()), fuse=self.fuse,
+            targets=tuple(self.targets or ()), objective=self.objective, fuse=self.fuse,
             smooth=self.smooth, metrics=tuple(self.metrics or ()), metric_steps=self.metric_steps,
             output=self.output, size=self.size, colormap=self.colormap, alpha=self.alpha)  # type: ignore[arg-type]
 
@@ -113,11 +119,32 @@ class ExplanationOut(PredictionOut):
         "deletion, insertion (areas under the curves) and the curves' steps.")
     note: str | None = Field(None, description="Why the map is what it is, when it would puzzle: an all-zero map "
                              "says whether the model ignores its input or the layer does not raise the class.")
+    target: dict[str, Any] | None = Field(None, description="For a detector, segmenter or embedding model: what the "
+                                          "map explains (the detection and its box, the region, the similarity).")
+
+
+class DetectionOut(BaseModel):
+    index: int
+    label: str
+    score: float
+    box: tuple[float, float, float, float] = Field(description="[x0, y0, x1, y1] in the uploaded image's pixels.")
+
+
+class SegmentOut(BaseModel):
+    index: int
+    label: str
+    area: int = Field(description="Pixels of the uploaded image predicted as this class.")
+    score: float = Field(description="Mean probability of the class over its region.")
 
 
 class ResultOut(BaseModel):
     predictions: list[PredictionOut]
     explanations: list[ExplanationOut] | None = None
+    detections: list[DetectionOut] | None = Field(None, description="A detector's detections, best first.")
+    segments: list[SegmentOut] | None = Field(None, description="A segmenter's classes present, largest first.")
+    mask: str | None = Field(None, description="A segmenter's class map over the upload: a base64 PNG whose pixel "
+                             "values are class indices.")
+    embedding: list[float] | None = Field(None, description="An embedding model's embedding.")
 
 
 class InferenceResponse(BaseModel):
@@ -131,7 +158,8 @@ class ModelSummary(BaseModel):
                         " never a server file path.")
     state: str = Field(description="loading, ready, draining, failed or unloaded.")
     device: str
-    num_classes: int
+    task: str = Field(description="classification, detection, segmentation or embedding.")
+    num_classes: int = Field(description="Classes (labels); an embedding model's embedding size.")
     input_size: tuple[int, int]
     layers: list[str] = Field(description="Target layers; the default first.")
     methods: list[str]

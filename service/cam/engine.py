@@ -144,16 +144,12 @@ class CamEngine:
             p.requires_grad_(False)
         self.layers = layers or (find_runtime_layers(runtime, example) if runtime is not None
                                  else find_layers(self.model, example))
-        if layers is None and self.layers.candidates:
-            ordered = [*self.layers.candidates[1:], self.layers.candidates[0]]
-            own = getattr(self.model, "camserve_default_layer", None)
-            preferred = own if own in ordered else (task.default_layer(ordered) if task is not None else None)
-            if preferred is not None:
-                self.layers = self.layers.with_default(preferred)
+        if layers is None:
+            self.layers = preferred_layers(self.layers, self.model, task)
         with torch.inference_mode():
             first = self._forward(example)
         # Classes for a classifier; for other tasks the width of what the model returns per image, when fixed.
-        self.num_classes = int(first.shape[1]) if isinstance(first, Tensor) else 0
+        self.num_classes = int(first.shape[1]) if task is None else task.width(first)
         self.chunk_rows = chunk_rows
         self._modules = dict(self.model.named_modules())
         self._handles: dict[str, RemovableHandle] = {}
@@ -636,6 +632,16 @@ class ExplainJob:
         work = metrics_work(self.engine._extra_forward, x, maps, classes, q.metrics, steps=q.metric_steps,
                             base=base, chunk_rows=self.engine.chunk_rows)
         return _Pending("", [image], work, metrics=True)
+
+
+def preferred_layers(layers: LayerInfo, model: nn.Module, task: Task | None) -> LayerInfo:
+    """``layers`` with the default the model declares (``camserve_default_layer``) or its task prefers."""
+    if not layers.candidates:
+        return layers
+    ordered = [*layers.candidates[1:], layers.candidates[0]]  # call order: the tracer's default is the last map
+    own = getattr(model, "camserve_default_layer", None)
+    preferred = own if own in ordered else (task.default_layer(ordered) if task is not None else None)
+    return layers.with_default(preferred) if preferred is not None else layers
 
 
 def compute_dtype(device: torch.device, output: torch.dtype) -> torch.dtype:

@@ -29,8 +29,8 @@ from torch import Tensor
 from torchvision.ops import box_iou
 
 from service.errors import InvalidArgument
+from service.modelspec import TASKS
 
-TASKS = ("classification", "detection", "segmentation", "embedding")
 OBJECTIVES = ("score", "score+iou")
 # A box must overlap a detection by more than this to be that detection (pytorch-grad-cam's threshold).
 MATCH_IOU = 0.5
@@ -103,6 +103,10 @@ class Task:
 
     def __init__(self, labels: Sequence[str] = ()) -> None:
         self.labels = list(labels)
+
+    def width(self, out: object) -> int:
+        """What the model returns per image when that is a fixed width (classes, embedding size); else 0."""
+        return 0
 
     def is_background(self, label: int) -> bool:
         return 0 <= label < len(self.labels) and self.labels[label].lower() in _BACKGROUND
@@ -246,6 +250,9 @@ class SegmentationTask(Task):
         assert isinstance(out, Tensor)
         return out
 
+    def width(self, out: object) -> int:
+        return int(self.logits(out).shape[1])
+
     def check_output(self, out: object, n: int) -> None:
         t = out.get("out") if isinstance(out, Mapping) else out
         if not (isinstance(t, Tensor) and t.dim() == 4 and t.shape[0] == n):
@@ -299,6 +306,10 @@ class EmbeddingTask(Task):
     """``model(x)`` returns ``(N, D)`` embeddings; a target is the cosine similarity to a reference."""
 
     name = "embedding"
+
+    def width(self, out: object) -> int:
+        assert isinstance(out, Tensor)
+        return int(out.shape[1])
 
     def check_output(self, out: object, n: int) -> None:
         if not (isinstance(out, Tensor) and out.dim() == 2 and out.shape[0] == n):
