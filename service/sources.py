@@ -205,7 +205,8 @@ def _torchvision_module(spec: ModelSpec, builder: str, num_labels: int | None) -
         raise ModelLoadError(f"model {spec.name!r}: torchvision has no {spec.task} builders; use a python: factory")
     available = torchvision.models.list_models(module=namespace)
     if builder not in available:
-        raise ModelLoadError(f"model {spec.name!r}: unknown torchvision {spec.task} builder {builder!r}; known: "
+        kind = {"classification": "classifier", "detection": "detector", "segmentation": "segmenter"}[spec.task]
+        raise ModelLoadError(f"model {spec.name!r}: unknown torchvision {kind} {builder!r}; known: "
                              f"{', '.join(available)}")
     weights = spec.weights
     options = _builder_options(spec)

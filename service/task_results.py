@@ -38,6 +38,7 @@ class DetectionResult:
     label: str
     score: float
     box: tuple[float, float, float, float]  # in the uploaded image's pixels
+    class_index: int = -1
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ def finish_task(summary: Summary, geom: Geometry, labels: Sequence[str], top_k: 
         return TaskResult(segments=segments, mask=full.astype(np.uint8))
     found = summary.detections if top_k is None else summary.detections[:top_k]
     return TaskResult(detections=[DetectionResult(d.index, label_name(labels, d.label), round(d.score, 6),
-                                                  box_to_original(d.box, geom)) for d in found])
+                                                  box_to_original(d.box, geom), d.label) for d in found])
 
 
 def _mask_to_original(mask: Tensor, geom: Geometry) -> np.ndarray:

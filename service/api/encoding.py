@@ -54,16 +54,21 @@ def image_json(r: ImageResult) -> dict[str, Any]:
 def task_json(t: TaskResult) -> dict[str, Any]:
     """A detector's, segmenter's or embedding model's prediction, as the native API and KServe V1 give it."""
     if t.detections is not None:
-        return {"detections": [{"index": d.index, "label": d.label, "score": d.score, "box": list(d.box)}
-                               for d in t.detections]}
+        return {"detections": [{"index": d.index, "class": d.class_index, "label": d.label, "score": d.score,
+                                "box": list(d.box)} for d in t.detections]}
     if t.segments is not None:
         out: dict[str, Any] = {"segments": [vars(s) for s in t.segments]}
         if t.mask is not None:
-            buf = io.BytesIO()
-            Image.fromarray(t.mask, mode="L").save(buf, format="PNG")
-            out["mask"] = base64.b64encode(buf.getvalue()).decode()
+            out["mask"] = base64.b64encode(mask_png(t.mask)).decode()
         return out
     return {"embedding": t.embedding}
+
+
+def mask_png(mask: np.ndarray) -> bytes:
+    """A ``(H, W)`` uint8 class map as a greyscale PNG whose values are the class indices."""
+    buf = io.BytesIO()
+    Image.fromarray(mask, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def inference_json(result: InferenceResult) -> dict[str, Any]:

@@ -31,12 +31,13 @@ import numpy as np
 import torch
 
 from service import __version__
-from service.api import binary
+from service.api import binary, oip_tasks
 from service.api.encoding import heavy
-from service.dataplane import MAX_TARGETS, DataPlane, ExplainOptions, Plan
+from service.dataplane import MAX_DETECTIONS, MAX_TARGETS, DataPlane, ExplainOptions, Plan
 from service.errors import InvalidArgument, InvalidInput, ModelNotFound, NotReady
 from service.imaging import encode_png
 from service.pipeline import ImageInput
+from service.registry import LoadedModel
 from service.repository import ModelRepository, ServedModel
 from service.results import ImageResult, InferenceResult
 
@@ -48,11 +49,16 @@ VERSION = "1"  # every model has one version
 EXTENSIONS = ["binary_tensor_data", "model_repository", "parameters"]
 OUTPUTS = ("scores", "heatmap", "heatmap_png", "target_class")
 INPUTS = ("image", "pixels")
+# Every input some model takes: the images, and the targets of detectors, segmenters and embedding models.
+ALL_INPUTS = (*INPUTS, *(n for names in oip_tasks.INPUTS.values() for n in names))
 # Request parameters that Triton's clients may send and that mean nothing here.
 IGNORED = ("priority", "timeout", "binary_data_output")
-EXPLAIN_KEYS = ("targets", "top_k", "method", "layer")
+EXPLAIN_KEYS = ("targets", "top_k", "method", "layer", "objective", "max_detections")
 RENDER_KEYS = ("size", "output", "colormap", "alpha")
-DATATYPES = {"scores": "FP32", "heatmap": "FP32", "heatmap_png": "BYTES", "target_class": "INT64"}
+DATATYPES = {"scores": "FP32", "heatmap": "FP32", "heatmap_png": "BYTES", "target_class": "INT64",
+             **oip_tasks.DATATYPES}
+# Detections a detector's outputs are padded to, unless the request's `max_detections` says otherwise.
+DEFAULT_DETECTIONS = 20
 
 
 # -- server and model state ---------------------------------------------------------------------
@@ -81,16 +87,19 @@ def metadata(served: ServedModel) -> dict[str, Any]:
     m = served.model
     assert m is not None
     h, w = m.preprocess.input_size
+    inputs = [{"name": "image", "datatype": "BYTES", "shape": [-1]},
+              {"name": "pixels", "datatype": "FP32", "shape": [-1, 3, h, w]}]
     outputs = [{"name": "scores", "datatype": "FP32", "shape": [-1, m.num_classes]}]
+    if m.task is not None:
+        extra_in, outputs = oip_tasks.metadata(m.task.name, m.num_classes)
+        inputs += extra_in
     if m.explainable:
         outputs += [{"name": "heatmap", "datatype": "FP32", "shape": [-1, -1, -1, -1]},
                     {"name": "heatmap_png", "datatype": "BYTES", "shape": [-1, -1]},
                     {"name": "target_class", "datatype": "INT64", "shape": [-1, -1]}]
     # Triton's platform names: what runs the model.
     platform = "onnxruntime_onnx" if m.engine.runtime is not None and m.spec.kind == "onnx" else "pytorch"
-    return {"name": served.name, "versions": [VERSION], "platform": platform,
-            "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]},
-                       {"name": "pixels", "datatype": "FP32", "shape": [-1, 3, h, w]}],
+    return {"name": served.name, "versions": [VERSION], "platform": platform, "inputs": inputs,
             "outputs": outputs}
 
 
@@ -166,24 +175,39 @@ def _pixels_input(tensor: InputTensor) -> list[ImageInput]:
     return list(tensor_data.unbind(0))
 
 
-def parse_inputs(tensors: Sequence[InputTensor]) -> list[ImageInput]:
-    """The images of a request that sends exactly one of ``image`` and ``pixels``."""
+@dataclass(frozen=True)
+class Inputs:
+    """A request's images, and the target tensors of a detector, segmenter or embedding model by name."""
+
+    images: list[ImageInput]
+    targets: dict[str, InputTensor]
+
+
+def parse_inputs(tensors: Sequence[InputTensor]) -> Inputs:
+    """The images of a request that sends exactly one of ``image`` and ``pixels``, and its target inputs."""
     if not tensors:
         raise InvalidInput(f"`inputs` must be a non-empty list of tensors; valid inputs: {', '.join(INPUTS)}")
     images: list[ImageInput] | None = None
     seen = None
+    targets: dict[str, InputTensor] = {}
     for tensor in tensors:
+        if tensor.name in ALL_INPUTS and tensor.name not in INPUTS:
+            if tensor.name in targets:
+                raise InvalidInput(f"input {tensor.name!r} is given twice")
+            targets[tensor.name] = tensor
+            continue
         if tensor.name not in INPUTS:
-            raise InvalidInput(f"unknown input {tensor.name!r}; valid inputs: {', '.join(INPUTS)}")
+            raise InvalidInput(f"unknown input {tensor.name!r}; valid inputs: {', '.join(ALL_INPUTS)}")
         if images is not None:
             raise InvalidInput(f"input {tensor.name!r} is given twice" if tensor.name == seen else
                                "send one input, `image` or `pixels`, not both")
         seen = tensor.name
         images = _images_input(tensor) if tensor.name == "image" else _pixels_input(tensor)
-    assert images is not None
+    if images is None:
+        raise InvalidInput(f"no image given: send the input `image` or `pixels` beside {', '.join(targets)}")
     if not images:
         raise InvalidInput("no image given: the input's first dimension is 0")
-    return images
+    return Inputs(images, targets)
 
 
 # -- parameters and requested outputs -----------------------------------------------------------
@@ -217,7 +241,9 @@ def options(params: Mapping[str, Any], keys: Sequence[str], where: str) -> dict[
                     or not all(isinstance(t, int | str) and not isinstance(t, bool) for t in value)):
                 raise InvalidArgument("targets", f"{where}`targets` must be class indices or labels (a list or a "
                                       f"comma-separated string), got {params[key]!r}")
-        elif key == "top_k":
+        elif key == "targets" and isinstance(value, list) and value and all(isinstance(t, dict) for t in value):
+            pass  # a detector's, segmenter's or embedding model's target objects, read by the data plane
+        elif key in ("top_k", "max_detections"):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise InvalidArgument("top_k", f"{where}`top_k` must be an integer, got {value!r}")
         elif key == "alpha":
@@ -240,16 +266,24 @@ class Wanted:
     render: dict[str, Any]
 
 
-def output_names(explainable: bool) -> tuple[str, ...]:
-    return OUTPUTS if explainable else ("scores",)
+def output_names(model: LoadedModel) -> tuple[str, ...]:
+    heat = OUTPUTS[1:] if model.explainable else ()
+    if model.task is None:
+        return ("scores", *heat)
+    return (*oip_tasks.OUTPUTS[model.task.name], *heat)
+
+
+def _default_outputs(model: LoadedModel) -> tuple[str, ...]:
+    """What a request that names no output gets: everything, but an output that needs an input it lacks."""
+    return tuple(n for n in output_names(model) if n != "similarity")
 
 
 def parse_outputs(requested: Sequence[tuple[Any, Mapping[str, Any]]] | None, default_binary: bool,
-                  explainable: bool) -> list[Wanted]:
+                  model: LoadedModel) -> list[Wanted]:
     """``requested``: (name, parameters) per requested output, or ``None`` for all of them."""
-    names = output_names(explainable)
+    names = output_names(model)
     if requested is None:
-        return [Wanted(n, default_binary, {}) for n in names]
+        return [Wanted(n, default_binary, {}) for n in _default_outputs(model)]
     wanted: list[Wanted] = []
     for name, oparams in requested:
         if name not in names:
@@ -294,18 +328,30 @@ def _top(plan: Plan, top: int) -> Plan:
     return dataclasses.replace(plan, query=dataclasses.replace(plan.query, top=top))
 
 
-def plan_passes(dataplane: DataPlane, model: str, n: int, params: Mapping[str, Any], wanted: list[Wanted]) -> Passes:
-    by_name = {w.name: w for w in wanted}
-    if not by_name.keys() & {"heatmap", "heatmap_png", "target_class"}:
-        if params.keys() & {*EXPLAIN_KEYS, *RENDER_KEYS} - {"top_k"}:
-            # Checked as if a heatmap were asked for, so a typo in an option is a 400 whatever the outputs.
-            plan_passes(dataplane, model, n, params, [Wanted("heatmap", False, {})])
-        return Passes(dataplane.plan(model, n))
+def plan_passes(dataplane: DataPlane, model: str, inputs: Inputs, params: Mapping[str, Any],
+                wanted: list[Wanted]) -> Passes:
+    n = len(inputs.images)
     served = dataplane.repository.get(model)
-    assert served.model is not None
+    loaded = served.model
+    assert loaded is not None
     request_opts = options(params, (*EXPLAIN_KEYS, *RENDER_KEYS), "")
+    detections = _detections(request_opts.pop("max_detections", None), loaded)
+    tensor_targets: list[dict[str, Any]] = []
+    if loaded.task is not None:
+        tensor_targets = oip_tasks.read_targets(loaded.task.name, inputs.targets, n, params)
+        if tensor_targets and "targets" in params and "target_mask" not in inputs.targets:
+            raise InvalidArgument("targets", "give targets as input tensors or in the `targets` parameter, not both")
+    elif inputs.targets:
+        raise InvalidInput(f"input {next(iter(inputs.targets))!r} is for detectors, segmenters and embedding models; "
+                           f"valid inputs: {', '.join(INPUTS)}")
+    by_name = {w.name: w for w in wanted}
+    if not by_name.keys() & {"heatmap", "heatmap_png", "target_class", *oip_tasks.EXPLAINED}:
+        if params.keys() & {*EXPLAIN_KEYS, *RENDER_KEYS} - {"top_k", "max_detections"}:
+            # Checked as if a heatmap were asked for, so a typo in an option is a 400 whatever the outputs.
+            plan_passes(dataplane, model, inputs, params, [Wanted("heatmap", False, {})])
+        return Passes(dataplane.plan(model, n, top_k=detections))
     top = request_opts.pop("top_k", 1)
-    limit = min(served.model.num_classes, MAX_TARGETS)
+    limit = min(loaded.num_classes, MAX_TARGETS) if loaded.task is None else MAX_TARGETS
     if not 1 <= top <= limit:
         raise InvalidArgument("top_k", f"`top_k` (classes explained per image) must be between 1 and {limit}, "
                               f"got {top}")
@@ -313,13 +359,15 @@ def plan_passes(dataplane: DataPlane, model: str, n: int, params: Mapping[str, A
 
     def explain(render: dict[str, Any], output: str) -> ExplainOptions:
         merged = {**base, **render}
+        targets = tensor_targets or merged.get("targets", ())
         return ExplainOptions(method=merged.get("method"), layer=merged.get("layer"),
-                              targets=tuple(merged.get("targets", ())), output=output,  # type: ignore[arg-type]
+                              targets=tuple(targets), output=output,  # type: ignore[arg-type]
+                              objective=merged.get("objective", "score"),
                               size=merged["size"], colormap=merged.get("colormap", "jet"),
                               alpha=merged.get("alpha", 0.5))
 
     def planned(opts: ExplainOptions) -> Plan:
-        return _top(dataplane.plan(model, n, explain=opts), top)
+        return _top(dataplane.plan(model, n, top_k=detections, explain=opts), top)
 
     heat, png = by_name.get("heatmap"), by_name.get("heatmap_png")
     png_opts = None
@@ -338,6 +386,18 @@ def plan_passes(dataplane: DataPlane, model: str, n: int, params: Mapping[str, A
     if png_opts.output == "png" and png_opts.size == main_opts.size:
         return Passes(main, "arrays")
     return Passes(main, planned(png_opts))
+
+
+def _detections(value: Any, model: LoadedModel) -> int | None:
+    """The detections a detector's outputs list (``D``); ``None`` for other models, which use ``top_k``."""
+    if model.task is None or model.task.name != "detection":
+        if value is not None:
+            raise InvalidArgument("max_detections", "`max_detections` is a detector's parameter")
+        return None
+    d = DEFAULT_DETECTIONS if value is None else value
+    if not 1 <= d <= MAX_DETECTIONS:
+        raise InvalidArgument("max_detections", f"`max_detections` must be between 1 and {MAX_DETECTIONS}, got {d}")
+    return int(d)
 
 
 # -- outputs ------------------------------------------------------------------------------------
@@ -361,7 +421,13 @@ def _png_from_array(array: np.ndarray) -> bytes:
 
 
 def _heatmaps(results: list[ImageResult], size: str) -> np.ndarray:
-    maps = [np.stack([e.heatmap.data for e in r.explanations or ()]) for r in results]
+    found = [np.stack([e.heatmap.data for e in r.explanations]) if r.explanations else None for r in results]
+    # A detector's image may have fewer detections to explain than the others: its maps are padded with
+    # zeros, and `target_detection` says -1 there.
+    t_max = max((m.shape[0] for m in found if m is not None), default=0)
+    grid = next((m.shape[1:] for m in found if m is not None), (0, 0))
+    maps = [np.zeros((t_max, *grid), dtype=np.float32) if m is None else
+            np.concatenate([m, np.zeros((t_max - m.shape[0], *m.shape[1:]), dtype=m.dtype)]) for m in found]
     shapes = {m.shape for m in maps}
     if len(shapes) > 1:
         raise InvalidArgument("size", f"output 'heatmap' at size {size!r} needs every image to give the same "
@@ -370,7 +436,7 @@ def _heatmaps(results: list[ImageResult], size: str) -> np.ndarray:
 
 
 def output_tensors(wanted: list[Wanted], results: list[ImageResult], png_results: list[ImageResult] | None,
-                   passes: Passes) -> list[OutputTensor]:
+                   passes: Passes, refs: np.ndarray | None = None) -> list[OutputTensor]:
     """The requested outputs, in the order requested. CPU-bound when PNGs are encoded."""
     out: list[OutputTensor] = []
     n = len(results)
@@ -382,8 +448,13 @@ def output_tensors(wanted: list[Wanted], results: list[ImageResult], png_results
             data = np.asarray([r.scores for r in results], dtype=np.float32)
             shape = list(data.shape)
         elif w.name == "target_class":
-            data = np.asarray([[e.index for e in r.explanations or ()] for r in results], dtype=np.int64)
+            rows = [[e.index for e in r.explanations or ()] for r in results]
+            data = np.full((n, max((len(r) for r in rows), default=0)), -1, dtype=np.int64)
+            for i, row in enumerate(rows):
+                data[i, : len(row)] = row
             shape = list(data.shape)
+        elif w.name in oip_tasks.DATATYPES:
+            shape, data = oip_tasks.output(w.name, results, passes.main.top_k, refs)
         elif w.name == "heatmap":
             arrays = arrays if arrays is not None else _heatmaps(results, size)
             data, shape = arrays, list(arrays.shape)
@@ -393,8 +464,10 @@ def output_tensors(wanted: list[Wanted], results: list[ImageResult], png_results
             shape = [n, arrays.shape[1]]
         else:  # heatmap_png, rendered by the pipeline
             per_image = [[e.heatmap.data for e in r.explanations or ()] for r in png_results or results]
-            data = [b for image in per_image for b in image]  # type: ignore[misc]
-            shape = [n, len(per_image[0])]
+            width = max(len(image) for image in per_image)
+            # Padded with empty elements where a detector's image has fewer maps.
+            data = [b for image in per_image for b in [*image, *[b""] * (width - len(image))]]  # type: ignore[misc]
+            shape = [n, width]
         out.append(OutputTensor(w.name, DATATYPES[w.name], shape, data))
     return out
 
@@ -402,10 +475,12 @@ def output_tensors(wanted: list[Wanted], results: list[ImageResult], png_results
 Runs = Coroutine[Any, Any, list[InferenceResult]]
 
 
-async def infer(dataplane: DataPlane, passes: Passes, images: Sequence[ImageInput], wanted: list[Wanted],
+async def infer(dataplane: DataPlane, passes: Passes, inputs: Inputs, wanted: list[Wanted],
                 encode: Callable[[list[OutputTensor]], T], guard: Callable[[Runs], Runs] | None = None) -> T:
     """Run the passes and ``encode`` their outputs in the binding's wire format. ``guard`` wraps the
     runs (REST: cancel them when the client disconnects)."""
+    images = inputs.images
+    refs = oip_tasks.references(inputs.targets)
 
     async def run_all() -> list[InferenceResult]:
         return list(await asyncio.gather(*(dataplane.run(p, images) for p in passes.plans)))
@@ -414,7 +489,7 @@ async def infer(dataplane: DataPlane, passes: Passes, images: Sequence[ImageInpu
     png_results = done[1].results if len(done) > 1 else None
 
     def build() -> T:
-        return encode(output_tensors(wanted, done[0].results, png_results, passes))
+        return encode(output_tensors(wanted, done[0].results, png_results, passes, refs))
 
     if passes.png == "arrays" or any(heavy(r) for r in done):
         # PNG encoding, or megabytes of floats or PNGs: on the loop it would stall every other request.

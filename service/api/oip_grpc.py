@@ -206,12 +206,12 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         served = self.repository.get(name)  # an unknown model is NOT_FOUND before its inputs are read
         assert served.model is not None
         requested = [(o.name, _params(o.parameters)) for o in request.outputs] or None
-        wanted = oip.parse_outputs(requested, True, served.model.explainable)
-        images = oip.parse_inputs(_inputs(request))
-        passes = oip.plan_passes(self.dataplane, name, len(images), params, wanted)
+        wanted = oip.parse_outputs(requested, True, served.model)
+        inputs = oip.parse_inputs(_inputs(request))
+        passes = oip.plan_passes(self.dataplane, name, inputs, params, wanted)
         # A call whose deadline passes or whose client goes is cancelled by grpcio: the data plane then
         # cancels its work, and its images leave the batch queue.
-        return await oip.infer(self.dataplane, passes, images, wanted,
+        return await oip.infer(self.dataplane, passes, inputs, wanted,
                                lambda tensors: _response(request, tensors))
 
     # -- model repository -------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from service.api.parsing import decode_base64, json_object
 from service.api.routes import unless_disconnected
 from service.dataplane import DataPlane
 from service.errors import InvalidInput
-from service.pipeline import ImageInput
+from service.registry import LoadedModel
 from service.results import InferenceResult
 
 # Not in camserve's OpenAPI document: these routes follow the protocol's own specification (KServe's
@@ -106,8 +106,8 @@ def _input(tensor: Any, chunks: binary.Chunks) -> InputTensor:
     if not isinstance(tensor, dict):
         raise InvalidInput("each of `inputs` must be a JSON object")
     name = tensor.get("name")
-    if name not in oip.INPUTS:
-        raise InvalidInput(f"unknown input {name!r}; valid inputs: {', '.join(oip.INPUTS)}")
+    if name not in oip.ALL_INPUTS:
+        raise InvalidInput(f"unknown input {name!r}; valid inputs: {', '.join(oip.ALL_INPUTS)}")
     shape = oip.check_shape(tensor.get("shape"), name)
     params = _object(tensor.get("parameters"), f"input {name!r}: `parameters`")
     datatype = tensor.get("datatype")
@@ -118,14 +118,14 @@ def _input(tensor: Any, chunks: binary.Chunks) -> InputTensor:
     if "data" not in tensor:
         raise InvalidInput(f"input {name!r} has neither `data` nor `parameters.binary_data_size`")
     data = _flatten(tensor["data"], name)
-    if name == "image" and datatype == "BYTES":  # in JSON a BYTES element is text: the file as base64
+    if name in ("image", "target_mask") and datatype == "BYTES":  # in JSON a BYTES element is base64 text
         if not all(isinstance(t, str) for t in data):
-            raise InvalidInput("input 'image': in JSON, each element must be base64 text of an image file")
+            raise InvalidInput(f"input {name!r}: in JSON, each element must be base64 text of an image file")
         data = [decode_base64(t, i) for i, t in enumerate(data)]
     return InputTensor(name, datatype, shape, data=data)
 
 
-def parse_inputs(header: dict[str, Any], chunks: binary.Chunks) -> list[ImageInput]:
+def parse_inputs(header: dict[str, Any], chunks: binary.Chunks) -> oip.Inputs:
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidInput(f"`inputs` must be a non-empty list of tensors; valid inputs: {', '.join(oip.INPUTS)}")
@@ -134,11 +134,11 @@ def parse_inputs(header: dict[str, Any], chunks: binary.Chunks) -> list[ImageInp
     return oip.parse_inputs(tensors)
 
 
-def parse_outputs(header: dict[str, Any], params: dict[str, Any], explainable: bool) -> list[Wanted]:
+def parse_outputs(header: dict[str, Any], params: dict[str, Any], model: LoadedModel) -> list[Wanted]:
     default_binary = oip.check_bool(params.get("binary_data_output", False), "parameter `binary_data_output`")
     requested = header.get("outputs")
     if requested is None:
-        return oip.parse_outputs(None, default_binary, explainable)
+        return oip.parse_outputs(None, default_binary, model)
     if not isinstance(requested, list):
         raise InvalidInput("`outputs` must be a list of requested outputs")
     items = []
@@ -146,10 +146,10 @@ def parse_outputs(header: dict[str, Any], params: dict[str, Any], explainable: b
         if not isinstance(item, dict):
             raise InvalidInput("each of `outputs` must be a JSON object")
         name = item.get("name")
-        if name not in oip.output_names(explainable):
-            raise InvalidInput(f"unknown output {name!r}; valid outputs: {', '.join(oip.output_names(explainable))}")
+        if name not in oip.output_names(model):
+            raise InvalidInput(f"unknown output {name!r}; valid outputs: {', '.join(oip.output_names(model))}")
         items.append((name, _object(item.get("parameters"), f"output {name!r}: `parameters`")))
-    return oip.parse_outputs(items, default_binary, explainable)
+    return oip.parse_outputs(items, default_binary, model)
 
 
 def encode_response(header: dict[str, Any], model: str, wanted: list[Wanted],
@@ -190,16 +190,16 @@ async def _infer(request: Request, name: str, version: str | None, dataplane: Da
     oip.check_parameters(params)
     served = dataplane.repository.get(name)  # an unknown model is a 404 before its inputs are read
     assert served.model is not None
-    wanted = parse_outputs(header, params, served.model.explainable)
-    images = parse_inputs(header, binary.Chunks(rest))
-    passes = oip.plan_passes(dataplane, name, len(images), params, wanted)
-    note_request(request.scope, model=name, images=len(images))
+    wanted = parse_outputs(header, params, served.model)
+    inputs = parse_inputs(header, binary.Chunks(rest))
+    passes = oip.plan_passes(dataplane, name, inputs, params, wanted)
+    note_request(request.scope, model=name, images=len(inputs.images))
 
     def guard(work: Coroutine[Any, Any, list[InferenceResult]]) -> Coroutine[Any, Any, list[InferenceResult]]:
         return unless_disconnected(request, work)
 
     content, header_length = await oip.infer(
-        dataplane, passes, images, wanted, lambda tensors: encode_response(header, name, wanted, tensors), guard)
+        dataplane, passes, inputs, wanted, lambda tensors: encode_response(header, name, wanted, tensors), guard)
     if header_length is None:
         return Response(content, media_type="application/json")
     return Response(content, media_type="application/octet-stream",

@@ -124,7 +124,8 @@ class ExplanationOut(PredictionOut):
 
 
 class DetectionOut(BaseModel):
-    index: int
+    index: int = Field(description="The detection's rank, best first: what a target's `detection` names.")
+    class_: int = Field(alias="class", description="The class index, into the model's labels.")
     label: str
     score: float
     box: tuple[float, float, float, float] = Field(description="[x0, y0, x1, y1] in the uploaded image's pixels.")

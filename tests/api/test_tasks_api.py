@@ -1,0 +1,230 @@
+"""Detectors, segmenters and embedding models through the native API (in process, seeded models) and the
+Open Inference Protocol (tritonclient against a real server).
+
+torchvision's fasterrcnn_mobilenet_v3_large_320_fpn and lraspp_mobilenet_v3_large with random weights, and
+the built-in shapes network read as an embedding model."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.app import create_app
+from service.config import Settings
+from service.modelspec import ModelSpec
+from service.registry import serve_module
+from service.sources import _task_preprocess
+from tests.api.conftest import b64, png_bytes
+from tests.api.server import free_port, start_server
+
+pytestmark = pytest.mark.slow
+
+UPLOAD = (200, 300)  # height, width: not the detector's 320x320, so every box is mapped back
+
+
+def _image(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (*UPLOAD, 3), dtype=np.uint8)
+
+
+def _detector() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=6, box_score_thresh=0.0)
+
+
+@pytest.fixture(scope="module")
+def client():
+    det_spec = ModelSpec.from_table("det", {"source": "python:x:y", "task": "detection"})
+    model = _detector()
+    pre = _task_preprocess(det_spec, model)
+    det = serve_module(model, det_spec, [f"c{i}" for i in range(6)], pre)
+    torch.manual_seed(0)
+    seg_model = torchvision.models.segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None,
+                                                                           num_classes=3)
+    seg_spec = ModelSpec.from_table("seg", {"source": "python:x:y", "task": "segmentation",
+                                            "preprocess": {"resize": [96, 96]}})
+    from service.preprocess import Preprocess
+
+    seg = serve_module(seg_model, seg_spec, ["background", "a", "b"], Preprocess(resize=(96, 96), crop=None))
+    app = create_app(Settings(models=(det.spec, seg.spec)), models=[det, seg])
+    with TestClient(app) as c:
+        yield c, model
+
+
+def test_models_say_the_task_and_only_its_methods(client):
+    c, _ = client
+    models = {m["name"]: m for m in c.get("/models").json()["models"]}
+    assert models["det"]["task"] == "detection"
+    assert models["seg"]["task"] == "segmentation"
+    for m in models.values():
+        assert "scorecam" not in m["methods"]
+        assert "gradcam" in m["methods"]
+
+
+def test_detections_are_torchvisions_in_the_uploads_pixels(client):
+    c, model = client
+    img = _image()
+    r = c.post("/predict", json={"model": "det", "image": b64(png_bytes(img)), "top_k": 5})
+    assert r.status_code == 200, r.text
+    got = r.json()["results"][0]["detections"]
+    assert len(got) == 5
+    # The same model on the same input, as camserve prepares it: resized to 320x320, pixels in [0, 1].
+    x = torch.nn.functional.interpolate(torch.from_numpy(img).permute(2, 0, 1)[None].float(), size=(320, 320),
+                                        mode="bilinear", antialias=True, align_corners=False)
+    with torch.no_grad():
+        ref = model.eval()(x.round().clamp(0, 255) / 255)[0]
+    sx, sy = UPLOAD[1] / 320, UPLOAD[0] / 320
+    for j, d in enumerate(got):
+        expected = ref["boxes"][j] * torch.tensor([sx, sy, sx, sy])
+        assert np.allclose(d["box"], expected.tolist(), atol=0.05), (d, expected)
+        assert d["class"] == int(ref["labels"][j])
+        assert d["score"] == pytest.approx(float(ref["scores"][j]), abs=1e-5)
+
+
+def test_explain_a_box_and_a_detection(client):
+    c, _ = client
+    img = png_bytes(_image())
+    found = c.post("/predict", json={"model": "det", "image": b64(img), "top_k": 2}).json()["results"][0]
+    d = found["detections"][1]
+    box = [d["box"][0] - 2, d["box"][1] - 2, d["box"][2] + 2, d["box"][3] + 2]
+    r = c.post("/explain", json={"model": "det", "image": b64(img), "objective": "score+iou",
+                                 "targets": [{"box": box, "label": d["label"]}, 0]})
+    assert r.status_code == 200, r.text
+    res = r.json()["results"][0]
+    first, second = res["explanations"]
+    assert first["target"]["kind"] == "detection"
+    assert first["target"]["detection"] == 1
+    assert first["target"]["objective"] == "score+iou"
+    assert second["target"]["detection"] == 0
+    assert (first["heatmap"]["width"], first["heatmap"]["height"]) == (UPLOAD[1], UPLOAD[0])
+    assert res["detections"]
+
+
+def test_task_errors_are_clear(client):
+    c, _ = client
+    img = b64(png_bytes(_image()))
+    r = c.post("/explain", json={"model": "det", "image": img, "method": "scorecam"})
+    assert r.status_code == 422
+    assert "not offered for detection models" in r.json()["error"]["message"]
+    r = c.post("/explain", json={"model": "det", "image": img, "targets": [{"box": [5, 5, 1, 1]}]})
+    assert r.status_code == 422
+    assert "x1 > x0" in r.json()["error"]["message"]
+    r = c.post("/explain", json={"model": "det", "image": img, "targets": [{"class": 1}]})
+    assert r.status_code == 422
+    assert "takes box, detection, image, label" in r.json()["error"]["message"]
+    r = c.post("/explain", json={"model": "seg", "image": img, "targets": [{"class": "a", "mask": b64(b"nope")}]})
+    assert r.status_code == 422
+    mask = png_bytes(np.zeros((10, 10), dtype=np.uint8))
+    r = c.post("/explain", json={"model": "seg", "image": img, "targets": [{"class": "a", "mask": b64(mask)}]})
+    assert r.status_code == 400
+    assert "the size of its image" in r.json()["error"]["message"]
+
+
+def test_segments_and_a_client_mask(client):
+    c, _ = client
+    img = png_bytes(_image(1))
+    r = c.post("/explain", json={"model": "seg", "image": b64(img), "targets": ["a"]})
+    assert r.status_code == 200, r.text
+    res = r.json()["results"][0]
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(res["mask"]))))
+    assert mask.shape == UPLOAD
+    assert sum(s["area"] for s in res["segments"]) == UPLOAD[0] * UPLOAD[1]
+    for s in res["segments"]:
+        assert (mask == s["index"]).sum() == s["area"]
+    assert res["explanations"][0]["target"] == {"label": "a", "index": 1, "kind": "segment", "region": "predicted"}
+    left = np.zeros(UPLOAD, dtype=np.uint8)
+    left[:, : UPLOAD[1] // 2] = 255
+    r = c.post("/explain", json={"model": "seg", "image": b64(img), "output": "array", "size": "input",
+                                 "targets": [{"class": "a", "mask": b64(png_bytes(left))}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["results"][0]["explanations"][0]["target"]["region"] == "mask"
+
+
+CONFIG = """
+[models.det]
+source = "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn"
+task = "detection"
+options = { num_classes = 6, box_score_thresh = 0.0 }
+
+[models.emb]
+source = "builtin:shapes"
+task = "embedding"
+"""
+
+
+@pytest.fixture(scope="module")
+def triton(tmp_path_factory):
+    httpclient = pytest.importorskip("tritonclient.http")
+    config = tmp_path_factory.mktemp("tasks") / "camserve.toml"
+    config.write_text(CONFIG)
+    port = free_port()
+    proc = start_server(port, config=config)
+    client = httpclient.InferenceServerClient(url=f"127.0.0.1:{port}")
+    try:
+        yield httpclient, client
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _png_input(httpclient, images):
+    t = httpclient.InferInput("image", [len(images)], "BYTES")
+    t.set_data_from_numpy(np.array(images, dtype=np.object_), binary_data=True)
+    return t
+
+
+def test_v2_detection_tensors_through_tritonclient(triton):
+    httpclient, client = triton
+    meta = client.get_model_metadata("det")
+    assert {o["name"] for o in meta["outputs"]} >= {"detection_boxes", "detection_scores", "detection_classes",
+                                                    "num_detections", "target_detection", "heatmap"}
+    assert {i["name"] for i in meta["inputs"]} >= {"target_boxes", "target_labels"}
+    images = [png_bytes(_image(0)), png_bytes(_image(1))]
+    out = client.infer("det", [_png_input(httpclient, images)], parameters={"max_detections": 7}, outputs=[
+        httpclient.InferRequestedOutput(n, binary_data=True)
+        for n in ("detection_boxes", "detection_scores", "detection_classes", "num_detections")])
+    boxes, scores = out.as_numpy("detection_boxes"), out.as_numpy("detection_scores")
+    assert boxes.shape == (2, 7, 4)
+    assert scores.shape == (2, 7)
+    assert out.as_numpy("detection_classes").shape == (2, 7)
+    assert out.as_numpy("num_detections").tolist() == [7, 7]
+    # A box per image as target tensors: the explanation names the detection it matched.
+    targets = boxes[:, 2:3].copy()
+    targets[..., :2] -= 2
+    targets[..., 2:] += 2
+    tb = httpclient.InferInput("target_boxes", list(targets.shape), "FP32")
+    tb.set_data_from_numpy(targets.astype(np.float32), binary_data=True)
+    tl = httpclient.InferInput("target_labels", [2, 1], "INT64")
+    tl.set_data_from_numpy(out.as_numpy("detection_classes")[:, 2:3].astype(np.int64), binary_data=True)
+    out = client.infer("det", [_png_input(httpclient, images), tb, tl], parameters={"objective": "score+iou"},
+                       outputs=[httpclient.InferRequestedOutput(n, binary_data=True)
+                                for n in ("target_detection", "heatmap", "target_class")])
+    assert out.as_numpy("target_detection").tolist() == [[2], [2]]
+    assert out.as_numpy("heatmap").shape[:2] == (2, 1)
+
+
+def test_v2_embedding_similarity_through_tritonclient(triton):
+    httpclient, client = triton
+    images = [png_bytes(_image(0)), png_bytes(_image(1))]
+    out = client.infer("emb", [_png_input(httpclient, images)],
+                       outputs=[httpclient.InferRequestedOutput("embedding", binary_data=True)])
+    emb = out.as_numpy("embedding")
+    assert emb.shape == (2, 5)
+    ref = httpclient.InferInput("reference", [1, 5], "FP32")
+    ref.set_data_from_numpy(emb[1:2].astype(np.float32), binary_data=True)
+    out = client.infer("emb", [_png_input(httpclient, images), ref], outputs=[
+        httpclient.InferRequestedOutput(n, binary_data=True) for n in ("similarity", "heatmap")])
+    sim = out.as_numpy("similarity")
+    assert sim.shape == (2, 1)
+    assert sim[1, 0] == pytest.approx(1.0, abs=1e-5)
+    expected = float(emb[0] @ emb[1] / np.linalg.norm(emb[0]) / np.linalg.norm(emb[1]))
+    assert sim[0, 0] == pytest.approx(expected, abs=1e-5)
+    assert out.as_numpy("heatmap").shape[:2] == (2, 1)
