@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from service.api.deps import DataPlaneDep, RepositoryDep, SettingsDep
-from service.api.encoding import explanation_json, heavy
+from service.api.encoding import explanation_json, heavy, task_json
 from service.api.middleware import note_request
 from service.api.oip_v2 import read_body
 from service.api.parsing import decode_base64, json_object, query_options, validation_message
@@ -97,10 +97,13 @@ def _options(request: Request, params: dict[str, Any], explain: bool) -> tuple[E
 
 
 def _prediction(r: ImageResult, key: Any, with_top: bool) -> dict[str, Any]:
-    best = r.predictions[0]
-    item: dict[str, Any] = {"scores": r.scores, "index": best.index, "label": best.label}
-    if with_top:
-        item["top"] = [vars(p) for p in r.predictions]
+    if r.task is not None:  # a detector's boxes, a segmenter's mask, an embedding
+        item = task_json(r.task)
+    else:
+        best = r.predictions[0]
+        item = {"scores": r.scores, "index": best.index, "label": best.label}
+        if with_top:
+            item["top"] = [vars(p) for p in r.predictions]
     if key is not None:
         item["key"] = key
     return item

@@ -30,7 +30,7 @@ from service.api.schemas import (
     PredictOptions,
 )
 from service.cam import METHODS
-from service.errors import NotAcceptable, NotReady
+from service.errors import InvalidArgument, NotAcceptable, NotReady
 from service.repository import ServedModel
 
 router = APIRouter()
@@ -192,10 +192,13 @@ async def explain(request: Request, dataplane: DataPlaneDep, settings: SettingsD
     plan = dataplane.plan(opts.model, len(images), top_k=opts.top_k, explain=opts.request())
     note_request(request.scope, model=plan.model_name, images=len(images))
     assert plan.query is not None
-    png = _answer_as(request, len(images), len(plan.query.classes), opts.output) == PNG
+    png = _answer_as(request, len(images), len(plan.query.classes) or len(plan.targets), opts.output) == PNG
     result = await unless_disconnected(request, dataplane.run(plan, images))
     if png:
-        e = result.results[0].explanations[0]  # type: ignore[index]
+        if not result.results[0].explanations:
+            raise InvalidArgument("targets", "the image has nothing to explain (no detection); ask for JSON to see "
+                                  "what the model found")
+        e = result.results[0].explanations[0]
         assert isinstance(e.heatmap.data, bytes)
         return Response(e.heatmap.data, media_type=PNG, headers=class_headers(e.index, e.label, e.score))
     if heavy(result):

@@ -228,3 +228,23 @@ def test_v2_embedding_similarity_through_tritonclient(triton):
     expected = float(emb[0] @ emb[1] / np.linalg.norm(emb[0]) / np.linalg.norm(emb[1]))
     assert sim[0, 0] == pytest.approx(expected, abs=1e-5)
     assert out.as_numpy("heatmap").shape[:2] == (2, 1)
+
+
+def test_kserve_v1_and_png_answers(client):
+    c, _ = client
+    img = b64(png_bytes(_image()))
+    r = c.post("/v1/models/det:predict", json={"instances": [{"image": {"b64": img}}]})
+    assert r.status_code == 200, r.text
+    pred = r.json()["predictions"][0]
+    assert len(pred["detections"]) == 5
+    assert set(pred["detections"][0]) == {"index", "class", "label", "score", "box"}
+    r = c.post("/v1/models/seg:explain", json={"instances": [{"image": {"b64": img}}],
+                                                "parameters": {"targets": "a"}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert "mask" in body["predictions"][0]
+    assert body["explanations"][0][0]["target"]["region"] == "predicted"
+    r = c.post("/explain", json={"model": "det", "image": img, "targets": [1]}, headers={"Accept": "image/png"})
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "image/png"
+    assert r.headers["X-Class-Label"].startswith("c")
