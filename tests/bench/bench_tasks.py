@@ -1,0 +1,168 @@
+"""Detection and segmentation benchmark (``make bench``): explain vs predict, and vs pytorch-grad-cam's
+one-call-per-target loop.
+
+torchvision's fasterrcnn_mobilenet_v3_large_320_fpn (random weights, batch-norm statistics from random
+images so that boxes differ) at 320x320 and lraspp_mobilenet_v3_large at 224x224, batch 1 and 8, one and five
+targets per image, Grad-CAM at the default layer. ``explain/predict`` is camserve's explain time over its
+predict time for the same batch; ``vs pytorch-grad-cam`` is pytorch-grad-cam's time for the same maps (one
+call per image and target, with ``FasterRCNNBoxScoreTarget`` / ``SemanticSegmentationTarget``) over ours.
+Each cell times the variants in turns and reports the median of the per-turn ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch
+import torchvision
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.model_targets import FasterRCNNBoxScoreTarget, SemanticSegmentationTarget
+
+from service.cam import CamEngine, CamQuery
+from service.cam.tasks import TaskTarget, get_task
+
+
+def _calibrated_detector() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=6, box_score_thresh=0.0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        calib = torch.rand(4, 3, 320, 320, generator=torch.Generator().manual_seed(5))
+        model.backbone(model.transform(list(calib))[0].tensors)
+    return model.eval()
+
+
+class _Out(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.model(x)["out"]
+        return out
+
+
+def _turns(fns: list[Callable[[], object]], rounds: int) -> list[list[float]]:
+    for fn in fns:
+        fn()  # warm-up
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - t0)
+    return times
+
+
+def _ratio(a: list[float], b: list[float]) -> float:
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
+def detection_rows(rounds: int) -> list[tuple[str, int, int, float, float, float]]:
+    model = _calibrated_detector()
+    x = torch.rand(8, 3, 320, 320, generator=torch.Generator().manual_seed(1))
+    engine = CamEngine(model, x[:1], task=get_task("detection"))
+    layer = engine.layers.default
+    rows = []
+    for batch in (1, 8):
+        xb = x[:batch]
+        found = [s.detections for s in engine.explain(xb, [CamQuery(top=5)] * batch).summaries or []]
+        for targets in (1, 5):
+            queries = [CamQuery(layer=layer, objective="score+iou",
+                                targets=tuple(TaskTarget(box=d.box, label=d.label) for d in f[:targets]))
+                       for f in found]
+
+            def predict(xb: torch.Tensor = xb) -> None:
+                engine.predict(xb)
+
+            def explain(xb: torch.Tensor = xb, queries: list[CamQuery] = queries) -> None:
+                engine.explain(xb, queries)
+
+            def reference(xb: torch.Tensor = xb, found: list = found, targets: int = targets) -> None:
+                for p in model.parameters():
+                    p.requires_grad_(True)
+                with GradCAM(model=model, target_layers=[dict(model.named_modules())[layer]]) as cam:
+                    for i in range(xb.shape[0]):
+                        for d in found[i][:targets]:
+                            cam(input_tensor=xb[i : i + 1],
+                                targets=[FasterRCNNBoxScoreTarget([d.label], [torch.tensor(d.box)])])
+                for p in model.parameters():
+                    p.requires_grad_(False)
+
+            t_pred, t_exp, t_ref = _turns([predict, explain, reference], rounds)
+            rows.append(("fasterrcnn_mobilenet_v3_large_320_fpn", batch, targets, statistics.median(t_pred) * 1000,
+                         _ratio(t_exp, t_pred), _ratio(t_ref, t_exp)))
+    engine.close()
+    return rows
+
+
+def segmentation_rows(rounds: int) -> list[tuple[str, int, int, float, float, float]]:
+    torch.manual_seed(0)
+    model = torchvision.models.segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None,
+                                                                       num_classes=6).eval()
+    x = torch.rand(8, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    engine = CamEngine(model, x[:1], task=get_task("segmentation", ["background", *"abcde"]))
+    layer = engine.layers.default
+    rows = []
+    for batch in (1, 8):
+        xb = x[:batch]
+        for targets in (1, 5):
+            queries = [CamQuery(layer=layer, targets=tuple(TaskTarget(index=c) for c in range(1, 1 + targets)))] * batch
+
+            def predict(xb: torch.Tensor = xb) -> None:
+                engine.predict(xb)
+
+            def explain(xb: torch.Tensor = xb, queries: list[CamQuery] = queries) -> None:
+                engine.explain(xb, queries)
+
+            with torch.no_grad():
+                masks = model(xb)["out"].argmax(dim=1)
+            wrapped = _Out(model)
+
+            def reference(xb: torch.Tensor = xb, targets: int = targets, masks: torch.Tensor = masks) -> None:
+                for p in model.parameters():
+                    p.requires_grad_(True)
+                with GradCAM(model=wrapped, target_layers=[dict(wrapped.named_modules())[f"model.{layer}"]]) as cam:
+                    for i in range(xb.shape[0]):
+                        for c in range(1, 1 + targets):
+                            region = (masks[i] == c).float().numpy()
+                            cam(input_tensor=xb[i : i + 1], targets=[SemanticSegmentationTarget(c, region)])
+                for p in model.parameters():
+                    p.requires_grad_(False)
+
+            t_pred, t_exp, t_ref = _turns([predict, explain, reference], rounds)
+            rows.append(("lraspp_mobilenet_v3_large", batch, targets, statistics.median(t_pred) * 1000,
+                         _ratio(t_exp, t_pred), _ratio(t_ref, t_exp)))
+    engine.close()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; medians of {args.rounds} turns")
+    print("| model | batch | targets | predict ms | explain/predict | pytorch-grad-cam/ours |")
+    print("|---|---|---|---|---|---|")
+    torch.set_grad_enabled(True)
+    for row in [*detection_rows(args.rounds), *segmentation_rows(args.rounds)]:
+        name, batch, targets, pred_ms, ratio, ref = row
+        print(f"| {name} | {batch} | {targets} | {pred_ms:.0f} | {ratio:.2f} | {ref:.1f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
