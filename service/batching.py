@@ -29,6 +29,12 @@ pays, and never past that same bound:
 So a lone request runs at once, whatever ``max_wait_s`` is; under load, batches fill while the
 previous one runs and wait for images that are already decoding.
 
+A request that finds the model idle (nothing queued, running or announced) can go further with
+:meth:`Batcher.run_alone`: its whole model-side work, decoding included, runs in the model thread in one
+hop, as a plain model server would run it, instead of a hop to the CPU pool to decode, a turn of the
+batcher's loop and a hop to the model thread. Requests arriving meanwhile queue as usual, and their
+batch starts as soon as the lone one ends.
+
 How others decide, and why this is different (facts from their documentation and source):
 Ray Serve's ``@serve.batch`` always waits ``batch_wait_timeout_s`` after the first request unless the
 batch fills, so a lone request pays the whole timeout. Triton's dynamic batcher, when an instance
@@ -50,7 +56,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Generic, TypeVar
@@ -59,6 +65,7 @@ from service.errors import CamserveError, ModelError, NotReady, Overloaded, Requ
 
 T = TypeVar("T")
 R = TypeVar("R")
+X = TypeVar("X")
 
 BatchFn = Callable[[list[T]], Sequence[R | BaseException]]
 POLICIES = ("adaptive", "fixed")
@@ -212,6 +219,8 @@ class Batcher(Generic[T, R]):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"camserve-{name}")
         self._compute_ema_s = 0.05
         self._running: list[_Pending[T, R]] = []
+        # A lone request's work running in the model thread (``run_alone``) until it ends there.
+        self._alone: Future[Any] | None = None
         self._batches_run = 0
 
     @property
@@ -240,13 +249,18 @@ class Batcher(Generic[T, R]):
 
     async def drain(self) -> None:
         """Wait until every queued image has been computed (callers stop submitting first)."""
-        while self._task is not None and (self._queue or self._running):
+        while self._task is not None and (self._queue or self._running or self._alone is not None):
             self._wakeup.set()
             await asyncio.sleep(0.005)
 
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, running (in a batch or alone) or announced: a request now would be alone."""
+        return not (self._queue or self._running or self._expecting or self._alone is not None)
 
     @property
     def expected_images(self) -> int:
@@ -287,6 +301,40 @@ class Batcher(Generic[T, R]):
             for f in futures:  # timed out or cancelled: let the loop drop what has not started
                 f.cancel()
 
+    async def run_alone(self, fn: Callable[[], X], images: int = 1) -> X | None:
+        """``fn()`` in the model thread at once if the model is :attr:`idle` (and serving), else None with
+        nothing run: the caller then takes the batched path. ``fn`` is a lone request's whole model-side work
+        for ``images`` images (at most ``max_batch_size``); its errors are reported as a batch's are.
+
+        Whatever is submitted while ``fn`` runs waits in the queue, so it still forms one batch."""
+        if self._task is None or not self.idle or not 0 < images <= self.max_batch_size:
+            return None
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        self._policy.arrived(started)
+        work = self._executor.submit(fn)
+        self._alone = work
+        # Cleared when the thread is done, not when the caller stops waiting (a timeout): until then a batch
+        # would only queue behind it in the model thread, and lose what arrives meanwhile.
+        work.add_done_callback(lambda _: loop.call_soon_threadsafe(self._alone_done, work, started, images))
+        try:
+            return await asyncio.wrap_future(work)
+        except CamserveError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"model {self.name!r} failed on a request of {images} image(s): {describe(exc)}") from exc
+
+    def _alone_done(self, work: Future[Any], started: float, images: int) -> None:
+        if self._alone is work:
+            self._alone = None
+        elapsed = time.monotonic() - started
+        self._compute_ema_s = 0.8 * self._compute_ema_s + 0.2 * elapsed
+        self._batches_run += 1
+        # (Not fitted into the policy's batch cost: the time includes decoding.)
+        if self._on_batch is not None:
+            self._on_batch(BatchStats(images, 0.0, elapsed))
+        self._wakeup.set()  # a batch that filled meanwhile may start
+
     def _retry_after(self) -> float:
         batches_ahead = len(self._queue) / self.max_batch_size + 1
         return max(1.0, round(batches_ahead * self._compute_ema_s))
@@ -302,7 +350,7 @@ class Batcher(Generic[T, R]):
             self._drop_cancelled()
             # Clearing before deciding is race-free: submit() and release() run on this same loop.
             self._wakeup.clear()
-            if not self._queue:
+            if not self._queue or self._alone is not None:  # (the queue fills while a lone request runs)
                 await self._wakeup.wait()
                 continue
             now = time.monotonic()

@@ -151,8 +151,8 @@ class DataPlane:
             raise NotReady(f"model {plan.model_name!r} is {plan.served.state.value}")
         work = asyncio.ensure_future(pipeline.run(
             images, top_k=plan.top_k, query=plan.query, spec=plan.spec, max_pixels=self.limits.max_image_pixels,
-            submit=plan.served.submit, expect=plan.served.expect, max_render_pixels=self.limits.max_render_pixels,
-            targets=plan.targets))
+            submit=plan.served.submit, expect=plan.served.expect, alone=plan.served.alone,
+            max_render_pixels=self.limits.max_render_pixels, targets=plan.targets))
         stopping = asyncio.ensure_future(self.repository.stopping.wait())
         timeout = self.limits.timeout_s
         try:

@@ -6,6 +6,9 @@ model; only the forward/backward (``compute``) runs in the model's own thread, f
 there is one. Without one (the start-up warm-up, a notebook), ``run`` computes the request's images
 as one batch.
 
+A request that finds its model idle skips the hops (``run_alone``): it decodes and computes in the
+model's thread in one call, as a plain model server would, and only finishes on the loop.
+
 Small work stays on the event loop: a trip to the pool costs two thread switches, and on a busy
 machine the wait for the pool thread to be scheduled, which is more than decoding a thumbnail or
 encoding its heatmap (see docs/benchmarks.md, "Where the time goes"). Each request may do at most
@@ -19,6 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import TypeVar
 
 import numpy as np
@@ -92,6 +96,10 @@ class JobResult:
 
 Submit = Callable[[list[Job]], Awaitable[list[JobResult]]]
 Expect = Callable[[int], AbstractContextManager[object]]
+# A lone request's prepared images and computed results (a result may be an error).
+Lone = tuple[list["PreparedImage"], list["JobResult | BaseException"]]
+# Runs a lone request's work (for so many images) in the model thread if the model is idle, else None.
+RunAlone = Callable[[Callable[[], Lone], int], Awaitable[Lone | None]]
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -312,34 +320,53 @@ class Pipeline:
     async def _submit(self, jobs: list[Job], submit: Submit | None) -> list[JobResult]:
         if submit is not None:
             return await submit(jobs)
-        computed = await asyncio.get_running_loop().run_in_executor(None, self.compute, jobs)
-        for r in computed:
-            if isinstance(r, BaseException):
-                raise r
-        return [r for r in computed if isinstance(r, JobResult)]
+        return _raise_first(await asyncio.get_running_loop().run_in_executor(None, self.compute, jobs))
 
-    async def run(self, images: Sequence[ImageInput], *, top_k: int, query: CamQuery | None,
-                  spec: HeatmapSpec | None, max_pixels: int, submit: Submit | None = None,
-                  expect: Expect | None = None, max_render_pixels: int = MAX_RENDER_PIXELS,
-                  targets: Sequence[RequestTarget] = ()) -> list[ImageResult]:
-        """Predict (``query`` None) or explain every image of one request, in order.
-
-        ``submit`` hands the jobs to a batcher; without it they are computed here as one batch.
-        ``expect`` (the batcher's) announces the images while they are decoded. ``max_render_pixels``
-        bounds the heatmap pixels one request renders (the memory its answer takes). ``targets``: a
-        detector's, segmenter's or embedding model's targets, in the uploads' pixels."""
-        with expect(len(images)) if expect is not None else nullcontext():
-            prepared = await self._prepare_all(images, max_pixels)
+    def _check_render(self, prepared: Sequence[PreparedImage], query: CamQuery | None, spec: HeatmapSpec | None,
+                      max_render_pixels: int) -> int:
         total = self.render_pixels(prepared, query, spec)
         if total > max_render_pixels:
             raise PayloadTooLarge(f"{total} heatmap pixels asked for, over the limit of {max_render_pixels}; "
                                   "ask for fewer targets or images, or `size=input`")
-        if query is not None and targets:
-            queries = await self._localised(prepared, query, targets, submit)
-            jobs = [Job(p.pixels, q, p.normalized) for p, q in zip(prepared, queries, strict=True)]
+        return total
+
+    def _alone(self, images: Sequence[ImageInput], query: CamQuery | None, spec: HeatmapSpec | None,
+               max_pixels: int, max_render_pixels: int) -> Lone:
+        """A lone request's decoding and compute, in the model thread."""
+        prepared = [self._nth(i, self.prepare, data, max_pixels) for i, data in enumerate(images)]
+        self._check_render(prepared, query, spec, max_render_pixels)
+        return prepared, self.compute([Job(p.pixels, query, p.normalized) for p in prepared])
+
+    async def run(self, images: Sequence[ImageInput], *, top_k: int, query: CamQuery | None,
+                  spec: HeatmapSpec | None, max_pixels: int, submit: Submit | None = None,
+                  expect: Expect | None = None, max_render_pixels: int = MAX_RENDER_PIXELS,
+                  alone: RunAlone | None = None, targets: Sequence[RequestTarget] = ()) -> list[ImageResult]:
+        """Predict (``query`` None) or explain every image of one request, in order.
+
+        ``submit`` hands the jobs to a batcher; without it they are computed here as one batch.
+        ``expect`` (the batcher's) announces the images while they are decoded. ``alone`` (the batcher's
+        ``run_alone``) decodes and computes a single image in the model thread in one hop when the model is
+        idle (several images decode faster side by side in the CPU pool).
+        ``max_render_pixels`` bounds the heatmap pixels one request renders (the memory its answer takes).
+        ``targets``: a detector's, segmenter's or embedding model's targets, in the uploads' pixels (they are
+        localised per image after decoding, so such a request takes the batched path)."""
+        lone = None
+        if alone is not None and len(images) == 1 and not targets:
+            lone = await alone(partial(self._alone, images, query, spec, max_pixels, max_render_pixels), len(images))
+        if lone is not None:
+            prepared, computed = lone
+            total = self.render_pixels(prepared, query, spec)
+            results = _raise_first(computed)
         else:
-            jobs = [Job(p.pixels, query, p.normalized) for p in prepared]
-        results = await self._submit(jobs, submit)
+            with expect(len(images)) if expect is not None else nullcontext():
+                prepared = await self._prepare_all(images, max_pixels)
+            total = self._check_render(prepared, query, spec, max_render_pixels)
+            if query is not None and targets:
+                queries = await self._localised(prepared, query, targets, submit)
+                jobs = [Job(p.pixels, q, p.normalized) for p, q in zip(prepared, queries, strict=True)]
+            else:
+                jobs = [Job(p.pixels, query, p.normalized) for p in prepared]
+            results = await self._submit(jobs, submit)
         for i, r in enumerate(results):
             # One chunk per submission: other requests' batches queue between our chunks. A cancelled
             # request stops here, and its remaining chunks are never run.
@@ -436,3 +463,10 @@ class Pipeline:
         except CamserveError as exc:
             exc.message = f"image {index}: {exc.message}"
             raise
+
+
+def _raise_first(computed: Sequence[JobResult | BaseException]) -> list[JobResult]:
+    for r in computed:
+        if isinstance(r, BaseException):
+            raise r
+    return [r for r in computed if isinstance(r, JobResult)]

@@ -38,7 +38,7 @@ from service.cam.tasks import TaskTarget
 from service.errors import ModelNotFound, NotReady
 from service.imaging import encode_png
 from service.modelspec import ModelSpec
-from service.pipeline import Job, JobResult, Pipeline, is_oom
+from service.pipeline import Job, JobResult, Lone, Pipeline, is_oom
 from service.registry import LoadedModel, ModelLoadError, load_model
 from service.rendering import HeatmapSpec
 from service.task_results import RequestTarget
@@ -88,6 +88,12 @@ class ServedModel:
         if self.state is not ModelState.READY or self.batcher is None:
             raise NotReady(f"model {self.name!r} is {self.state.value}")
         return await self.batcher.submit(jobs)
+
+    async def alone(self, work: Callable[[], Lone], images: int) -> Lone | None:
+        """``work`` in the model thread at once if the model is ready and idle, else None (``Batcher.run_alone``)."""
+        if self.state is not ModelState.READY or self.batcher is None:
+            return None
+        return await self.batcher.run_alone(work, images)
 
     def expect(self, images: int) -> AbstractContextManager[object]:
         """Announce images being decoded for this model, so a batch about to start may wait for them."""

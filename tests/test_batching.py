@@ -178,6 +178,76 @@ def test_a_lone_request_runs_at_once_whatever_the_wait():
     assert fn.batches == [[0], [1], [2]]
 
 
+def test_a_request_to_an_idle_model_runs_alone_in_the_model_thread_at_once():
+    """No trip through the batch loop: ``fn`` runs in the model's own thread, once, and its result comes back."""
+    fn = Gate()
+    b = Batcher(fn, max_batch_size=8, max_wait_s=60, policy="fixed", name="m")  # fixed: a batch would wait 60 s
+    stats: list[BatchStats] = []
+    b._on_batch = stats.append
+
+    async def body():
+        got = await asyncio.wait_for(b.run_alone(lambda: threading.current_thread().name), 5)
+        await _settle()
+        return got, b.idle
+
+    name, idle = run(_with(b, body))
+    assert name.startswith("camserve-m") and idle
+    assert fn.batches == [] and [s.size for s in stats] == [1]
+
+
+def test_requests_arriving_while_one_runs_alone_queue_and_share_the_next_batch():
+    fn = Gate()
+    b = Batcher(fn, max_batch_size=8)
+    entered, release = threading.Event(), threading.Event()
+
+    def lone():
+        entered.set()
+        release.wait(10)
+        return "lone"
+
+    async def body():
+        first = asyncio.create_task(b.run_alone(lone))
+        await asyncio.to_thread(entered.wait, 10)
+        busy = await b.run_alone(lambda: "second")  # not idle: refused, nothing run
+        queued = [asyncio.create_task(b.submit([i])) for i in range(3)]
+        await _settle()
+        depth = b.queue_depth
+        release.set()
+        return busy, depth, await first, [await q for q in queued]
+
+    busy, depth, first, rest = run(_with(b, body))
+    assert busy is None and depth == 3  # held while the lone request ran
+    assert first == "lone" and rest == [["r0"], ["r1"], ["r2"]]
+    assert fn.batches == [[0, 1, 2]]
+
+
+def test_run_alone_refuses_when_busy_or_stopped_and_reports_errors_as_a_batch_does():
+    fn = Gate()
+    fn.release.clear()
+    b = Batcher(fn, max_batch_size=2)
+
+    def boom():
+        raise ValueError("bad")
+
+    async def body():
+        assert await b.run_alone(lambda: 1) is None  # not started
+        b.start()
+        with pytest.raises(ModelError, match="bad"):
+            await b.run_alone(boom)
+        assert await b.run_alone(lambda: 1, images=3) is None  # more than a batch
+        with b.expect(1):  # another request's image is being decoded
+            expecting = await b.run_alone(lambda: 1)
+        task = asyncio.create_task(b.submit([1]))
+        await asyncio.to_thread(fn.entered.wait, 5)
+        running = await b.run_alone(lambda: 1)
+        fn.release.set()
+        await task
+        await b.stop()
+        return running, expecting, await b.run_alone(lambda: 1)
+
+    assert run(body()) == (None, None, None)
+
+
 def test_fixed_policy_holds_a_batch_until_it_is_full():
     fn = Gate()
     b = Batcher(fn, max_batch_size=2, max_wait_s=60, policy="fixed")

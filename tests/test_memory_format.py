@@ -16,17 +16,19 @@ from tests.api.models import tiny_model
 class Timed(nn.Module):
     """A convolution whose forward takes ``costs[(weights, input, batch)]`` milliseconds of a made-up clock."""
 
-    def __init__(self, costs: dict[tuple[str, str, int], float]) -> None:
+    def __init__(self, costs: dict[tuple[str, str, int], float], cold_ms: float = 0.0) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)  # a 3x3 kernel: its two formats differ
         self.costs = costs
+        self.cold_ms = cold_ms  # what the first forward costs on top
         self.now = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         def fmt(t: torch.Tensor) -> str:
             return "cl" if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() else "nchw"
 
-        self.now += self.costs[(fmt(self.conv.weight), fmt(x), x.shape[0])] / 1000
+        self.now += (self.costs[(fmt(self.conv.weight), fmt(x), x.shape[0])] + self.cold_ms) / 1000
+        self.cold_ms = 0.0
         return self.conv(x).mean(dim=(2, 3))
 
 
@@ -61,6 +63,16 @@ def test_a_model_too_slow_to_measure_stays_channels_last_after_one_forward():
     assert plan.weights is CHANNELS_LAST and plan.inputs == ((1, CHANNELS_LAST),)
     assert model.now == 3.0  # one forward, then nothing more
     assert "unmeasured, estimated s" in plan.timings_ms
+
+
+def test_a_slow_first_forward_is_timed_again_before_giving_up():
+    """resnet18 on a busy 2-core CPU: 600 ms cold, 25 ms warm; the cold one alone estimates 65 s."""
+    costs = {("cl", "cl", 1): 25, ("nchw", "nchw", 1): 20, ("nchw", "cl", 1): 25,
+             ("cl", "cl", 8): 150, ("nchw", "nchw", 8): 200, ("nchw", "cl", 8): 160}
+    model = Timed(costs, cold_ms=600)
+    plan = measure(model, model, torch.randn(1, 3, 8, 8), [1, 8], reps=3, clock=lambda: model.now)
+    assert "unmeasured, estimated s" not in plan.timings_ms and len(plan.timings_ms) == 6
+    assert plan.inputs[0] == (1, CONTIGUOUS)
 
 
 def test_a_model_without_convolutions_stays_contiguous():

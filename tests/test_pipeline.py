@@ -14,7 +14,7 @@ import torch
 from service import pipeline as pipeline_module
 from service.batching import Batcher
 from service.cam import CamQuery
-from service.errors import InvalidArgument, InvalidImage, OutOfMemory
+from service.errors import InvalidArgument, InvalidImage, OutOfMemory, PayloadTooLarge
 from service.imaging import encode_png
 from service.labels import class_index
 from service.pipeline import Job, Pipeline
@@ -192,6 +192,58 @@ def test_images_being_decoded_are_announced_to_the_batcher(monkeypatch):
         return during, after
 
     assert asyncio.run(body()) == (2, 0)
+
+
+def test_a_lone_image_is_decoded_and_computed_in_the_model_thread_in_one_hop(monkeypatch):
+    pool = CountingPool()
+    rt = Pipeline(_pipeline(Tiny()).model, pool)
+    batcher = Batcher(rt.compute, max_batch_size=8, name="tiny")
+    threads: list[str] = []
+    original = Pipeline.prepare
+
+    def prepare(self, *args):
+        threads.append(threading.current_thread().name)
+        return original(self, *args)
+
+    monkeypatch.setattr(Pipeline, "prepare", prepare)
+
+    async def body():
+        batcher.start()
+        kwargs = {"submit": batcher.submit, "expect": batcher.expect}
+        try:
+            lone = await rt.run([LARGE], top_k=3, query=CamQuery(), spec=HeatmapSpec(), max_pixels=10**6,
+                                alone=batcher.run_alone, **kwargs)
+            batched = await rt.run([LARGE], top_k=3, query=CamQuery(), spec=HeatmapSpec(), max_pixels=10**6,
+                                   **kwargs)
+        finally:
+            await batcher.stop()
+        return lone, batched
+
+    lone, batched = asyncio.run(body())
+    assert threads[0].startswith("camserve-tiny") and not threads[1].startswith("camserve-tiny")
+    assert pool.jobs == 1 + 2  # the lone one renders in the pool (200x200); the batched one decodes there too
+    assert lone[0].scores == batched[0].scores
+    assert lone[0].explanations[0].heatmap.data == batched[0].explanations[0].heatmap.data
+    pool.shutdown()
+
+
+def test_a_lone_request_reports_a_bad_image_and_too_many_heatmap_pixels():
+    rt = Pipeline(_pipeline(Tiny()).model, CountingPool())
+
+    async def go(images, **kwargs):
+        batcher = Batcher(rt.compute, max_batch_size=8)
+        batcher.start()
+        try:
+            return await rt.run(images, top_k=3, query=CamQuery(), spec=HeatmapSpec(), max_pixels=10**6,
+                                submit=batcher.submit, alone=batcher.run_alone, **kwargs)
+        finally:
+            await batcher.stop()
+
+    with pytest.raises(InvalidImage) as err:
+        asyncio.run(go([b"junk"]))
+    assert err.value.message.startswith("image 0: ")
+    with pytest.raises(PayloadTooLarge):
+        asyncio.run(go([LARGE], max_render_pixels=100))
 
 
 def test_a_bad_image_is_named_on_either_path():
