@@ -5,16 +5,21 @@ REST is driven by ``bench_http.load``, a raw-socket client replaying one prepare
 ``concurrency`` keep-alive connections; gRPC alike by ``h2_replay.h2_load``, a raw HTTP/2 client
 replaying one prepared ``ModelInferRequest`` over ``concurrency`` connections, one call in flight on
 each. Both cost about 0.1 ms of CPU per call, so on a machine whose cores the load generator shares
-with the server the comparison is the servers'. The "gRPC, grpcio client" row drives the same server
-with grpcio's own asyncio client (one channel, identity serialisers): about 0.25 ms per call, which
-a two-core machine takes from the server; it is shown, not compared.
+with the server the comparison is the servers'. The "gRPC scores, grpcio client" row drives the same
+server with grpcio's own asyncio client (one channel, identity serialisers): about 0.25-0.3 ms per
+call, which a two-core machine takes from the server; it is shown, not compared.
 
 Variants take turns round by round; each ratio is the median of per-round ratios (see ``bench_http``).
+Beside throughput, each row gives the CPU milliseconds per call that the server process (all its
+threads) and the load generator spent: less at the mercy of other jobs on a shared machine than
+images/s, though contention inflates it too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import os
 import resource
 import statistics
 import struct
@@ -79,13 +84,23 @@ def _variants(port: int, grpc_port: int, model: str, image: bytes) -> dict[str, 
             "gRPC scores, grpcio client": lambda c, n: grpc_load(f"127.0.0.1:{grpc_port}", message, c, n)}
 
 
-def _timed(coro: Coroutine[Any, Any, tuple[float, float, float]], calls: int) -> tuple[float, float, float, float]:
-    """Run one load; its figures and the load generator's CPU ms per call (all its threads)."""
-    before = resource.getrusage(resource.RUSAGE_SELF)
+def _cpu_s(pid: int) -> float:
+    """CPU seconds a process has used, all its threads (Linux ``/proc``; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _timed(coro: Coroutine[Any, Any, tuple[float, float, float]], calls: int, server: int
+           ) -> tuple[float, float, float, float, float]:
+    """Run one load; its figures, then the CPU ms per call of the load generator and of the server."""
+    before, server_before = resource.getrusage(resource.RUSAGE_SELF), _cpu_s(server)
     got = asyncio.run(coro)
-    after = resource.getrusage(resource.RUSAGE_SELF)
+    after, server_after = resource.getrusage(resource.RUSAGE_SELF), _cpu_s(server)
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    return (*got, cpu * 1000 / calls)
+    return (*got, cpu * 1000 / calls, (server_after - server_before) * 1000 / calls)
 
 
 def grpc_rows(models: list[tuple[str, str, Path, bytes, int]], rounds: int, concurrencies: tuple[int, ...] = (8, 32)
@@ -98,18 +113,18 @@ def grpc_rows(models: list[tuple[str, str, Path, bytes, int]], rounds: int, conc
                             ready_timeout_s=600)
         variants = _variants(port, grpc_port, model, image)
         cells = [(name, c) for c in concurrencies for name in variants]
-        runs: dict[tuple[str, int], list[tuple[float, float, float, float]]] = {cell: [] for cell in cells}
+        runs: dict[tuple[str, int], list[tuple[float, float, float, float, float]]] = {cell: [] for cell in cells}
         try:
             for r in range(rounds):
                 for name, c in cells[r % len(cells):] + cells[:r % len(cells)]:
                     calls = max(requests, 4 * c)
-                    runs[name, c].append(_timed(variants[name](c, calls), calls))
+                    runs[name, c].append(_timed(variants[name](c, calls), calls, proc.pid))
         finally:
             proc.terminate()
             proc.wait(30)
         print(f"\n| {label}, median of {rounds} interleaved runs | concurrency | p50 ms | p95 ms | images/s | "
-              "/ V2 binary (per-round median) | client CPU ms/call |")
-        print("|---|---|---|---|---|---|---|")
+              "/ V2 binary (per-round median) | server CPU ms/call | client CPU ms/call |")
+        print("|---|---|---|---|---|---|---|---|")
         for name, c in cells:
             got = runs[name, c]
             ref = runs["V2 scores, binary", c]
@@ -117,4 +132,5 @@ def grpc_rows(models: list[tuple[str, str, Path, bytes, int]], rounds: int, conc
             verdict = " (missed: target >= 1.0x)" if name == "gRPC scores" and ratio < 1.0 else ""
             print(f"| {name} | {c} | {statistics.median(g[0] for g in got):.1f} | "
                   f"{statistics.median(g[1] for g in got):.1f} | {statistics.median(g[2] for g in got):.1f} | "
-                  f"{ratio:.2f}x{verdict} | {statistics.median(g[3] for g in got):.2f} |", flush=True)
+                  f"{ratio:.2f}x{verdict} | {statistics.median(g[4] for g in got):.2f} | "
+                  f"{statistics.median(g[3] for g in got):.2f} |", flush=True)

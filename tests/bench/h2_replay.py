@@ -27,6 +27,7 @@ END_STREAM, ACK, END_HEADERS = 0x1, 0x1, 0x4
 INITIAL_WINDOW_SIZE, MAX_FRAME_SIZE = 0x4, 0x5
 BIG_WINDOW = 2**31 - 1
 DEFAULT_FRAME, DEFAULT_WINDOW = 16384, 65535
+_HEAD = struct.Struct(">IBI")  # a frame's head: length (24 bits) and type in one word, flags, stream
 
 
 class CallFailed(RuntimeError):
@@ -59,6 +60,7 @@ class Connection:
         self.block = block
         self.body = struct.pack(">BI", 0, len(message)) + message  # the gRPC length-prefixed message
         self.buf = bytearray()
+        self.pos = 0  # where the next unread frame starts in buf
         self.stream = -1  # client streams are odd: the first call's is 1
         self.send_window = DEFAULT_WINDOW  # the connection's; each new stream gets stream_window
         self.stream_window = DEFAULT_WINDOW
@@ -75,17 +77,22 @@ class Connection:
         await writer.drain()
         return conn
 
-    async def _read_frame(self) -> tuple[int, int, int, bytes]:
-        while len(self.buf) < 9:
+    async def _read_frame(self) -> tuple[int, int, int, int, bytes]:
+        """The next frame: type, flags, stream, payload length, and the payload itself unless it is DATA
+        (only its length counts). Frames are parsed in place; the buffer is compacted once drained."""
+        while len(self.buf) - self.pos < 9:
             await self._fill()
-        length = int.from_bytes(self.buf[:3], "big")
-        while len(self.buf) < 9 + length:
+        word, flags, stream = _HEAD.unpack_from(self.buf, self.pos)
+        length, kind = word >> 8, word & 0xFF
+        end = self.pos + 9 + length
+        while len(self.buf) < end:
             await self._fill()
-        kind, flags = self.buf[3], self.buf[4]
-        stream = int.from_bytes(self.buf[5:9], "big") & 0x7FFFFFFF
-        payload = bytes(self.buf[9:9 + length])
-        del self.buf[:9 + length]
-        return kind, flags, stream, payload
+        payload = b"" if kind == DATA else bytes(self.buf[self.pos + 9:end])
+        self.pos = end
+        if end == len(self.buf):
+            self.buf.clear()
+            self.pos = 0
+        return kind, flags, stream & 0x7FFFFFFF, length, payload
 
     async def _fill(self) -> None:
         chunk = await self.reader.read(262144)
@@ -115,7 +122,8 @@ class Connection:
         if len(self.body) > self.stream_window:
             raise CallFailed(f"a {len(self.body)}-byte request exceeds the server's stream window")
         while self.send_window < len(self.body):  # wait for the server to open the connection's window
-            self._control(*await self._read_frame())
+            kind, flags, stream, _, payload = await self._read_frame()
+            self._control(kind, flags, stream, payload)
         self.stream += 2
         self.send_window -= len(self.body)
         out = [_frame(HEADERS, END_HEADERS, self.stream, self.block)]
@@ -125,12 +133,12 @@ class Connection:
         self.writer.write(b"".join(out))
         received = 0
         while True:
-            kind, flags, stream, payload = await self._read_frame()
+            kind, flags, stream, length, payload = await self._read_frame()
             if stream != self.stream:
                 self._control(kind, flags, stream, payload)
                 continue
             if kind == DATA:
-                received += len(payload)
+                received += length
             elif kind == RST_STREAM:
                 self._control(kind, flags, stream, payload)
             if flags & END_STREAM and kind in (DATA, HEADERS):
