@@ -52,8 +52,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("camserve.ray")
 
-__all__ = ["APP_NAME", "GRPC_SERVICER", "REPLICA_HEADER", "CamServe", "DeployFailed", "ReplicaOptions", "build",
-           "build_app", "deploy", "grpc_options", "proxy_environment", "serve_forever", "stop_serving"]
+__all__ = ["APP_NAME", "GRPC_RPCS", "GRPC_SERVICER", "REPLICA_HEADER", "CamServe", "DeployFailed", "ReplicaOptions",
+           "build", "build_app", "deploy", "grpc_options", "proxy_environment", "serve_forever", "stop_serving"]
 
 APP_NAME = "camserve"
 # Why the repository API's load and unload are refused on a replica (the index still answers).

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import inspect
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -30,6 +32,8 @@ from service.models.scenes import make_scene
 from service.modelspec import ModelSpec
 from service.rayserve import (
     APP_NAME,
+    GRPC_RPCS,
+    GRPC_SERVICER,
     REPLICA_HEADER,
     CamServe,
     DeployFailed,
@@ -46,7 +50,7 @@ from service.rayserve import (
 )
 from service.repository import ModelState
 from tests.api.conftest import png_bytes
-from tests.api.server import free_port
+from tests.api.server import ROOT, free_port
 
 # ---- without a cluster: what each replica asks of Ray ----
 
@@ -429,6 +433,26 @@ def test_stop_finishes_in_flight_requests(two_replicas):
     assert set(kinds) <= {200, 503, "refused"}, kinds
     assert all(retry == "1" for _, kind, retry in outcomes if kind == 503)
     assert any(at > stopping and kind == 200 for at, kind, _ in outcomes), "nothing in flight finished"
+
+
+def test_grpc_options_follow_the_grpc_port():
+    assert grpc_options(Settings()) is None  # no gRPC proxy unless asked for
+    options = grpc_options(Settings(grpc_port=8001))
+    assert options == {"port": 8001, "grpc_servicer_functions": [GRPC_SERVICER]}
+    module, _, hook = GRPC_SERVICER.rpartition(".")
+    # As text: importing the generated module would register messages that tritonclient's collide with.
+    generated = (ROOT / (module.replace(".", "/") + ".py")).read_text()
+    assert f"def {hook}(servicer, server):" in generated
+
+
+def test_replicas_answer_every_rpc_of_the_service():
+    """Serve's proxy calls the replica's method named after the RPC: one for each RPC in the .proto."""
+    proto = (ROOT / "service/api/grpc_gen/grpc_predict_v2.proto").read_text()
+    rpcs = re.findall(r"^\s*rpc\s+(\w+)\s*\(", proto, re.M)
+    assert sorted(rpcs) == sorted(GRPC_RPCS)
+    for rpc in rpcs:
+        method = getattr(CamServe, rpc)
+        assert method.__name__ == rpc and "grpc_context" in inspect.signature(method).parameters
 
 
 def test_replicas_never_bind_the_grpc_port():
