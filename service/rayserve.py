@@ -358,6 +358,8 @@ def serve_forever(settings: Settings, options: ReplicaOptions, *, timeout_s: flo
         log.info("camserve on Ray Serve: %s, %s, on http://%s:%d", ", ".join(m.name for m in settings.models),
                  f"{options.min_replicas}-{options.max_replicas} replicas" if options.autoscaling
                  else f"{options.replicas} replica(s)", settings.host, settings.port)
+        if settings.grpc_port is not None:
+            log.info("camserve on Ray Serve: the Open Inference Protocol over gRPC on port %d", settings.grpc_port)
         while not stop.wait(0.5):
             pass
         log.info("camserve on Ray Serve: stopping (replicas drain for up to %.0f s)", settings.drain_timeout_s)
