@@ -129,7 +129,7 @@ def grpc_rows(models: list[tuple[str, str, Path, bytes, int]], rounds: int, conc
             got = runs[name, c]
             ref = runs["V2 scores, binary", c]
             ratio = statistics.median(x[2] / y[2] for x, y in zip(got, ref, strict=True))
-            verdict = " (missed: target >= 1.0x)" if name == "gRPC scores" and ratio < 1.0 else ""
+            verdict = " (missed: target >= 1.0x)" if name == "gRPC scores" and round(ratio, 2) < 1.0 else ""
             print(f"| {name} | {c} | {statistics.median(g[0] for g in got):.1f} | "
                   f"{statistics.median(g[1] for g in got):.1f} | {statistics.median(g[2] for g in got):.1f} | "
                   f"{ratio:.2f}x{verdict} | {statistics.median(g[4] for g in got):.2f} | "
