@@ -12,7 +12,10 @@ server; this module adds only what a replica needs to be a good Serve citizen:
 - GPUs asked of Ray when a model wants CUDA (Ray hides the GPUs of actors that did not ask for one);
 - the proxy: bounded request heads and a 503 with ``Retry-After`` when no replica can answer
   (``service.api.ray_proxy``, installed through :func:`proxy_environment`);
-- a stop that deletes the application before Serve itself, so in-flight requests finish (:func:`stop`).
+- a stop that deletes the application before Serve itself, so in-flight requests finish (:func:`stop`);
+- the Open Inference Protocol over gRPC through Serve's gRPC proxy: the replica has a method per RPC of
+  ``inference.GRPCInferenceService``, which the proxy calls with the request message (see
+  :func:`grpc_options`); the answers, status codes and messages are the plain server's.
 
 Use it as a Serve application builder::
 
@@ -45,10 +48,12 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+    from service.api.oip_grpc import Servicer
+
 log = logging.getLogger("camserve.ray")
 
-__all__ = ["APP_NAME", "REPLICA_HEADER", "CamServe", "DeployFailed", "ReplicaOptions", "build", "build_app",
-           "deploy", "proxy_environment", "serve_forever", "stop_serving"]
+__all__ = ["APP_NAME", "GRPC_RPCS", "GRPC_SERVICER", "REPLICA_HEADER", "CamServe", "DeployFailed", "ReplicaOptions",
+           "build", "build_app", "deploy", "grpc_options", "proxy_environment", "serve_forever", "stop_serving"]
 
 APP_NAME = "camserve"
 # Why the repository API's load and unload are refused on a replica (the index still answers).
@@ -171,6 +176,53 @@ class _ReplicaHeaders:
         await self.app(scope, receive, tagged)
 
 
+# What Serve's gRPC proxy registers: the generated servicer hook of inference.GRPCInferenceService. The
+# proxy routes each RPC to the replica's method of the same name, passing the deserialised request.
+GRPC_SERVICER = "service.api.grpc_gen.grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"
+GRPC_RPCS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
+             "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload")
+
+
+def grpc_options(settings: Settings) -> dict[str, Any] | None:
+    """Serve's ``grpc_options`` for ``settings``: its gRPC proxy on ``grpc_port``, or none when unset."""
+    if settings.grpc_port is None:
+        return None
+    return {"port": settings.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]}
+
+
+class _Relayed(Exception):
+    """Raised once the status is set on Serve's context: the proxy answers with that code and details."""
+
+
+class _ServeContext:
+    """What ``oip_grpc.Servicer`` asks of a ``grpc.aio`` context, over the copy of the call's context that
+    Serve's proxy hands the replica (``RayServegRPCContext``): metadata in, and a status or trailing
+    metadata out, relayed by the proxy to the caller."""
+
+    def __init__(self, context: Any) -> None:
+        self._context = context
+
+    def invocation_metadata(self) -> Any:
+        return self._context.invocation_metadata()
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        self._context.set_trailing_metadata(metadata)
+
+    async def abort(self, code: Any, details: str) -> None:
+        self._context.set_code(code)
+        self._context.set_details(details)
+        raise _Relayed(details)
+
+
+def _relay(rpc: str) -> Any:
+    async def method(self: CamServe, request: Any, grpc_context: Any) -> Any:
+        return await getattr(self.grpc_servicer(), rpc)(request, _ServeContext(grpc_context))
+
+    method.__name__ = method.__qualname__ = rpc
+    method.__doc__ = f"``inference.GRPCInferenceService/{rpc}``, called by Serve's gRPC proxy."
+    return method
+
+
 def replica_settings(settings: Settings, threads: int) -> Settings:
     """A replica's settings: its CPU share, and no gRPC port (Ray Serve's proxies own the ports, and
     replicas sharing a node would each try to bind it)."""
@@ -187,6 +239,7 @@ class CamServe:
         torch.set_num_threads(threads)
         self._settings = replica_settings(settings, threads)
         self._app: FastAPI | None = None
+        self._grpc: Servicer | None = None
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         from service.app import create_app
@@ -200,6 +253,22 @@ class CamServe:
     def check_health(self) -> None:
         if self._app is None or not models_ready(self._app):
             raise RuntimeError("camserve replica: models are not ready")
+
+    def grpc_servicer(self) -> Servicer:
+        """The gRPC servicer on this replica's data plane, made on the first call (after the lifespan
+        has started: Serve routes no call to a replica before it is healthy)."""
+        if self._grpc is None:
+            from service.api.oip_grpc import Servicer
+
+            assert self._app is not None
+            state = self._app.state
+            self._grpc = Servicer(self._settings, state.dataplane, state.metrics, REPOSITORY_FIXED)
+        return self._grpc
+
+
+# One method per RPC, named as the RPC: Serve's gRPC proxy calls replicas by the RPC's name.
+for _name in GRPC_RPCS:
+    setattr(CamServe, _name, _relay(_name))
 
 
 def build(settings: Settings, options: ReplicaOptions) -> Any:
@@ -279,7 +348,8 @@ def serve_forever(settings: Settings, options: ReplicaOptions, *, timeout_s: flo
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         # On a joined cluster whose Serve already runs, its proxy keeps the port it was started with.
-        serve.start(http_options={"host": settings.host, "port": settings.port})
+        serve.start(http_options={"host": settings.host, "port": settings.port},
+                    grpc_options=grpc_options(settings))
         try:
             deploy(build(settings, options), timeout_s=timeout_s)
         except DeployFailed as exc:
@@ -288,6 +358,8 @@ def serve_forever(settings: Settings, options: ReplicaOptions, *, timeout_s: flo
         log.info("camserve on Ray Serve: %s, %s, on http://%s:%d", ", ".join(m.name for m in settings.models),
                  f"{options.min_replicas}-{options.max_replicas} replicas" if options.autoscaling
                  else f"{options.replicas} replica(s)", settings.host, settings.port)
+        if settings.grpc_port is not None:
+            log.info("camserve on Ray Serve: the Open Inference Protocol over gRPC on port %d", settings.grpc_port)
         while not stop.wait(0.5):
             pass
         log.info("camserve on Ray Serve: stopping (replicas drain for up to %.0f s)", settings.drain_timeout_s)

@@ -12,7 +12,8 @@ INTEGRATION = {
     "tests/api/test_drain.py", "tests/api/test_e2e.py", "tests/api/test_grpc.py", "tests/api/test_header_limits.py",
     "tests/api/test_heavy_renders.py", "tests/api/test_kserve_client.py", "tests/api/test_lifecycle.py",
     "tests/api/test_ray_proxy.py", "tests/api/test_schema_fuzz.py", "tests/api/test_triton_client.py",
-    "tests/test_bench_paired.py", "tests/test_rayserve.py", "tests/test_docker.py", "tests/test_gpu_check.py",
+    "tests/test_bench_h2.py", "tests/test_bench_paired.py", "tests/test_rayserve.py", "tests/test_docker.py",
+    "tests/test_gpu_check.py",
 }
 
 

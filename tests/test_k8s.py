@@ -211,6 +211,21 @@ def test_serve_config_deploys_the_camserve_builder():
         assert mount in {m["mountPath"] for m in _container(group["template"]["spec"])["volumeMounts"]}
 
 
+def test_rayservice_serves_grpc_through_the_head_service():
+    """Serve's gRPC proxies listen on grpc_options.port with camserve's servicer hook; KubeRay's serve
+    Service carries only the `serve` port, so the head container names the gRPC port for the head Service."""
+    options = serve_config()["grpc_options"]
+    module, _, function = options["grpc_servicer_functions"][0].rpartition(".")
+    # Checked as text: importing the generated module here would register its messages in this process.
+    assert f"def {function}(" in (ROOT / (module.replace(".", "/") + ".py")).read_text()
+    assert options["grpc_servicer_functions"] == [
+        "service.api.grpc_gen.grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"]
+    head = _container(RAY["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"])
+    assert {"name": "grpc", "containerPort": options["port"]} in head["ports"]
+    plain = {p["name"]: p["port"] for p in PLAIN["Service"]["spec"]["ports"]}
+    assert options["port"] == plain["grpc"]  # the same port as the plain Deployment's
+
+
 def test_serve_config_matches_rays_schema():
     schema = pytest.importorskip("ray.serve.schema")
     parsed = schema.ServeDeploySchema.model_validate(serve_config())

@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import inspect
+import json
 import os
+import re
 import socket
 import threading
 import time
@@ -29,6 +32,8 @@ from service.models.scenes import make_scene
 from service.modelspec import ModelSpec
 from service.rayserve import (
     APP_NAME,
+    GRPC_RPCS,
+    GRPC_SERVICER,
     REPLICA_HEADER,
     CamServe,
     DeployFailed,
@@ -37,6 +42,7 @@ from service.rayserve import (
     build_app,
     deploy,
     deployment_options,
+    grpc_options,
     models_ready,
     proxy_environment,
     replica_settings,
@@ -44,7 +50,7 @@ from service.rayserve import (
 )
 from service.repository import ModelState
 from tests.api.conftest import png_bytes
-from tests.api.server import free_port
+from tests.api.server import ROOT, free_port
 
 # ---- without a cluster: what each replica asks of Ray ----
 
@@ -123,7 +129,12 @@ def test_health_follows_model_readiness():
 
 
 @pytest.fixture(scope="module")
-def proxy_port():
+def grpc_proxy_port():
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def proxy_port(grpc_proxy_port):
     # As `camserve serve --ray` does: the cluster's processes inherit the proxy callback and head limits.
     env = {"RAY_USAGE_STATS_ENABLED": "0", **proxy_environment(Settings())}
     saved = {key: os.environ.get(key) for key in env}
@@ -132,7 +143,9 @@ def proxy_port():
              logging_level="warning")
     port = free_port()
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        # As `camserve serve --ray` with SERVICE_GRPC_PORT set: Serve's gRPC proxy serves the OIP service too.
+        serve.start(http_options={"host": "127.0.0.1", "port": port},
+                    grpc_options=grpc_options(Settings(port=port, grpc_port=grpc_proxy_port)))
         yield port
     finally:
         serve.shutdown()
@@ -321,6 +334,38 @@ def test_repository_changes_are_refused_on_replicas(two_replicas):
         assert index.status_code == 200 and index.json() == [{"name": "shapes", "version": "1", "state": "READY"}]
 
 
+@pytest.mark.slow
+def test_grpc_through_serves_proxy_answers_like_rest(two_replicas, grpc_proxy_port):
+    """The Open Inference Protocol over gRPC through Serve's gRPC proxy, spoken by tritonclient: the same
+    scores as REST V2 through the HTTP proxy, the same status codes and messages as the plain server."""
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    from tritonclient.utils import InferenceServerException
+
+    image = _images(1)[0]
+    header = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [
+        base64.b64encode(image).decode()]}], "outputs": [{"name": "scores"}]})
+    rest = httpx.post(f"{two_replicas}/v2/models/shapes/infer", content=header, timeout=60)
+    assert rest.status_code == 200, rest.text
+    want = np.asarray(rest.json()["outputs"][0]["data"], dtype=np.float32)
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_proxy_port}")
+    try:
+        assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("shapes")
+        assert client.get_model_metadata("shapes").platform == "pytorch"
+        tensor = grpcclient.InferInput("image", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([image], dtype=np.object_))
+        for _ in range(4):  # whichever replica takes it
+            got = client.infer("shapes", [tensor], outputs=[grpcclient.InferRequestedOutput("scores")])
+            np.testing.assert_allclose(got.as_numpy("scores").reshape(-1), want.reshape(-1), atol=1e-5)
+        with pytest.raises(InferenceServerException) as missing:
+            client.infer("nope", [tensor])
+        assert missing.value.status() == "StatusCode.NOT_FOUND" and "nope" in missing.value.message()
+        with pytest.raises(InferenceServerException) as fixed:
+            client.load_model("shapes")
+        assert fixed.value.status() == "StatusCode.PERMISSION_DENIED" and "under Ray Serve" in fixed.value.message()
+    finally:
+        client.close()
+
+
 def _raw(port: int, head: bytes, chunk: int = 16384) -> tuple[bytes, int]:
     """Send ``head`` in pieces until the server answers; (its answer, bytes sent)."""
     import select
@@ -388,6 +433,26 @@ def test_stop_finishes_in_flight_requests(two_replicas):
     assert set(kinds) <= {200, 503, "refused"}, kinds
     assert all(retry == "1" for _, kind, retry in outcomes if kind == 503)
     assert any(at > stopping and kind == 200 for at, kind, _ in outcomes), "nothing in flight finished"
+
+
+def test_grpc_options_follow_the_grpc_port():
+    assert grpc_options(Settings()) is None  # no gRPC proxy unless asked for
+    options = grpc_options(Settings(grpc_port=8001))
+    assert options == {"port": 8001, "grpc_servicer_functions": [GRPC_SERVICER]}
+    module, _, hook = GRPC_SERVICER.rpartition(".")
+    # As text: importing the generated module would register messages that tritonclient's collide with.
+    generated = (ROOT / (module.replace(".", "/") + ".py")).read_text()
+    assert f"def {hook}(servicer, server):" in generated
+
+
+def test_replicas_answer_every_rpc_of_the_service():
+    """Serve's proxy calls the replica's method named after the RPC: one for each RPC in the .proto."""
+    proto = (ROOT / "service/api/grpc_gen/grpc_predict_v2.proto").read_text()
+    rpcs = re.findall(r"^\s*rpc\s+(\w+)\s*\(", proto, re.M)
+    assert sorted(rpcs) == sorted(GRPC_RPCS)
+    for rpc in rpcs:
+        method = getattr(CamServe, rpc)
+        assert method.__name__ == rpc and "grpc_context" in inspect.signature(method).parameters
 
 
 def test_replicas_never_bind_the_grpc_port():

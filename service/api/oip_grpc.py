@@ -33,7 +33,7 @@ from service.api.oip import VERSION, InputTensor, OutputTensor
 from service.api.oip_repository import check_admin_key, entry, given_key, key_matches, load_model
 from service.config import Settings
 from service.dataplane import DataPlane
-from service.errors import CamserveError, InvalidInput, Overloaded, Unauthorized
+from service.errors import CamserveError, Forbidden, InvalidInput, Overloaded, Unauthorized
 from service.metrics import Metrics
 
 log = logging.getLogger("camserve.api")
@@ -142,8 +142,10 @@ def _response(request: pb.ModelInferRequest, tensors: list[OutputTensor]) -> pb.
 class Servicer(pb_grpc.GRPCInferenceServiceServicer):
     """``inference.GRPCInferenceService`` on a data plane; one per server."""
 
-    def __init__(self, settings: Settings, dataplane: DataPlane, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, dataplane: DataPlane, metrics: Metrics,
+                 repository_fixed: str | None = None) -> None:
         self.settings = settings
+        self.repository_fixed = repository_fixed  # why loads and unloads are refused (a Ray Serve replica)
         self.dataplane = dataplane
         self.repository = dataplane.repository
         self.metrics = metrics
@@ -153,6 +155,10 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
     def _given(self, context: grpc.aio.ServicerContext) -> str | None:
         meta = _metadata(context)
         return given_key(meta.get("authorization"), meta.get("x-api-key"))
+
+    def check_changeable(self) -> None:
+        if self.repository_fixed:
+            raise Forbidden(self.repository_fixed)
 
     def check_key(self, context: grpc.aio.ServicerContext) -> None:
         if self.keys and not key_matches(self._given(context), self.any_keys):
@@ -227,6 +233,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
                                   context: grpc.aio.ServicerContext) -> pb.RepositoryModelLoadResponse:
         check_admin_key(self._given(context), self.settings)
+        self.check_changeable()
         await load_model(self.repository, self.settings, request.model_name, _params(request.parameters))
         return pb.RepositoryModelLoadResponse()
 
@@ -234,6 +241,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
                                     context: grpc.aio.ServicerContext) -> pb.RepositoryModelUnloadResponse:
         check_admin_key(self._given(context), self.settings)
+        self.check_changeable()
         log.info("repository API: unloading model %r", request.model_name)
         await self.repository.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
