@@ -25,8 +25,8 @@ from service.models.shapes import MEAN, STD, _conv_block, to_input
 INPUT_SIZE = SCENE_SIZE
 DEFAULT_WEIGHTS = Path(__file__).with_name("shapes_seg.pt")
 
-_TRAIN_SCENES = 12_000
-_EPOCHS = 3
+_TRAIN_SCENES = 8_000
+_EPOCHS = 2
 _BATCH_SIZE = 64
 _EVAL_BATCH_SIZE = 256
 _LR = 3e-3
@@ -155,6 +155,9 @@ def train_shapes_seg(
             optimizer.step()
             scheduler.step()
             total += float(loss.detach()) * len(idx)
+            step = start // _BATCH_SIZE + 1
+            if step % 50 == 0:
+                log(f"  step {step}: loss {float(loss.detach()):.4f} ({time.perf_counter() - started:.0f}s)")
         train_loss = total / n_train
         log(f"epoch {epoch + 1}/{epochs}: loss {train_loss:.4f} ({time.perf_counter() - started:.0f}s)")
 
