@@ -34,7 +34,7 @@ def test_scene_spec():
                 (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = scene.boxes[a], scene.boxes[b]
                 assert ax1 + 2 <= bx0 or bx1 + 2 <= ax0 or ay1 + 2 <= by0 or by1 + 2 <= ay0
     assert counts == {1, 2, 3}
-    assert SEG_CLASSES == ("background", *SHAPE_CLASSES)
+    assert ("background", *SHAPE_CLASSES) == SEG_CLASSES
 
 
 def test_two_shape_scenes_on_request():
