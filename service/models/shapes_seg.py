@@ -25,14 +25,23 @@ from service.models.shapes import MEAN, STD, _conv_block, to_input
 INPUT_SIZE = SCENE_SIZE
 DEFAULT_WEIGHTS = Path(__file__).with_name("shapes_seg.pt")
 
-_TRAIN_SCENES = 8_000
-_EPOCHS = 2
+_TRAIN_SCENES = 10_000
+_EPOCHS = 3
 _BATCH_SIZE = 64
 _EVAL_BATCH_SIZE = 256
 _LR = 3e-3
 _WEIGHT_DECAY = 1e-4
 _VAL_SCENES = 500
 _VAL_SEED_OFFSET = 7_919
+
+
+def _dilated_block(in_channels: int, out_channels: int, dilation: int) -> nn.Sequential:
+    """3x3 conv with `dilation` + BatchNorm + ReLU, size-preserving: (N, in, H, W) -> (N, out, H, W)."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=dilation, dilation=dilation, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(),
+    )
 
 
 class ShapesSegmenter(nn.Module):
@@ -44,10 +53,11 @@ class ShapesSegmenter(nn.Module):
         super().__init__()
         self.enc1 = _conv_block(3, 16)  # (N, 16, 64, 64)
         self.enc2 = _conv_block(16, 32, stride=2)  # (N, 32, 32, 32)
+        # Dilated: a pixel's class depends on its whole shape (up to 24 px), so the receptive field must exceed it.
         self.bottleneck = nn.Sequential(  # (N, 64, 16, 16)
             _conv_block(32, 64, stride=2),
-            _conv_block(64, 64),
-            _conv_block(64, 64),
+            _dilated_block(64, 64, dilation=2),
+            _dilated_block(64, 64, dilation=2),
         )
         self.up2 = nn.Conv2d(64, 32, kernel_size=1)
         self.dec2 = _conv_block(32, 32)  # (N, 32, 32, 32)
