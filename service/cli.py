@@ -120,10 +120,15 @@ def _eval_shapes_detect(args: argparse.Namespace) -> int:
     from service.models.shapes_detect import average_precision_50, load_shapes_detect
 
     model, _ = load_shapes_detect(Path(args.weights) if args.weights else None)
-    single = detection_pointing(model, args.n, args.seed)
-    pair = detection_pointing(model, args.n, args.seed, n_shapes=2, distinct_labels=True)
-    print(json.dumps({"scenes": args.n, "seed": args.seed, "ap50": average_precision_50(model, args.n, args.seed),
-                      "pointing": single.rate, "pointing_two_shapes": pair.strict_rate}))
+    figures: dict[str, object] = {"scenes": args.n, "seed": args.seed,
+                                  "ap50": average_precision_50(model, args.n, args.seed)}
+    for method in ("gradcam", "hirescam"):
+        single = detection_pointing(model, args.n, args.seed, method=method)
+        pair = detection_pointing(model, args.n, args.seed, n_shapes=2, method=method)
+        distinct = detection_pointing(model, args.n, args.seed, n_shapes=2, distinct_labels=True, method=method)
+        figures[method] = {"pointing": single.rate, "two_shapes": pair.strict_rate,
+                           "two_shapes_distinct_classes": distinct.strict_rate}
+    print(json.dumps(figures))
     return 0
 
 
@@ -132,10 +137,15 @@ def _eval_shapes_seg(args: argparse.Namespace) -> int:
     from service.models.shapes_seg import load_shapes_seg, mean_iou
 
     model, _ = load_shapes_seg(Path(args.weights) if args.weights else None)
-    single = segmentation_pointing(model, args.n, args.seed)
-    pair = segmentation_pointing(model, args.n, args.seed, region="mask", n_shapes=2, distinct_labels=True)
-    print(json.dumps({"scenes": args.n, "seed": args.seed, "miou": mean_iou(model, args.n, args.seed),
-                      "pointing": single.rate, "pointing_mask_two_shapes": pair.rate}))
+    figures: dict[str, object] = {"scenes": args.n, "seed": args.seed, "miou": mean_iou(model, args.n, args.seed)}
+    for method in ("gradcam", "hirescam"):
+        single = segmentation_pointing(model, args.n, args.seed, method=method)
+        pair = segmentation_pointing(model, args.n, args.seed, region="mask", n_shapes=2, method=method)
+        distinct = segmentation_pointing(model, args.n, args.seed, region="mask", n_shapes=2, distinct_labels=True,
+                                         method=method)
+        figures[method] = {"pointing": single.rate, "mask_two_shapes": pair.rate,
+                           "mask_two_shapes_distinct_classes": distinct.rate}
+    print(json.dumps(figures))
     return 0
 
 

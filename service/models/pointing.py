@@ -26,6 +26,8 @@ from service.models.shapes_seg import predict as segment
 _BATCH = 64
 
 Target = Callable[[object], torch.Tensor]
+# Grad-CAM averages gradients over the map, so same-class shapes light up alike; HiResCAM keeps them apart.
+Method = Literal["gradcam", "hirescam"]
 
 
 @dataclass(frozen=True)
@@ -55,12 +57,14 @@ def _layer(model: nn.Module, layer: str | None) -> nn.Module:
     return model.get_submodule(name)
 
 
-def _peaks(model: nn.Module, layer: nn.Module, images: np.ndarray, targets: Sequence[Target]) -> np.ndarray:
-    """Arg-max (x, y) (M, 2) of pytorch-grad-cam's Grad-CAM for image rows (M, 64, 64, 3), one target each."""
-    from pytorch_grad_cam import GradCAM
+def _peaks(
+    model: nn.Module, layer: nn.Module, images: np.ndarray, targets: Sequence[Target], method: Method
+) -> np.ndarray:
+    """Arg-max (x, y) (M, 2) of pytorch-grad-cam's map for image rows (M, 64, 64, 3), one target each."""
+    from pytorch_grad_cam import GradCAM, HiResCAM
 
     peaks: list[np.ndarray] = []
-    with GradCAM(model=model, target_layers=[layer]) as cam:
+    with {"gradcam": GradCAM, "hirescam": HiResCAM}[method](model=model, target_layers=[layer]) as cam:
         for start in range(0, len(images), _BATCH):
             chunk = slice(start, start + _BATCH)
             maps = cam(input_tensor=to_input(images[chunk]), targets=list(targets[chunk]))
@@ -121,8 +125,9 @@ def detection_pointing(
     distinct_labels: bool = False,
     objective: Literal["score", "score+iou"] = "score+iou",
     layer: str | None = None,
+    method: Method = "gradcam",
 ) -> Pointing:
-    """Grad-CAM pointing of each detection matched to a ground-truth shape, on `n` fresh scenes from `seed`.
+    """Grad-CAM (or HiResCAM) pointing of each detection matched to a ground truth, on `n` fresh scenes from `seed`.
 
     Each matched detection is explained alone (its own target: `FasterRCNNBoxScoreTarget` on its label and
     box for "score+iou", or its score); a hit is a peak inside that shape's box and in no other shape's box.
@@ -143,7 +148,7 @@ def detection_pointing(
             else:
                 box = det["boxes"][j : j + 1].numpy()
                 targets.append(FasterRCNNBoxScoreTarget(labels=[int(det["labels"][j])], bounding_boxes=box))
-    peaks = _peaks(model, _layer(model, layer), images[[i for i, _ in rows]], targets)
+    peaks = _peaks(model, _layer(model, layer), images[[i for i, _ in rows]], targets, method)
     hits = sum(_hit(p, scenes[i], k) for p, (i, k) in zip(peaks, rows, strict=True))
     return Pointing(hits=hits, explained=len(rows), unexplained=sum(len(s.labels) for s in scenes) - len(rows))
 
@@ -158,8 +163,9 @@ def segmentation_pointing(
     n_shapes: int | None = None,
     distinct_labels: bool = False,
     layer: str | None = None,
+    method: Method = "gradcam",
 ) -> Pointing:
-    """Grad-CAM pointing of `SemanticSegmentationTarget` on `n` fresh scenes from `seed`.
+    """Grad-CAM (or HiResCAM) pointing of `SemanticSegmentationTarget` on `n` fresh scenes from `seed`.
 
     region="predicted": one map per class both present and predicted, over its predicted pixels; a hit is a
     peak on a true pixel of that class (`inside="region"`) or in a box of a shape of that class ("box").
@@ -188,7 +194,7 @@ def segmentation_pointing(
                 continue
             rows.append((i, cls))
             targets.append(SemanticSegmentationTarget(cls, mask.astype(np.float32)))
-    peaks = _peaks(model, _layer(model, layer), images[[i for i, _ in rows]], targets)
+    peaks = _peaks(model, _layer(model, layer), images[[i for i, _ in rows]], targets, method)
     hits = 0
     for p, (i, key) in zip(peaks, rows, strict=True):
         scene = scenes[i]
