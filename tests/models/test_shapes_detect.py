@@ -110,7 +110,6 @@ def test_matching_pairs_each_shape_once(model):
         assert all(int(det["labels"][j]) == int(scene.labels[k]) for j, k in pairs)
 
 
-@pytest.mark.slow
 def test_gradcam_points_inside_the_detected_box(model):
     """pytorch-grad-cam, FasterRCNNBoxScoreTarget, default layer: the peak lies in the shape's box."""
     result = detection_pointing(model, 60, SEED)
@@ -118,14 +117,12 @@ def test_gradcam_points_inside_the_detected_box(model):
     assert result.rate >= 0.85, f"pointing {result}"
 
 
-@pytest.mark.slow
 def test_gradcam_points_at_the_shape_explained_not_the_other(model):
     """Two shapes, classes drawn independently (same-class pairs included); a missed shape counts as a miss."""
     result = detection_pointing(model, 50, SEED, n_shapes=2)
     assert result.strict_rate >= 0.80, f"two-shape pointing {result}"
 
 
-@pytest.mark.slow
 def test_hirescam_tells_same_class_shapes_apart(model):
     """Grad-CAM's averaged gradients light up every shape of the class; HiResCAM's stay at the detection."""
     gradcam = detection_pointing(model, 25, SEED, n_shapes=3, method="gradcam")

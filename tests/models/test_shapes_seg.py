@@ -57,7 +57,6 @@ def test_miou_on_held_out_scenes(model):
     assert miou >= 0.7, f"mIoU {miou:.3f}"
 
 
-@pytest.mark.slow
 def test_gradcam_points_inside_the_class_region(model):
     """pytorch-grad-cam, SemanticSegmentationTarget over the predicted region: the peak is on that class."""
     result = segmentation_pointing(model, 60, SEED)
@@ -65,7 +64,6 @@ def test_gradcam_points_inside_the_class_region(model):
     assert result.rate >= 0.90, f"pointing {result}"
 
 
-@pytest.mark.slow
 def test_a_mask_over_one_of_two_shapes_moves_the_map_there(model):
     result = segmentation_pointing(model, 50, SEED, region="mask", n_shapes=2, distinct_labels=True)
     assert result.explained == 100
