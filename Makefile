@@ -10,7 +10,7 @@ KSERVE ?= kserve>=0.21,<0.22
 
 .DEFAULT_GOAL := help
 .PHONY: help install browser run test test-fast test-kserve lint docs bench bench-http bench-stages bench-ray bench-gpu gpu-check \
-	gpu-wheels train-shapes grpc-gen \
+	gpu-wheels train-shapes train-shapes-detect train-shapes-seg grpc-gen \
 	docker clean docker-base docker-wheels docker-wheels-cuda docker-cpu docker-cuda docker-test
 
 help: ## list the targets
@@ -102,6 +102,12 @@ grpc-gen: $(STAMP) ## regenerate service/api/grpc_gen/*.py from its grpc_predict
 
 train-shapes: $(STAMP) ## retrain the built-in shapes model (deterministic, a few minutes on 2 cores)
 	$(BIN)/camserve train-shapes
+
+train-shapes-detect: $(STAMP) ## retrain the built-in shapes-detect detector (deterministic, minutes on 2 cores)
+	$(BIN)/camserve train-shapes-detect
+
+train-shapes-seg: $(STAMP) ## retrain the built-in shapes-seg segmenter (deterministic, minutes on 2 cores)
+	$(BIN)/camserve train-shapes-seg
 
 # Images: Debian bookworm base, Python packages from a host-side wheelhouse (containers here reach no index).
 DOCKER ?= docker

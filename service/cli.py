@@ -1,4 +1,4 @@
-"""camserve serve | train-shapes | eval-shapes | explain: the command line."""
+"""camserve serve | train-shapes[-detect|-seg] | eval-shapes[-detect|-seg] | explain | evaluate: the command line."""
 
 from __future__ import annotations
 
@@ -98,6 +98,54 @@ def _eval_shapes(args: argparse.Namespace) -> int:
     model, _ = load_shapes(Path(args.weights) if args.weights else None)
     print(json.dumps({"scenes": args.n, "seed": args.seed, "accuracy": evaluate(model, args.n, args.seed),
                       "pointing_game": pointing_game(model, args.n, args.seed)}))
+    return 0
+
+
+def _train_shapes_detect(args: argparse.Namespace) -> int:
+    from service.models.shapes_detect import train_shapes_detect
+
+    print(json.dumps(train_shapes_detect(Path(args.out), seed=args.seed), indent=2))
+    return 0
+
+
+def _train_shapes_seg(args: argparse.Namespace) -> int:
+    from service.models.shapes_seg import train_shapes_seg
+
+    print(json.dumps(train_shapes_seg(Path(args.out), seed=args.seed), indent=2))
+    return 0
+
+
+def _eval_shapes_detect(args: argparse.Namespace) -> int:
+    from service.models.pointing import detection_pointing
+    from service.models.shapes_detect import average_precision_50, load_shapes_detect
+
+    model, _ = load_shapes_detect(Path(args.weights) if args.weights else None)
+    figures: dict[str, object] = {"scenes": args.n, "seed": args.seed,
+                                  "ap50": average_precision_50(model, args.n, args.seed)}
+    for method in ("gradcam", "hirescam"):
+        single = detection_pointing(model, args.n, args.seed, method=method)
+        pair = detection_pointing(model, args.n, args.seed, n_shapes=2, method=method)
+        distinct = detection_pointing(model, args.n, args.seed, n_shapes=2, distinct_labels=True, method=method)
+        figures[method] = {"pointing": single.rate, "two_shapes": pair.strict_rate,
+                           "two_shapes_distinct_classes": distinct.strict_rate}
+    print(json.dumps(figures))
+    return 0
+
+
+def _eval_shapes_seg(args: argparse.Namespace) -> int:
+    from service.models.pointing import segmentation_pointing
+    from service.models.shapes_seg import load_shapes_seg, mean_iou
+
+    model, _ = load_shapes_seg(Path(args.weights) if args.weights else None)
+    figures: dict[str, object] = {"scenes": args.n, "seed": args.seed, "miou": mean_iou(model, args.n, args.seed)}
+    for method in ("gradcam", "hirescam"):
+        single = segmentation_pointing(model, args.n, args.seed, method=method)
+        pair = segmentation_pointing(model, args.n, args.seed, region="mask", n_shapes=2, method=method)
+        distinct = segmentation_pointing(model, args.n, args.seed, region="mask", n_shapes=2, distinct_labels=True,
+                                         method=method)
+        figures[method] = {"pointing": single.rate, "mask_two_shapes": pair.rate,
+                           "mask_two_shapes_distinct_classes": distinct.rate}
+    print(json.dumps(figures))
     return 0
 
 
@@ -209,6 +257,20 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--seed", type=int, default=1234, help="scene seed (default 1234)")
     ev.add_argument("--weights", help="a shapes.pt other than the shipped one")
     ev.set_defaults(func=_eval_shapes)
+    for kind, noun, train_fn, eval_fn in (
+        ("detect", "detector", _train_shapes_detect, _eval_shapes_detect),
+        ("seg", "segmenter", _train_shapes_seg, _eval_shapes_seg),
+    ):
+        weights = Path(__file__).parent / "models" / f"shapes_{kind}.pt"
+        train_k = sub.add_parser(f"train-shapes-{kind}", help=f"train the built-in shapes-{kind} {noun}")
+        train_k.add_argument("--out", default=str(weights), help="where to write the weights (default: shipped file)")
+        train_k.add_argument("--seed", type=int, default=0, help="training seed (default 0, the shipped weights)")
+        train_k.set_defaults(func=train_fn)
+        eval_k = sub.add_parser(f"eval-shapes-{kind}", help=f"quality and Grad-CAM pointing of shapes-{kind}")
+        eval_k.add_argument("--n", type=int, default=500, help="fresh multi-shape scenes to score (default 500)")
+        eval_k.add_argument("--seed", type=int, default=1234, help="scene seed (default 1234)")
+        eval_k.add_argument("--weights", help=f"a shapes_{kind}.pt other than the shipped one")
+        eval_k.set_defaults(func=eval_fn)
     ex = sub.add_parser("explain", help="explain one image file without a server")
     ex.add_argument("image", help="an image file (PNG, JPEG, WebP, GIF, BMP, TIFF)")
     ex.add_argument("--config", help="models.toml (default: the built-in shapes model)")
