@@ -6,7 +6,7 @@ load is a ``service.modelspec.ModelSpec``; which models are served, and their st
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -134,6 +134,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     try:
         labels = read_labels(spec.labels) if spec.labels else None
         built = build(spec, len(labels) if labels else None)
+        if built.task is not None and spec.task == "classification":  # the default: the source knows better
+            spec = replace(spec, task=built.task)
         preprocess = _override(built.preprocess, spec.preprocess)
         return serve_module(built.module, spec, labels or built.labels, preprocess, built.default_layer,
                             built.runtime)

@@ -41,6 +41,7 @@ class Built:
     preprocess: Preprocess = field(default_factory=Preprocess)
     default_layer: str | None = None
     runtime: Runtime | None = None  # set when the module runs outside autograd (service.cam.runtime)
+    task: str | None = None  # the task the source knows its model serves (the built-in detector, segmenter)
 
 
 Loader = Callable[[ModelSpec, str, int | None], Built]
@@ -140,16 +141,24 @@ def _head_size(state: Mapping[str, torch.Tensor]) -> int | None:
     return int(heads[-1].shape[0]) if heads else None
 
 
-@source("builtin", "builtin:shapes")
-def _builtin(spec: ModelSpec, target: str, num_labels: int | None) -> Built:
-    if target != "shapes":
-        raise ModelLoadError(f"model {spec.name!r}: the only builtin model is builtin:shapes, got {spec.source!r}")
-    from service.models import shapes
+# The built-in models, trained in the package on synthetic scenes, and the task each one serves.
+BUILTIN_TASKS = {"shapes": "classification", "shapes-detect": "detection", "shapes-seg": "segmentation"}
 
-    model, labels = shapes.load_shapes(Path(spec.weights) if spec.weights else None)
+
+@source("builtin", "builtin:shapes | shapes-detect | shapes-seg")
+def _builtin(spec: ModelSpec, target: str, num_labels: int | None) -> Built:
+    if target not in BUILTIN_TASKS:
+        raise ModelLoadError(f"model {spec.name!r}: the builtin models are {', '.join(BUILTIN_TASKS)}, got "
+                             f"{spec.source!r}")
+    from service.models import shapes, shapes_detect, shapes_seg
+
+    weights = Path(spec.weights) if spec.weights else None
+    loaders = {"shapes": shapes.load_shapes, "shapes-detect": shapes_detect.load_shapes_detect,
+               "shapes-seg": shapes_seg.load_shapes_seg}
+    model, labels = loaders[target](weights)
     pre = Preprocess(resize=shapes.INPUT_SIZE, crop=(shapes.INPUT_SIZE, shapes.INPUT_SIZE),
                      mean=shapes.MEAN, std=shapes.STD)
-    return Built(model, labels, pre)
+    return Built(model, labels, pre, task=BUILTIN_TASKS[target])
 
 
 # Where torchvision keeps each task's builders.

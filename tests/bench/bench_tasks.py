@@ -115,6 +115,7 @@ def segmentation_rows(rounds: int) -> list[tuple[str, int, int, float, float, fl
     x = torch.rand(8, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     engine = CamEngine(model, x[:1], task=get_task("segmentation", ["background", *"abcde"]))
     layer = engine.layers.default
+    wrapped = _Out(model)
     rows = []
     for batch in (1, 8):
         xb = x[:batch]
@@ -129,7 +130,6 @@ def segmentation_rows(rounds: int) -> list[tuple[str, int, int, float, float, fl
 
             with torch.no_grad():
                 masks = model(xb)["out"].argmax(dim=1)
-            wrapped = _Out(model)
 
             def reference(xb: torch.Tensor = xb, targets: int = targets, masks: torch.Tensor = masks) -> None:
                 for p in model.parameters():
