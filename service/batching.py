@@ -322,11 +322,14 @@ class Batcher(Generic[T, R]):
         except CamserveError:
             raise
         except Exception as exc:
-            raise ModelError(f"model {self.name!r} failed on a request of {images} image(s): {describe(exc)}") from exc
+            # Worded as a batch's failure: to a client, a lone request is a batch of its own images.
+            raise ModelError(f"model {self.name!r} failed on a batch of {images}: {describe(exc)}") from exc
 
     def _alone_done(self, work: Future[Any], started: float, images: int) -> None:
         if self._alone is work:
             self._alone = None
+        if work.cancelled() or work.exception() is not None:
+            return  # an upload that failed to decode, or a failure: not an execution of the model
         elapsed = time.monotonic() - started
         self._compute_ema_s = 0.8 * self._compute_ema_s + 0.2 * elapsed
         self._batches_run += 1
