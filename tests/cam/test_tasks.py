@@ -22,6 +22,9 @@ from service.errors import InvalidArgument
 from service.models.shapes import ShapesNet
 from tests.cam.helpers import pearson, upsampled
 
+# torchvision's detector and segmenter take seconds per parity check on two cores: kept out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 GRADIENT_METHODS = [("gradcam", GradCAM), ("gradcam++", GradCAMPlusPlus), ("xgradcam", XGradCAM),
                     ("hirescam", HiResCAM), ("layercam", LayerCAM), ("gradcam-elementwise", GradCAMElementWise)]
 DETECT_SIZE = 320
