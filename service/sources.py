@@ -220,9 +220,13 @@ def _torchvision_module(spec: ModelSpec, builder: str, num_labels: int | None) -
     weights = spec.weights
     options = _builder_options(spec)
     if weights is None or weights.lower() == "none":
-        log.warning("model %r: no weights given, using random initialisation", spec.name)
+        log.warning("model %r: no weights given, using random initialisation (seed 0)", spec.name)
         kwargs = {"num_classes": num_labels} if num_labels else {}
-        return Built(torchvision.models.get_model(builder, weights=None, **{**kwargs, **options}))
+        # Seeded, in a forked generator: every replica and every restart serves the same random model,
+        # so answers agree across a Ray or Kubernetes scale-out and a test's expectations hold.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return Built(torchvision.models.get_model(builder, weights=None, **{**kwargs, **options}))
     if Path(weights).suffix in (".pth", ".pt", ".safetensors"):
         state = load_state_dict(weights)
         # A classifier's head gives its class count; a detector's last 2-D weight is its box regressor.

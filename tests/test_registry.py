@@ -64,6 +64,20 @@ def test_random_weights_are_allowed_with_a_warning(caplog):
     assert "random initialisation" in caplog.text
 
 
+def test_random_weights_are_the_same_in_every_process():
+    """Seeded without touching the caller's generator: replicas of a random model answer alike."""
+    spec = ModelSpec("r", "torchvision:resnet18", weights="none", preprocess={"resize": 64, "crop": 64})
+    torch.manual_seed(123)
+    a = load_model(spec)
+    after_first = torch.rand(3)
+    torch.manual_seed(456)
+    b = load_model(spec)
+    for (name, p), q in zip(a.engine.model.state_dict().items(), b.engine.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, msg=name)
+    torch.manual_seed(123)
+    torch.testing.assert_close(torch.rand(3), after_first)
+
+
 def test_python_factory_with_weights(tmp_path):
     torch.save(Tiny().state_dict(), tmp_path / "tiny.pt")
     m = load_model(ModelSpec("t", "python:tests.api.models:slow", weights=str(tmp_path / "tiny.pt"),

@@ -5,9 +5,9 @@ for a *score matrix*: ``scores(out, resolved)`` returns ``(N, K)`` differentiabl
 the columns to explain. For a classifier that is the logits and the target classes, exactly as before.
 For the other tasks column ``t`` of row ``i`` is image ``i``'s ``t``-th target's objective, zero-padded:
 
-- detection: the score of the detection that overlaps the target box most, when its label matches and
+- detection: the score of the detection of the target's label that overlaps the target box most, when
   the overlap passes 0.5 (plus that overlap with ``score+iou``, which equals pytorch-grad-cam's
-  ``FasterRCNNBoxScoreTarget``); a box that is lost scores 0. Boxes are matched again in every pass,
+  ``FasterRCNNBoxScoreTarget`` wherever that one scores at all); a box that is lost scores 0. Boxes are matched again in every pass,
   because indices are not stable across passes;
 - segmentation: the sum of class ``c``'s logits over a region, the predicted region of ``c`` or a mask
   the client sends (``SemanticSegmentationTarget``);
@@ -199,11 +199,14 @@ class DetectionTask(Task):
                 continue
             box = torch.tensor(t.box, dtype=torch.float32)
             label, index = t.label, None
-            if found:
-                overlaps = box_iou(box[None], torch.tensor([d.box for d in found]))[0]
+            # With a label only that class's detections compete for the box: a detector proposes the same
+            # region once per class, and a near-identical box of another class must not take the match.
+            candidates = [d for d in found if label is None or d.label == label]
+            if candidates:
+                overlaps = box_iou(box[None], torch.tensor([d.box for d in candidates]))[0]
                 best = int(overlaps.argmax())
-                if float(overlaps[best]) > MATCH_IOU and (label is None or found[best].label == label):
-                    label, index = found[best].label, best
+                if float(overlaps[best]) > MATCH_IOU:
+                    label, index = candidates[best].label, candidates[best].index
             if label is None:
                 raise InvalidArgument("targets", f"no detection overlaps the box {list(t.box)} by more than IoU "
                                       f"{MATCH_IOU}; give its `label` to explain it anyway")
@@ -218,11 +221,14 @@ class DetectionTask(Task):
         scores: Tensor = d["scores"]
         if boxes.shape[0] == 0:
             return scores.new_zeros(()).float()
-        # As FasterRCNNBoxScoreTarget: the detection that overlaps the box most counts when its label
-        # matches; the overlap itself is differentiable through the detection's box.
+        # As FasterRCNNBoxScoreTarget: the detection that overlaps the box most counts; the overlap itself
+        # is differentiable through the detection's box. Unlike it, only detections of the target's label
+        # compete (as in resolve): where the reference lets a better-overlapping box of another class zero
+        # the score, this scores the label's own detection. Where the reference scores, both are equal.
         ious = box_iou(target.box.to(boxes.device, torch.float32)[None], _float(boxes))[0]
-        best = int(ious.detach().argmax())
-        if float(ious[best].detach()) <= MATCH_IOU or int(d["labels"][best]) != target.label:
+        same = d["labels"] == target.label
+        best = int(torch.where(same, ious.detach(), ious.detach().new_tensor(-1.0)).argmax())
+        if not bool(same[best]) or float(ious[best].detach()) <= MATCH_IOU:
             return scores.new_zeros(()).float()
         score = _float(scores[best])
         return score + ious[best] if target.iou else score

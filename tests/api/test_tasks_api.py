@@ -198,8 +198,8 @@ def test_v2_detection_tensors_through_tritonclient(triton):
     assert out.as_numpy("num_detections").tolist() == [7, 7]
     # A box per image as target tensors: the explanation names the detection it matched.
     targets = boxes[:, 2:3].copy()
-    targets[..., :2] -= 2
-    targets[..., 2:] += 2
+    targets[..., :2] -= 1
+    targets[..., 2:] += 1
     tb = httpclient.InferInput("target_boxes", list(targets.shape), "FP32")
     tb.set_data_from_numpy(targets.astype(np.float32), binary_data=True)
     tl = httpclient.InferInput("target_labels", [2, 1], "INT64")
