@@ -248,3 +248,29 @@ def test_kserve_v1_and_png_answers(client):
     assert r.status_code == 200
     assert r.headers["content-type"] == "image/png"
     assert r.headers["X-Class-Label"].startswith("c")
+
+
+def test_uploads_of_different_sizes_in_one_batch_equal_each_alone(client):
+    """Two uploads of different sizes and aspect ratios share one detector batch: every box and every map
+    equals the one the image gets alone (each is resized to the model's input, then mapped back on its own)."""
+    c, _ = client
+    small = np.random.default_rng(7).integers(0, 255, (120, 170, 3), dtype=np.uint8)
+    uploads = [b64(png_bytes(_image(3))), b64(png_bytes(small))]
+    ask = {"model": "det", "top_k": 3, "targets": [0, 1, 2], "output": "array", "size": "original"}
+    r = c.post("/explain", json={**ask, "images": uploads})
+    assert r.status_code == 200, r.text
+    together = r.json()["results"]
+    assert len(together) == 2
+    for upload, got in zip(uploads, together, strict=True):
+        r = c.post("/explain", json={**ask, "image": upload})
+        assert r.status_code == 200, r.text
+        alone = r.json()["results"][0]
+        np.testing.assert_allclose([d["box"] for d in got["detections"]], [d["box"] for d in alone["detections"]],
+                                   atol=1e-2)  # boxes travel rounded to 2 decimals
+        assert len(got["explanations"]) == len(alone["explanations"]) == 3
+        for a, b in zip(got["explanations"], alone["explanations"], strict=True):
+            assert a["target"] == b["target"]
+            # Array heatmaps travel rounded to 4 decimals: one unit of the last digit apart at most.
+            np.testing.assert_allclose(np.asarray(a["heatmap"]["data"]), np.asarray(b["heatmap"]["data"]),
+                                       atol=1.01e-4, rtol=0)
+    assert np.asarray(together[1]["explanations"][0]["heatmap"]["data"]).shape == (120, 170)
