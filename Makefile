@@ -3,7 +3,8 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# KServe's own client needs python-dateutil<3 and protobuf<7, older than .venv's: it gets a venv of its own.
+# KServe's own client needs python-dateutil<3 and protobuf<7, older than .venv's (the dev extra brings the grpc
+# extra's protobuf 7): it gets a venv of its own, with camserve's base install and only what its tests import.
 KSERVE_VENV := .venv-kserve
 KSERVE_STAMP := $(KSERVE_VENV)/.installed
 KSERVE ?= kserve>=0.21,<0.22
@@ -50,7 +51,7 @@ $(KSERVE_STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "need $(PY) on PATH (or make PY=python3.X)"; exit 1; }
 	test -d $(KSERVE_VENV) || $(PY) -m venv $(KSERVE_VENV)
 	$(KSERVE_VENV)/bin/pip install --quiet --upgrade pip
-	$(KSERVE_VENV)/bin/pip install --quiet -e '.[dev]' '$(KSERVE)'
+	$(KSERVE_VENV)/bin/pip install --quiet -e . 'pytest>=8.0' 'captum>=0.7' '$(KSERVE)'
 	touch $(KSERVE_STAMP)
 
 test-kserve: $(KSERVE_STAMP) ## KServe's own Python client against camserve, in a venv of its own (.venv-kserve)

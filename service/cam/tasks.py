@@ -7,8 +7,8 @@ For the other tasks column ``t`` of row ``i`` is image ``i``'s ``t``-th target's
 
 - detection: the score of the detection of the target's label that overlaps the target box most, when
   the overlap passes 0.5 (plus that overlap with ``score+iou``, which equals pytorch-grad-cam's
-  ``FasterRCNNBoxScoreTarget`` wherever that one scores at all); a box that is lost scores 0. Boxes are matched again in every pass,
-  because indices are not stable across passes;
+  ``FasterRCNNBoxScoreTarget`` wherever that one scores at all); a box that is lost scores 0. Boxes are
+  matched again in every pass, because indices are not stable across passes;
 - segmentation: the sum of class ``c``'s logits over a region, the predicted region of ``c`` or a mask
   the client sends (``SemanticSegmentationTarget``);
 - embedding: the cosine similarity of the image's embedding to a reference vector
