@@ -200,7 +200,8 @@ class Batcher(Generic[T, R]):
 
     def __init__(self, fn: BatchFn[T, R], *, max_batch_size: int = 32, max_wait_s: float = 0.005,
                  max_queue: int = 256, name: str = "model", policy: str = "adaptive",
-                 on_batch: Callable[[BatchStats], None] | None = None) -> None:
+                 on_batch: Callable[[BatchStats], None] | None = None,
+                 executor: ThreadPoolExecutor | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError(f"`max_batch_size` must be at least 1, got {max_batch_size}")
         self._fn = fn
@@ -215,8 +216,9 @@ class Batcher(Generic[T, R]):
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         # One thread per model: the engine is serial anyway, and a dedicated thread keeps model
-        # work from queueing behind decode/encode jobs in the shared pool.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"camserve-{name}")
+        # work from queueing behind decode/encode jobs in the shared pool. Given, it is the thread the
+        # model was loaded and warmed in (service.threads); the batcher owns it from here and shuts it down.
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"camserve-{name}")
         self._compute_ema_s = 0.05
         self._running: list[_Pending[T, R]] = []
         # A lone request's work running in the model thread (``run_alone``) until it ends there.

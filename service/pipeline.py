@@ -111,12 +111,14 @@ class Pipeline:
     """``prepare`` -> ``compute`` -> ``finish`` for one loaded model."""
 
     def __init__(self, model: LoadedModel, cpu_pool: Executor | None = None,
-                 render_pool: Executor | None = None) -> None:
+                 render_pool: Executor | None = None, model_pool: Executor | None = None) -> None:
         """``cpu_pool`` runs decoding and rendering; ``None`` uses the event loop's default executor.
-        ``render_pool`` renders heavy requests (see ``HEAVY_RENDER_PIXELS``); ``None``: the CPU pool."""
+        ``render_pool`` renders heavy requests (see ``HEAVY_RENDER_PIXELS``); ``None``: the CPU pool.
+        ``model_pool`` computes when no batcher submits (the warm-up); ``None``: the default executor."""
         self.model = model
         self.cpu_pool = cpu_pool
         self.render_pool = render_pool or cpu_pool
+        self.model_pool = model_pool
         # channels_last until measured (see plan_memory_format): the format the registry loads models in.
         self.formats = FormatPlan()
 
@@ -320,7 +322,7 @@ class Pipeline:
     async def _submit(self, jobs: list[Job], submit: Submit | None) -> list[JobResult]:
         if submit is not None:
             return await submit(jobs)
-        return _raise_first(await asyncio.get_running_loop().run_in_executor(None, self.compute, jobs))
+        return _raise_first(await asyncio.get_running_loop().run_in_executor(self.model_pool, self.compute, jobs))
 
     def _check_render(self, prepared: Sequence[PreparedImage], query: CamQuery | None, spec: HeatmapSpec | None,
                       max_render_pixels: int) -> int:

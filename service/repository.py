@@ -42,6 +42,7 @@ from service.pipeline import Job, JobResult, Lone, Pipeline, is_oom
 from service.registry import LoadedModel, ModelLoadError, load_model
 from service.rendering import HeatmapSpec
 from service.task_results import RequestTarget
+from service.threads import confined_pool, model_thread
 
 log = logging.getLogger("camserve")
 
@@ -181,11 +182,11 @@ class ModelRepository:
             # Decode and render threads, shared by all models. Sized to the machine: measured on 2 cores,
             # 2 threads served 10-20% more images/s than asyncio's default of 6, which queue on the GIL.
             threads = self._cpu_threads or max(2, os.cpu_count() or 2)
-            self.cpu_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="camserve-cpu")
+            self.cpu_pool = confined_pool(threads, "camserve-cpu")
         if self.render_pool is None:
             # Heavy renders (pipeline.HEAVY_RENDER_PIXELS), one at a time for the whole server: they
             # neither fill the CPU pool small requests need nor hold more than one render's memory.
-            self.render_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="camserve-render")
+            self.render_pool = confined_pool(1, "camserve-render")
         self.draining = False
         self.stopping.clear()
         try:
@@ -224,9 +225,14 @@ class ModelRepository:
                 return entry
             if not serving:
                 entry.state, entry.error = ModelState.LOADING, None
+            # Everything the model does, from its load to its unload, runs in this thread (service.threads).
+            thread = model_thread(name)
             try:
-                model, pipeline = await self._build(source)
-            except ModelLoadError as exc:
+                model, pipeline = await self._build(source, thread)
+            except BaseException as exc:
+                thread.shutdown(wait=False)
+                if not isinstance(exc, ModelLoadError):
+                    raise
                 if serving:
                     log.error("model %r keeps serving its previous table: the reload failed: %s", name, exc)
                 else:
@@ -235,7 +241,8 @@ class ModelRepository:
             s = self.settings
             batcher: Batcher[Job, JobResult] = Batcher(
                 pipeline.compute, max_batch_size=s.max_batch_size, max_wait_s=s.max_wait_s, max_queue=s.max_queue,
-                name=name, policy=s.policy, on_batch=self._on_batch(name) if self._on_batch else None)
+                name=name, policy=s.policy, on_batch=self._on_batch(name) if self._on_batch else None,
+                executor=thread)
             batcher.start()
             old_model, old_batcher = entry.model, entry.batcher
             entry.model, entry.pipeline, entry.batcher = model, pipeline, batcher
@@ -249,12 +256,15 @@ class ModelRepository:
                 self.default = name
             return entry
 
-    async def _build(self, source: ModelSpec | LoadedModel) -> tuple[LoadedModel, Pipeline]:
-        """The model and its warmed pipeline, not yet serving. Raises :class:`ModelLoadError`."""
-        model = source if isinstance(source, LoadedModel) else await asyncio.to_thread(load_model, source)
+    async def _build(self, source: ModelSpec | LoadedModel, thread: ThreadPoolExecutor
+                     ) -> tuple[LoadedModel, Pipeline]:
+        """The model and its warmed pipeline, not yet serving, built in the model's ``thread``. Raises
+        :class:`ModelLoadError`."""
+        loop = asyncio.get_running_loop()
+        model = source if isinstance(source, LoadedModel) else await loop.run_in_executor(thread, load_model, source)
         try:
-            pipeline = Pipeline(model, self.cpu_pool, self.render_pool)
-            plan = await asyncio.to_thread(pipeline.plan_memory_format, self._format_sizes(model))
+            pipeline = Pipeline(model, self.cpu_pool, self.render_pool, model_pool=thread)
+            plan = await loop.run_in_executor(thread, pipeline.plan_memory_format, self._format_sizes(model))
             log.info("model %r memory format: %s", source.name, plan.describe())
             await self._warm_up(pipeline)
         except Exception as exc:
@@ -278,8 +288,10 @@ class ModelRepository:
             await pipeline.run([png] * n, top_k=1, query=query, spec=HeatmapSpec(),
                                max_pixels=self.settings.max_image_pixels, targets=targets)
         # The memory-format measurement has timed forwards already; a model it did not time is timed here.
-        model.forward_s = pipeline.formats.forward_s or await asyncio.to_thread(_forward_seconds, model)
-        await asyncio.to_thread(_check_input_dependence, model)
+        loop = asyncio.get_running_loop()
+        model.forward_s = pipeline.formats.forward_s or await loop.run_in_executor(pipeline.model_pool,
+                                                                                   _forward_seconds, model)
+        await loop.run_in_executor(pipeline.model_pool, _check_input_dependence, model)
 
     def _format_sizes(self, model: LoadedModel) -> list[int]:
         """A lone request's batch and a loaded server's; on a CPU, time grows with the batch, and 8 images

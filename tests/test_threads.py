@@ -1,0 +1,86 @@
+"""One OpenMP team per model: the decode and render pools never start one, a model's thread does.
+
+Counted, not timed: every thread that starts a parallel region gets ``torch.get_num_threads() - 1``
+OpenMP workers, native threads that Python's ``threading`` does not list, kept while that thread lives."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.config import Settings
+from service.modelspec import ModelSpec
+from service.threads import confine, confined_pool
+from tests.api.conftest import b64, png_bytes
+
+pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/task") or torch.get_num_threads() < 2,
+                                reason="counts threads through /proc with torch on 2 or more threads")
+
+
+def _native_threads() -> int:
+    """Once settled: the workers of a thread that ended leave a moment after it."""
+    last, deadline = -1, time.monotonic() + 5
+    while time.monotonic() < deadline:
+        now = len(os.listdir("/proc/self/task")) - threading.active_count()
+        if now == last:
+            return now
+        last = now
+        time.sleep(0.1)
+    return last
+
+
+def _parallel_op() -> None:
+    torch.randn(4, 512, 512).mul_(2).add_(1).sum()
+
+
+def _workers_kept_by(setup: Callable[[], None]) -> int:
+    """Native threads a live thread keeps after ``setup`` and a parallel op in it."""
+    ran, hold = threading.Event(), threading.Event()
+
+    def body() -> None:
+        setup()
+        _parallel_op()
+        ran.set()
+        hold.wait(30)
+
+    before = _native_threads()
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    ran.wait(30)
+    try:
+        return _native_threads() - before
+    finally:
+        hold.set()
+        t.join(30)
+
+
+def test_a_confined_thread_starts_no_team():
+    assert _workers_kept_by(lambda: None) == torch.get_num_threads() - 1
+    assert _workers_kept_by(confine) == 0
+
+
+def test_a_confined_pool_runs_torch_on_one_thread():
+    with confined_pool(2, "t") as pool:
+        assert set(pool.map(lambda _: torch.get_num_threads(), range(8))) == {1}
+    assert torch.get_num_threads() > 1  # the caller's own count is left alone
+
+
+def test_a_serving_model_has_the_only_team():
+    """Load, warm-up, decodes in the pool, batches and lone requests: one team in all, the model's."""
+    before = _native_threads()
+    spec = ModelSpec.from_table("shapes", {"source": "builtin:shapes"})
+    images = [b64(png_bytes(np.random.default_rng(i).integers(0, 255, (300, 300, 3), dtype=np.uint8)))
+              for i in range(4)]
+    with TestClient(create_app(Settings(models=(spec,)))) as c:
+        for path in ("/predict", "/explain"):
+            assert c.post(path, json={"model": "shapes", "images": images}).status_code == 200
+            assert c.post(path, json={"model": "shapes", "image": images[0]}).status_code == 200
+        assert _native_threads() - before <= torch.get_num_threads() - 1
