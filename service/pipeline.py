@@ -40,6 +40,7 @@ from service.registry import LoadedModel
 from service.rendering import Heatmap, HeatmapSpec, output_size, render
 from service.results import Explanation, ImageResult, Prediction
 from service.task_results import RequestTarget, describe, finish_task, label_name, localise
+from service.threads import one_thread
 
 # Pixels of decoding plus rendering one request may do on the event loop (a 64x64 image decodes and
 # preprocesses in about 0.4 ms, and renders a heatmap in about as much).
@@ -410,7 +411,8 @@ class Pipeline:
         out: list[PreparedImage | asyncio.Future[PreparedImage]] = []
         for i, data in enumerate(images):
             if isinstance(data, Tensor):
-                out.append(self._nth(i, self.prepare_tensor, data))
+                with one_thread():  # on the event loop: no OpenMP team of its own (service.threads)
+                    out.append(self._nth(i, self.prepare_tensor, data))
                 continue
             im = self._nth(i, open_image, data, max_pixels)
             w, h = im.size
@@ -418,7 +420,8 @@ class Pipeline:
             work = max(w * h, rh * rw)
             if work <= budget:
                 budget -= work
-                out.append(self._nth(i, self._prepare_opened, im, max_pixels))
+                with one_thread():
+                    out.append(self._nth(i, self._prepare_opened, im, max_pixels))
             else:
                 # (Reopened there: reading a header again costs microseconds.)
                 # Large uploads decode on the render pool: two of them decoding at once would otherwise
@@ -443,7 +446,8 @@ class Pipeline:
             work = 0 if spec is None or r.cam is None else self._render_pixels(p, r.cam, spec)
             if work <= budget:
                 budget -= work
-                out.append(self.finish(p, r, top_k, spec))
+                with one_thread():  # on the event loop, as in _prepare_all
+                    out.append(self.finish(p, r, top_k, spec))
             else:
                 out.append(loop.run_in_executor(self.cpu_pool, self.finish, p, r, top_k, spec))
         futures = [f for f in out if isinstance(f, asyncio.Future)]

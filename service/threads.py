@@ -17,8 +17,9 @@ The environment still decides how the team waits (``OMP_WAIT_POLICY``, ``GOMP_SP
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import torch
 
@@ -44,6 +45,21 @@ def confine() -> None:
     torch.get_num_threads()
     if _SETTER is not None:
         _SETTER(ctypes.c_int(1))
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """The calling thread's torch ops on one thread for a while: small decodes and renders on the event loop,
+    whose thread is not camserve's to confine for good (a notebook's, a test's)."""
+    n = torch.get_num_threads()
+    if _SETTER is None or n == 1:
+        yield
+        return
+    _SETTER(ctypes.c_int(1))
+    try:
+        yield
+    finally:
+        _SETTER(ctypes.c_int(n))
 
 
 def confined_pool(workers: int, prefix: str) -> ThreadPoolExecutor:

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.config import Settings
 from service.modelspec import ModelSpec
-from service.threads import confine, confined_pool
+from service.threads import confine, confined_pool, one_thread
 from tests.api.conftest import b64, png_bytes
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/task") or torch.get_num_threads() < 2,
@@ -41,13 +41,14 @@ def _parallel_op() -> None:
     torch.randn(4, 512, 512).mul_(2).add_(1).sum()
 
 
-def _workers_kept_by(setup: Callable[[], None]) -> int:
-    """Native threads a live thread keeps after ``setup`` and a parallel op in it."""
+def _workers_kept_by(setup: Callable[[], object], then_parallel_op: bool = True) -> int:
+    """Native threads a live thread keeps after ``setup`` (and a parallel op) in it."""
     ran, hold = threading.Event(), threading.Event()
 
     def body() -> None:
         setup()
-        _parallel_op()
+        if then_parallel_op:
+            _parallel_op()
         ran.set()
         hold.wait(30)
 
@@ -73,14 +74,27 @@ def test_a_confined_pool_runs_torch_on_one_thread():
     assert torch.get_num_threads() > 1  # the caller's own count is left alone
 
 
+def test_one_thread_for_a_while():
+    n = torch.get_num_threads()
+    with one_thread():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == n
+    assert _workers_kept_by(lambda: None) == n - 1
+    with pytest.raises(RuntimeError), one_thread():
+        raise RuntimeError
+    assert torch.get_num_threads() == n
+
+
 def test_a_serving_model_has_the_only_team():
     """Load, warm-up, decodes in the pool, batches and lone requests: one team in all, the model's."""
     before = _native_threads()
     spec = ModelSpec.from_table("shapes", {"source": "builtin:shapes"})
-    images = [b64(png_bytes(np.random.default_rng(i).integers(0, 255, (300, 300, 3), dtype=np.uint8)))
-              for i in range(4)]
+    # 300x300 uploads decode in the pool; 120x120 ones (and their renders) on the event loop.
+    images = [b64(png_bytes(np.random.default_rng(i).integers(0, 255, (size, size, 3), dtype=np.uint8)))
+              for i, size in enumerate((300, 300, 120, 120))]
     with TestClient(create_app(Settings(models=(spec,)))) as c:
         for path in ("/predict", "/explain"):
             assert c.post(path, json={"model": "shapes", "images": images}).status_code == 200
-            assert c.post(path, json={"model": "shapes", "image": images[0]}).status_code == 200
+            for image in (images[0], images[2]):
+                assert c.post(path, json={"model": "shapes", "image": image}).status_code == 200
         assert _native_threads() - before <= torch.get_num_threads() - 1
