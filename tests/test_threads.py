@@ -6,9 +6,12 @@ OpenMP workers, native threads that Python's ``threading`` does not list, kept w
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,3 +101,20 @@ def test_a_serving_model_has_the_only_team():
             for image in (images[0], images[2]):
                 assert c.post(path, json={"model": "shapes", "image": image}).status_code == 200
         assert _native_threads() - before <= torch.get_num_threads() - 1
+
+
+def test_camserve_serve_loads_models_without_leaving_a_team_in_the_main_thread():
+    """`camserve serve` loads before the port opens; the event loop's thread must not keep a team from it.
+    In a fresh process, since it confines its caller."""
+    code = (
+        "import os, threading\n"
+        "from service.cli import load_models\n"
+        "from service.modelspec import ModelSpec\n"
+        "from tests.test_threads import _native_threads, _parallel_op\n"
+        "before = _native_threads()\n"
+        "load_models([ModelSpec.from_table('r', {'source': 'torchvision:resnet18', 'weights': 'none'})])\n"
+        "_parallel_op()\n"
+        "print(_native_threads() - before)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1], check=True)
+    assert out.stdout.split()[-1] == "0", out.stdout + out.stderr
