@@ -268,7 +268,9 @@ class SegmentationTask(Task):
     def summarize(self, out: object) -> list[Summary]:
         logits = _float(self.logits(out).detach())
         probs = logits.softmax(dim=1)
-        masks = probs.argmax(dim=1)
+        # max's indices, not argmax: argmax along the channels of (N, K, h, w) takes a slow strided path
+        # (73 ms against 3 ms for 8 x 6 x 224 x 224 here); both give the first maximum.
+        masks = probs.max(dim=1).indices
         summaries = []
         for i in range(logits.shape[0]):
             mask = masks[i]
@@ -303,6 +305,25 @@ class SegmentationTask(Task):
     def objective(self, out: object, image: int, target: Resolved) -> Tensor:
         assert target.region is not None
         return (_float(self.logits(out)[image, target.label]) * target.region).sum()
+
+    def scores(self, out: object, resolved: Sequence[tuple[Resolved, ...]]) -> Tensor:
+        """The objectives of every image and target as one gather and one weighted sum, equal to
+        :meth:`objective` one by one: a selection per target makes autograd fill and add a zero gradient of
+        the whole ``(N, K, h, w)`` logits per target (40 of them for 8 images x 5 targets took 90% of the
+        backward, measured with torch.profiler on lraspp at 224)."""
+        logits = self.logits(out)
+        n, _, h, w = logits.shape
+        t_max = max((len(r) for r in resolved), default=0)
+        # Padding columns take class 0 over an empty region: they score 0, as the base class's padding does.
+        classes = torch.zeros((n, t_max), dtype=torch.long)
+        regions = torch.zeros((n, t_max, h, w), dtype=torch.float32, device=logits.device)
+        for i, targets in enumerate(resolved):
+            for t, target in enumerate(targets):
+                assert target.region is not None
+                classes[i, t] = target.label
+                regions[i, t] = target.region
+        index = classes.to(logits.device)[:, :, None, None].expand(n, t_max, h, w)
+        return (_float(torch.gather(logits, 1, index)) * regions).sum(dim=(-2, -1))
 
     def _zero(self, out: object) -> Tensor:
         return self.logits(out).new_zeros(()).float()
