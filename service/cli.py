@@ -223,25 +223,54 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    """Faithfulness of each method on one configured model; the work is in ``service.evaluation``."""
+    """Faithfulness of each method on one model; the work is in ``service.evaluation``."""
     from service.cam import METHODS
     from service.errors import CamserveError
-    from service.evaluation import evaluate, folder_samples, progress_bar, shapes_samples, table
+    from service.evaluation import (
+        NOT_COMPUTED,
+        evaluate,
+        evaluate_task,
+        folder_samples,
+        progress_bar,
+        shapes_samples,
+        table,
+        task_table,
+    )
+    from service.modelspec import SOURCE_KINDS, ModelSpec
     from service.registry import ModelLoadError, load_model
 
     settings = _settings(args.config)
     if settings is None:
         return 2
     spec = next((m for m in settings.models if m.name == (args.model or m.name)), None)
+    if spec is None and args.model and args.model.partition(":")[0] in SOURCE_KINDS:
+        spec = ModelSpec(name=args.model, source=args.model)  # a source, with its defaults
     if spec is None:
-        return _fail(f"unknown model {args.model!r}; configured: {', '.join(m.name for m in settings.models)}")
+        return _fail(f"unknown model {args.model!r}; configured: {', '.join(m.name for m in settings.models)} "
+                     "(or give a source, such as builtin:shapes-detect)")
     try:
         model = load_model(spec)
-        samples = folder_samples(Path(args.images), model) if args.images else shapes_samples(args.shapes, args.seed)
-        methods = args.methods or list(METHODS)
-        reports = evaluate(model, samples, methods, steps=args.steps, progress=progress_bar)
+        if model.task is not None:
+            if args.images:
+                return _fail(f"--images: a {model.task.name} model is scored on shapes scenes, whose boxes and "
+                             "masks are known (--shapes N)")
+            result = evaluate_task(model, args.shapes, args.seed, args.methods or model.engine.methods,
+                                   progress=progress_bar)
+        else:
+            samples = (folder_samples(Path(args.images), model) if args.images
+                       else shapes_samples(args.shapes, args.seed))
+            reports = evaluate(model, samples, args.methods or list(METHODS), steps=args.steps,
+                               progress=progress_bar)
     except (ModelLoadError, CamserveError, ValueError, OSError) as exc:
         return _fail(str(exc))
+    if model.task is not None:
+        print(f"# {spec.name} ({result.task}): {result.quality_name} {result.quality:.3f}; pointing on "
+              f"{args.shapes} scenes of one to three shapes, two shapes on {args.shapes} scenes of two (seed "
+              f"{args.seed})")
+        print(task_table(result))
+        print(f"\n{', '.join(NOT_COMPUTED)}: not computed for {result.task} models (they re-score perturbed "
+              "images through a classifier's logits)")
+        return 0
     source = f"{args.images}" if args.images else f"{args.shapes} shapes scenes (seed {args.seed})"
     print(f"# {spec.name}: {len(samples)} images from {source}, metric steps {args.steps}")
     print(table(reports))
@@ -300,9 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--out", default="heatmap.png", help="output file; with several targets, one file per target "
                     "named <stem>-<index>-<label>.png")
     ex.set_defaults(func=_explain)
-    ev2 = sub.add_parser("evaluate", help="pointing game, confidence, deletion and insertion of each CAM method")
+    ev2 = sub.add_parser("evaluate", help="pointing game, confidence, deletion and insertion of each CAM method; "
+                         "quality (AP50, mIoU) and pointing for the built-in detector and segmenter")
     ev2.add_argument("--config", help="models.toml (default: the built-in shapes model)")
-    ev2.add_argument("--model", help="which configured model (default: the first)")
+    ev2.add_argument("--model", help="which configured model (default: the first), or a source such as "
+                     "builtin:shapes-detect")
     source = ev2.add_mutually_exclusive_group()
     source.add_argument("--images", help="a folder of images (explains each one's top class; no pointing game)")
     source.add_argument("--shapes", type=int, default=200, help="fresh shapes scenes, with their boxes (default 200)")

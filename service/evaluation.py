@@ -5,6 +5,12 @@ size, inside the box), the confidence metrics (average drop, increase) and the d
 areas (``service.cam.metrics``), and the milliseconds per image the explanation took. Images come from
 a folder (the explained class is then the model's top-1) or from the built-in shapes scene generator
 (the true class, and its box).
+
+A detector or segmenter trained on the shapes (``builtin:shapes-detect``, ``builtin:shapes-seg``) is
+scored on scenes of one to three shapes (``service.models.multiscenes``): its quality (AP50, mIoU) and,
+per method, where camserve's maps of its detections or classes point, with the hit rules of
+``service.models.pointing``. The confidence, deletion and insertion figures re-score perturbed images
+through a classifier's logits, so they are not computed for these models.
 """
 
 from __future__ import annotations
@@ -14,15 +20,20 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from service.cam import CamQuery
 from service.cam.metrics import DEFAULT_STEPS, metrics_work, run
+from service.cam.tasks import SegmentationTask, TaskTarget
 from service.imaging import decode_image
 from service.preprocess import to_input_size
 from service.registry import LoadedModel
+
+if TYPE_CHECKING:
+    from service.models.multiscenes import MultiScene
 
 _SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 _FIGURES = ("average_drop", "increase", "deletion", "insertion")
@@ -121,6 +132,208 @@ def evaluate(model: LoadedModel, samples: Sequence[Sample], methods: Sequence[st
                                     sums["increase"] / done, sums["deletion"] / done, sums["insertion"] / done,
                                     1000 * elapsed / done))
     return reports
+
+
+@dataclass(frozen=True)
+class TaskMethodReport:
+    """One method's pointing on a detector or segmenter.
+
+    ``pointing``: share of maps that hit, on scenes of one to three shapes. Detection: each detection
+    matched to a shape (same class, IoU >= 0.5) is explained, a hit is a peak inside that shape's box and
+    no other. Segmentation: each class both present and predicted is explained over its predicted region,
+    a hit is a peak on a true pixel of that class. ``two_shapes``: on scenes of two shapes, the share of
+    maps on the shape explained rather than the other: detection, of all shapes (one the detector missed
+    counts as a miss); segmentation, each shape's class over that shape's own mask (a client mask)."""
+
+    method: str
+    pointing: float
+    two_shapes: float
+    maps: int
+    ms_per_image: float
+
+
+@dataclass(frozen=True)
+class TaskEvaluation:
+    """``quality``: AP50 (detection) or mIoU (segmentation) on the one-to-three-shape scenes."""
+
+    task: str
+    scenes: int
+    seed: int
+    quality_name: str
+    quality: float
+    reports: list[TaskMethodReport]
+
+
+@dataclass(frozen=True)
+class _Set:
+    """Scenes, the targets explained on each and how a map's peak ``(x, y)`` is scored."""
+
+    images: np.ndarray  # (N, H, W, 3) uint8
+    targets: list[tuple[TaskTarget, ...]]
+    hit: Callable[[int, int, np.ndarray], bool]  # (image, target, peak) -> hit
+    unexplained: int  # ground truth with no map (a missed shape counts as a miss)
+
+
+# What ``camserve evaluate`` does not compute for a detector or segmenter (see the module docstring).
+NOT_COMPUTED = ("average drop", "increase", "deletion", "insertion")
+
+
+def evaluate_task(model: LoadedModel, n: int, seed: int, methods: Sequence[str], *, batch_size: int = 16,
+                  progress: Callable[[str, int, int], None] | None = None) -> TaskEvaluation:
+    """Quality and per-method pointing of a shapes detector or segmenter on ``n`` scenes of one to three
+    shapes and ``n`` scenes of two, both from ``seed``."""
+    from service.models.multiscenes import SEG_CLASSES, make_multi_scenes, stack_images
+    from service.models.scenes import SCENE_SIZE, SHAPE_CLASSES
+
+    task = model.task
+    if task is None or task.name not in ("detection", "segmentation"):
+        kind = "a classifier" if task is None else f"an {task.name} model"
+        raise ValueError(f"the shapes scenes score detectors and segmenters, not {kind}")
+    expected = list(SHAPE_CLASSES) if task.name == "detection" else list(SEG_CLASSES)
+    if model.labels != expected or model.preprocess.input_size != (SCENE_SIZE, SCENE_SIZE):
+        raise ValueError(f"the shapes scenes score a {task.name} model trained on them (labels {expected}, "
+                         f"{SCENE_SIZE}x{SCENE_SIZE} input, as builtin:shapes-{task.name[:3]}); model "
+                         f"{model.name!r} has labels {model.labels[:8]} and input {model.preprocess.input_size}")
+    for method in methods:
+        model.engine.check(CamQuery(method=method))
+    mixed, pairs = make_multi_scenes(n, seed), make_multi_scenes(n, seed, n_shapes=2)
+    output = _predict(model, stack_images(mixed), batch_size)
+    if task.name == "detection":
+        quality_name, quality, single, double = "AP50", *_detection_sets(mixed, pairs, output, model, batch_size)
+    else:
+        quality_name, quality, single, double = "mIoU", *_segmentation_sets(mixed, pairs, output)
+    reports = []
+    total = len(single.images) + len(double.images)
+    for method in methods:
+        done = 0
+
+        def step(count: int, method: str = method) -> None:
+            nonlocal done
+            done += count
+            if progress is not None:
+                progress(method, done, total)
+
+        hits, maps, elapsed = _pointing(model, single, method, batch_size, step)
+        pair_hits, pair_maps, _ = _pointing(model, double, method, batch_size, step)
+        reports.append(TaskMethodReport(method, hits / maps if maps else 0.0,
+                                        pair_hits / (pair_maps + double.unexplained) if pair_maps else 0.0,
+                                        maps + pair_maps, 1000 * elapsed / max(1, len(single.images))))
+    return TaskEvaluation(task.name, n, seed, quality_name, quality, reports)
+
+
+def _input(model: LoadedModel, images: np.ndarray) -> torch.Tensor:
+    pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    return model.preprocess.normalize(pixels.to(model.device))
+
+
+def _predict(model: LoadedModel, images: np.ndarray, batch_size: int) -> list[object]:
+    """The served model's output per image: a detection dict (on the CPU), or ``(h, w)`` class map."""
+    out: list[object] = []
+    for start in range(0, len(images), batch_size):
+        raw = model.engine.predict(_input(model, images[start : start + batch_size]))
+        if isinstance(raw, list | tuple):
+            out.extend({key: value.cpu() for key, value in d.items()} for d in raw)
+        else:
+            out.extend(SegmentationTask.logits(raw).argmax(dim=1).cpu().numpy())
+    return out
+
+
+def _detection_sets(mixed: list[MultiScene], pairs: list[MultiScene], detections: list[object],
+                    model: LoadedModel, batch_size: int) -> tuple[float, _Set, _Set]:
+    from service.models.multiscenes import stack_images
+    from service.models.pointing import hits_shape, match
+    from service.models.shapes_detect import average_precision
+
+    def targets(scenes: list[MultiScene], found: list[dict[str, torch.Tensor]]) -> _Set:
+        per_image: list[tuple[TaskTarget, ...]] = []
+        shapes: list[list[int]] = []  # the ground-truth shape each target of an image was matched to
+        for det, scene in zip(found, scenes, strict=True):
+            pairs_ = match(det, scene)
+            per_image.append(tuple(TaskTarget(box=_box(det["boxes"][j]), label=int(det["labels"][j]))
+                                   for j, _ in pairs_))
+            shapes.append([k for _, k in pairs_])
+        explained = sum(len(t) for t in per_image)
+        return _Set(stack_images(scenes), per_image,
+                    lambda i, t, peak: hits_shape(peak, scenes[i], shapes[i][t]),
+                    sum(len(s.labels) for s in scenes) - explained)
+
+    found = [d for d in detections if isinstance(d, dict)]
+    pair_found = [d for d in _predict(model, stack_images(pairs), batch_size) if isinstance(d, dict)]
+    return average_precision(found, mixed), targets(mixed, found), targets(pairs, pair_found)
+
+
+def _box(box: torch.Tensor) -> tuple[float, float, float, float]:
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return x0, y0, x1, y1
+
+
+def _segmentation_sets(mixed: list[MultiScene], pairs: list[MultiScene], predicted: list[object]
+                       ) -> tuple[float, _Set, _Set]:
+    from service.models.multiscenes import stack_images
+    from service.models.pointing import hits_shape
+    from service.models.shapes_seg import iou_per_class
+
+    maps = np.stack([p for p in predicted if isinstance(p, np.ndarray)])
+    truth = np.stack([s.class_map for s in mixed])
+    miou = float(np.nanmean(iou_per_class(maps, truth)))
+    per_image: list[tuple[TaskTarget, ...]] = []
+    classes: list[list[int]] = []
+    unexplained = 0
+    for i, scene in enumerate(mixed):
+        present = sorted({int(c) + 1 for c in scene.labels})
+        shown = [c for c in present if (maps[i] == c).any()]
+        unexplained += len(present) - len(shown)
+        # A class without a mask is explained over its predicted region, found again in the explaining pass.
+        per_image.append(tuple(TaskTarget(index=c) for c in shown))
+        classes.append(shown)
+    single = _Set(stack_images(mixed), per_image,
+                  lambda i, t, peak: int(mixed[i].class_map[int(peak[1]), int(peak[0])]) == classes[i][t],
+                  unexplained)
+    masks = [tuple(TaskTarget(index=int(label) + 1, mask=torch.from_numpy(scene.masks[k]))
+                   for k, label in enumerate(scene.labels)) for scene in pairs]
+    double = _Set(stack_images(pairs), masks, lambda i, t, peak: hits_shape(peak, pairs[i], t), 0)
+    return miou, single, double
+
+
+def _pointing(model: LoadedModel, scenes: _Set, method: str, batch_size: int, step: Callable[[int], None]
+              ) -> tuple[int, int, float]:
+    """Hits, maps and the seconds the explanations took for ``method`` on ``scenes``."""
+    engine, size = model.engine, model.preprocess.input_size
+    hits = maps = 0
+    elapsed = 0.0
+    for start in range(0, len(scenes.images), batch_size):
+        rows = range(start, min(start + batch_size, len(scenes.images)))
+        x = _input(model, scenes.images[rows.start : rows.stop])
+        # score+iou is pytorch-grad-cam's FasterRCNNBoxScoreTarget, as in `camserve eval-shapes-detect`.
+        queries = [CamQuery(method=method, targets=scenes.targets[i], objective="score+iou")
+                   if scenes.targets[i] else None for i in rows]
+        begun = time.perf_counter()
+        out = engine.explain(x, queries)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        elapsed += time.perf_counter() - begun
+        for i, cam in zip(rows, out.cams, strict=True):
+            if cam is None:
+                continue
+            heat = to_input_size(cam.maps, size).flatten(1).argmax(dim=1).cpu().numpy()
+            for t, flat in enumerate(heat):
+                y, xx = divmod(int(flat), size[1])
+                hits += scenes.hit(i, t, np.array([xx, y]))
+                maps += 1
+        step(len(rows))
+    return hits, maps, elapsed
+
+
+def task_table(result: TaskEvaluation) -> str:
+    """A Markdown table, one row per method; the figures not computed for these models say so."""
+    two = "two shapes, client mask" if result.task == "segmentation" else "two shapes"
+    skipped = " | ".join(NOT_COMPUTED)
+    rows = [f"| method | pointing | {two} | {skipped} | ms / image |",
+            "|---|---|---|" + "---|" * len(NOT_COMPUTED) + "---|"]
+    for r in result.reports:
+        rows.append(f"| {r.method} | {r.pointing:.3f} | {r.two_shapes:.3f} | "
+                    + "not computed | " * len(NOT_COMPUTED) + f"{r.ms_per_image:.1f} |")
+    return "\n".join(rows)
 
 
 def table(reports: Sequence[MethodReport]) -> str:

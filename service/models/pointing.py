@@ -79,8 +79,8 @@ def _inside(point: np.ndarray, box: np.ndarray) -> bool:
     return bool(box[0] <= x < box[2] and box[1] <= y < box[3])
 
 
-def _hit(point: np.ndarray, scene: MultiScene, k: int) -> bool:
-    """The point lies in shape k's box and in no other shape's box."""
+def hits_shape(point: np.ndarray, scene: MultiScene, k: int) -> bool:
+    """The point (x, y) lies in shape k's box and in no other shape's box."""
     return _inside(point, scene.boxes[k]) and not any(
         _inside(point, box) for j, box in enumerate(scene.boxes) if j != k
     )
@@ -149,7 +149,7 @@ def detection_pointing(
                 box = det["boxes"][j : j + 1].numpy()
                 targets.append(FasterRCNNBoxScoreTarget(labels=[int(det["labels"][j])], bounding_boxes=box))
     peaks = _peaks(model, _layer(model, layer), images[[i for i, _ in rows]], targets, method)
-    hits = sum(_hit(p, scenes[i], k) for p, (i, k) in zip(peaks, rows, strict=True))
+    hits = sum(hits_shape(p, scenes[i], k) for p, (i, k) in zip(peaks, rows, strict=True))
     return Pointing(hits=hits, explained=len(rows), unexplained=sum(len(s.labels) for s in scenes) - len(rows))
 
 
@@ -199,7 +199,7 @@ def segmentation_pointing(
     for p, (i, key) in zip(peaks, rows, strict=True):
         scene = scenes[i]
         if predicted is None:
-            hits += _hit(p, scene, key)
+            hits += hits_shape(p, scene, key)
         elif inside == "region":
             hits += int(scene.class_map[int(p[1]), int(p[0])]) == key
         else:

@@ -8,6 +8,7 @@ would collide in protobuf's default descriptor pool.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import re
 import signal
@@ -19,6 +20,7 @@ import grpc
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from service.models.scenes import SHAPE_CLASSES
 from tests.api.conftest import b64, png_bytes, scene
@@ -319,3 +321,106 @@ def test_docs_grpc_snippet(served, tmp_path, monkeypatch):
     scores, heatmap = namespace["scores"], namespace["heatmap"]
     assert scores.shape == (1, K) and int(scores.argmax()) == SHAPE_CLASSES.index("circle")  # type: ignore[union-attr]
     assert heatmap.shape == (1, 2, 64, 64)  # type: ignore[union-attr]
+
+
+TASKS_CONFIG = """
+[models.det]
+source = "builtin:shapes-detect"
+
+[models.seg]
+source = "builtin:shapes-seg"
+
+[models.emb]
+source = "builtin:shapes"
+task = "embedding"
+"""
+
+
+@pytest.fixture(scope="module")
+def task_client(tmp_path_factory):
+    """tritonclient.grpc against a server of the built-in detector and segmenter and an embedding model."""
+    cfg = tmp_path_factory.mktemp("grpc-tasks") / "models.toml"
+    cfg.write_text(TASKS_CONFIG)
+    port, grpc_port = free_port(), free_port()
+    proc = start_server(port, {"SERVICE_GRPC_PORT": str(grpc_port), "SERVICE_LOG_LEVEL": "warning"}, cfg,
+                        ready_timeout_s=300)
+    c = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+    try:
+        yield c
+    finally:
+        c.close()
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _scenes():
+    from service.models.multiscenes import make_multi_scenes
+
+    return make_multi_scenes(2, seed=11, n_shapes=2)
+
+
+def test_detection_tensors_and_box_targets_over_grpc(task_client):
+    scenes = _scenes()
+    pngs = [png_bytes(s.image) for s in scenes]
+    outputs = ("detection_boxes", "detection_scores", "detection_classes", "num_detections")
+    out = task_client.infer("det", [_images(pngs)],
+                            parameters={"max_detections": 7},
+                            outputs=[grpcclient.InferRequestedOutput(n) for n in outputs])
+    boxes, scores, classes = (out.as_numpy(n) for n in outputs[:3])
+    count = out.as_numpy("num_detections")
+    assert boxes.shape == (2, 7, 4) and scores.shape == (2, 7) and classes.shape == (2, 7)
+    assert count.tolist() == [2, 2]  # the built-in detector finds both shapes of each scene
+    for i, multi in enumerate(scenes):
+        assert sorted(classes[i, :2].tolist()) == sorted(multi.labels.tolist())
+        assert (classes[i, 2:] == -1).all() and (scores[i, 2:] == 0).all()  # padded past the count
+    # The second detection of each image as a box target, a pixel off: it names the detection it matched.
+    targets = boxes[:, 1:2].copy()
+    targets[..., :2] -= 1
+    targets[..., 2:] += 1
+    tb = grpcclient.InferInput("target_boxes", list(targets.shape), "FP32")
+    tb.set_data_from_numpy(targets.astype(np.float32))
+    tl = grpcclient.InferInput("target_labels", [2, 1], "INT64")
+    tl.set_data_from_numpy(classes[:, 1:2].astype(np.int64))
+    out = task_client.infer("det", [_images(pngs), tb, tl], parameters={"method": "hirescam"},
+                            outputs=[grpcclient.InferRequestedOutput(n) for n in ("target_detection", "heatmap")])
+    assert out.as_numpy("target_detection").tolist() == [[1], [1]]
+    heat = out.as_numpy("heatmap")
+    assert heat.shape[:2] == (2, 1)
+    # HiResCAM's map of a detection peaks inside that detection's box (on the map's grid).
+    for i in range(2):
+        h, w = heat.shape[2:]
+        y, x = divmod(int(heat[i, 0].argmax()), w)
+        x0, y0, x1, y1 = boxes[i, 1] * np.array([w, h, w, h]) / 64
+        assert x0 - 1 <= x <= x1 and y0 - 1 <= y <= y1
+
+
+def test_embedding_similarity_over_grpc(task_client):
+    pngs = [png_bytes(s.image) for s in _scenes()]
+    emb = task_client.infer("emb", [_images(pngs)], outputs=[grpcclient.InferRequestedOutput("embedding")]
+                            ).as_numpy("embedding")
+    ref = grpcclient.InferInput("reference", [1, emb.shape[1]], "FP32")
+    ref.set_data_from_numpy(emb[1:2].astype(np.float32))
+    out = task_client.infer("emb", [_images(pngs), ref],
+                            outputs=[grpcclient.InferRequestedOutput(n) for n in ("similarity", "heatmap")])
+    sim = out.as_numpy("similarity")
+    assert sim.shape == (2, 1)
+    assert sim[1, 0] == pytest.approx(1.0, abs=1e-5)
+    expected = float(emb[0] @ emb[1] / np.linalg.norm(emb[0]) / np.linalg.norm(emb[1]))
+    assert sim[0, 0] == pytest.approx(expected, abs=1e-5)
+    assert out.as_numpy("heatmap").shape[:2] == (2, 1)
+
+
+def test_segmentation_mask_over_grpc(task_client):
+    first = _scenes()[0]
+    out = task_client.infer("seg", [_images([png_bytes(first.image)])],
+                            outputs=[grpcclient.InferRequestedOutput("mask_png")])
+    (mask_png,) = out.as_numpy("mask_png")
+    mask = np.asarray(Image.open(io.BytesIO(mask_png)))
+    assert mask.shape == first.class_map.shape
+    assert (mask == first.class_map).mean() > 0.95  # the class indices of the built-in segmenter's answer
+
+
+def _images(pngs):
+    tensor = grpcclient.InferInput("image", [len(pngs)], "BYTES")
+    tensor.set_data_from_numpy(np.array(pngs, dtype=np.object_))
+    return tensor

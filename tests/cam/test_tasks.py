@@ -1,7 +1,8 @@
 """Detection, segmentation and embedding targets: parity with pytorch-grad-cam's targets, one backward for
 mixed targets, and the rules of target resolution.
 
-torchvision's detector and segmenters with fixed random weights (no download): every gradient method's map
+torchvision's detectors (Faster R-CNN, RetinaNet) and segmenters (LR-ASPP, DeepLabV3) with fixed random weights
+(no download): every gradient method's map
 has Pearson r >= 0.99 against pytorch-grad-cam with ``FasterRCNNBoxScoreTarget`` /
 ``SemanticSegmentationTarget``, and the embedding similarity against a cosine target written as in
 pytorch-grad-cam's similarity tutorial.
@@ -29,6 +30,8 @@ GRADIENT_METHODS = [("gradcam", GradCAM), ("gradcam++", GradCAMPlusPlus), ("xgra
                     ("hirescam", HiResCAM), ("layercam", LayerCAM), ("gradcam-elementwise", GradCAMElementWise)]
 DETECT_SIZE = 320
 SEG_SIZE = 96
+# RetinaNet's ResNet-50 at its usual 800 px takes tens of seconds per check on two cores.
+RETINA_SIZE = 160
 
 
 def _thaw(model):
@@ -48,7 +51,7 @@ def _compare(ours, reference, size, what):
     assert r >= 0.99, f"{what}: r={r:.4f}"
 
 
-def _calibrate(model, run):
+def _calibrate(model, run, size=DETECT_SIZE):
     """Batch-norm statistics from random images: with torchvision's fresh statistics (mean 0, variance 1) the
     random backbone's features fade to a constant, every box scores about 1/6 and the gradients are about
     1e-12, which gradcam++'s cubes underflow to zero."""
@@ -58,7 +61,7 @@ def _calibrate(model, run):
             m.momentum = None  # a cumulative average over the calibration batch
     model.train()
     with torch.no_grad():
-        run(torch.rand(4, 3, DETECT_SIZE, DETECT_SIZE, generator=torch.Generator().manual_seed(5)))
+        run(torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(5)))
     model.eval()
 
 
@@ -254,3 +257,70 @@ def test_an_image_without_detections_gets_no_maps():
     cam = out.cams[0]
     assert cam is not None
     assert cam.maps.shape[0] == 0
+
+
+@pytest.fixture(scope="module")
+def retinanet():
+    torch.manual_seed(0)
+    model = torchvision.models.detection.retinanet_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=6, score_thresh=0.0, min_size=RETINA_SIZE,
+        max_size=RETINA_SIZE).eval()
+    _calibrate(model, lambda b: model.backbone(model.transform(list(b))[0].tensors), RETINA_SIZE)
+    x = torch.rand(1, 3, RETINA_SIZE, RETINA_SIZE, generator=torch.Generator().manual_seed(1))
+    engine = CamEngine(model, x, task=get_task("detection", [f"c{i}" for i in range(6)]))
+    yield model, engine, x
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def deeplab():
+    torch.manual_seed(0)
+    model = torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(
+        weights=None, weights_backbone=None, num_classes=4, aux_loss=False).eval()
+    x = torch.rand(1, 3, SEG_SIZE, SEG_SIZE, generator=torch.Generator().manual_seed(2))
+    engine = CamEngine(model, x, task=get_task("segmentation", ["background", "a", "b", "c"]))
+    yield model, engine, x
+    engine.close()
+
+
+@pytest.mark.parametrize(("method", "ref_cls"), GRADIENT_METHODS, ids=[m for m, _ in GRADIENT_METHODS])
+def test_retinanet_parity(retinanet, method, ref_cls):
+    model, engine, x = retinanet
+    found = engine.explain(x, [CamQuery(method=method, top=1)]).summaries[0].detections
+    d = found[0]
+    # A hand-made box near the best detection: RetinaNet's outputs have boxes, labels and scores too.
+    box = (d.box[0] - 2, d.box[1] - 2, d.box[2] + 2, d.box[3] + 1)
+    layer = engine.layers.default
+    out = engine.explain(x, [CamQuery(method=method, layer=layer, objective="score+iou",
+                                      targets=(TaskTarget(box=box, label=d.label),))])
+    cam = out.cams[0]
+    assert cam is not None
+    assert cam.resolved[0].label == d.label
+    _thaw(model)
+    try:
+        ref = _reference(ref_cls, model, layer, x, FasterRCNNBoxScoreTarget(labels=[d.label],
+                                                                             bounding_boxes=[torch.tensor(box)]))
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    _compare(cam.maps[0], ref, RETINA_SIZE, f"retinanet/{method}")
+
+
+@pytest.mark.parametrize(("method", "ref_cls"), GRADIENT_METHODS, ids=[m for m, _ in GRADIENT_METHODS])
+def test_deeplabv3_parity(deeplab, method, ref_cls):
+    model, engine, x = deeplab
+    layer = engine.layers.default
+    # Random weights predict whichever classes they like: explain the largest one predicted.
+    cls = engine.explain(x, [None]).summaries[0].segments[0].label
+    out = engine.explain(x, [CamQuery(method=method, layer=layer, targets=(TaskTarget(index=cls),))])
+    cam = out.cams[0]
+    assert cam is not None
+    region = cam.resolved[0].region
+    assert region is not None and region.any()
+    _thaw(model)
+    try:
+        ref = _reference(ref_cls, _Out(model), f"model.{layer}", x, SemanticSegmentationTarget(cls, region.numpy()))
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    _compare(cam.maps[0], ref, SEG_SIZE, f"deeplabv3/{method}")
