@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -82,3 +83,25 @@ def test_segments_listed_and_the_region_outlined(browser, task_server, tmp_path)
     assert magenta.sum() > 20
     # The outline follows the region's boundary (the predicted mask, close to the truth).
     assert magenta[edge].mean() > 0.8 and magenta[~edge].mean() < 0.01
+
+
+def test_a_click_on_a_box_explains_that_detection(browser, task_server, tmp_path):
+    open_page(browser, task_server)
+    _upload(browser, tmp_path, "shapes-detect")
+    overlay = by_testid(browser, "overlay")
+    assert json.loads(overlay.get_attribute("data-target"))["detection"] == 0  # the best one first
+    assert len(all_by_testid(browser, "prediction")) >= 2
+    target = json.loads(overlay.get_attribute("data-target"))
+    # Click the middle of detection 1's box (the API's answer for the same upload).
+    scene = (tmp_path / "scene.png").read_bytes()
+    found = httpx.post(f"{task_server}/predict", data={"model": "shapes-detect"},
+                       files={"image": ("scene.png", scene, "image/png")}).json()["results"][0]["detections"]
+    x0, y0, x1, y1 = found[1]["box"]
+    browser.execute_script("""
+        const c = arguments[0], r = c.getBoundingClientRect();
+        const x = r.left + arguments[1] * r.width / c.width, y = r.top + arguments[2] * r.height / c.height;
+        c.dispatchEvent(new MouseEvent('click', { clientX: x, clientY: y, bubbles: true }));""",
+                           overlay, (x0 + x1) / 2, (y0 + y1) / 2)
+    wait_idle(browser)
+    clicked = json.loads(overlay.get_attribute("data-target"))
+    assert clicked["detection"] == 1 and clicked != target

@@ -500,6 +500,19 @@
 
   function drawTarget(ctx, target, width, height) {
     if (target.box) {
+      // Every detection found, thin and dashed with its label and score; the explained one in MARK below.
+      ctx.save();
+      ctx.setLineDash([4, 3]);
+      ctx.lineWidth = 1;
+      ctx.strokeStyle = ctx.fillStyle = "#ffffff";
+      ctx.font = "11px sans-serif";
+      for (const d of state.predictions) {
+        if (!d.box || d.index === target.detection) continue;
+        const [a, b, c, e] = d.box;
+        ctx.strokeRect(a, b, c - a, e - b);
+        ctx.fillText(`${d.label} ${(d.score * 100).toFixed(0)}%`, a + 2, e - 3);
+      }
+      ctx.restore();
       const [x0, y0, x1, y1] = target.box;
       ctx.strokeStyle = MARK;
       ctx.lineWidth = 2;
@@ -602,6 +615,16 @@
     });
     for (const tab of document.querySelectorAll(".tab")) tab.addEventListener("click", () => setView(tab.dataset.view));
     $("download").addEventListener("click", download);
+    $("overlay").addEventListener("click", (ev) => {
+      // On a detector's overlay, a click on a box explains that detection (the smallest box under it).
+      const canvas = ev.currentTarget;
+      const rect = canvas.getBoundingClientRect();
+      const x = ((ev.clientX - rect.left) * canvas.width) / rect.width;
+      const y = ((ev.clientY - rect.top) * canvas.height) / rect.height;
+      const hits = state.predictions.filter((d) => d.box && d.box[0] <= x && x <= d.box[2] && d.box[1] <= y && y <= d.box[3]);
+      hits.sort((a, b) => (a.box[2] - a.box[0]) * (a.box[3] - a.box[1]) - (b.box[2] - b.box[0]) * (b.box[3] - b.box[1]));
+      if (hits.length) selectClass(hits[0].index);
+    });
     $("copy-curl").addEventListener("click", async () => {
       try {
         await navigator.clipboard.writeText($("curl").textContent);
