@@ -120,3 +120,14 @@ def test_segment_overlay_outlines_the_explained_region(client):
     # The outline is the predicted region's boundary: every edge pixel drawn, nothing else.
     assert magenta[edge].mean() > 0.95
     assert magenta[~edge].mean() < 0.01
+
+
+def test_v2_overlay_draws_the_box_too(client):
+    from tests.api.test_oip_v2 import image_input, outputs, post
+
+    s = make_multi_scenes(1, seed=4321, n_shapes=2, distinct_labels=True)[0]
+    tensor, raw = image_input(base64.b64decode(_upload(s.image)))
+    got = outputs(post(client, {"inputs": [tensor], "parameters": {"top_k": 1}, "outputs": [
+        {"name": "heatmap_png", "parameters": {"output": "overlay"}}]}, raw, path="/v2/models/shapes-detect/infer"))
+    over = np.asarray(Image.open(io.BytesIO(got["heatmap_png"][0])).convert("RGB")).astype(int)
+    assert (over == MAGENTA).all(axis=-1).sum() > 20
