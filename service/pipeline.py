@@ -39,7 +39,7 @@ from service.preprocess import Geometry
 from service.registry import LoadedModel
 from service.rendering import Heatmap, HeatmapSpec, output_size, render
 from service.results import Explanation, ImageResult, Prediction
-from service.task_results import RequestTarget, describe, finish_task, label_name, localise
+from service.task_results import RequestTarget, describe, finish_task, label_name, localise, marks
 from service.threads import one_thread
 
 # Pixels of decoding plus rendering one request may do on the event loop (a 64x64 image decodes and
@@ -277,10 +277,11 @@ class Pipeline:
         cam = result.cam
         heatmaps: list[Heatmap] = []
         if cam.classes:
-            base = None
+            base, drawn = None, None
             if spec.output == "overlay":
                 base = prepared.image if spec.size == "original" else prepared.input_image()
-            heatmaps = render(cam.maps, spec, geom, self.model.preprocess.input_size, base)
+                drawn = [marks(t, geom, labels, spec.size, self.model.preprocess.input_size) for t in cam.resolved]
+            heatmaps = render(cam.maps, spec, geom, self.model.preprocess.input_size, base, drawn)
         explanations = [Explanation(t.label, label_name(labels, t.label) if t.label >= 0 else "similarity",
                                     round(float(result.logits[k]), 6), cam.method, cam.layer, h, None,
                                     self._note(cam, k), describe(t, geom, labels))

@@ -13,11 +13,13 @@ with the model thread.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 from torch import Tensor
 
 from service.cam.engine import normalize_by_peak
@@ -185,6 +187,55 @@ def _overlay(levels: _Levels, image: Tensor, spec: HeatmapSpec, out: np.ndarray)
         np.take(table, index, out=out[top:bottom])
 
 
+# What an overlay draws over a detection's or a segment's map: a colour no colormap's blend reaches
+# at full strength (the blend keeps part of the image), so the drawing stays legible over any heat.
+MARK_COLOUR = (255, 0, 255)
+
+
+@dataclass(frozen=True)
+class Marks:
+    """What one target explained, in the output image's pixels: a detection's ``box`` ``(x0, y0, x1, y1)``
+    with its ``label``, or a region's ``outline`` (``(H, W)`` bool, the region's boundary pixels)."""
+
+    box: tuple[float, float, float, float] | None = None
+    label: str | None = None
+    outline: np.ndarray | None = None
+
+
+def outline(region: np.ndarray) -> np.ndarray:
+    """The boundary pixels of a bool region: in it, with a 4-neighbour outside it (or off the image)."""
+    padded = np.pad(region, 1, constant_values=False)
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    edge: np.ndarray = region & ~inner
+    return edge
+
+
+def _draw(out: np.ndarray, marks: Marks) -> None:
+    """Draw ``marks`` into the overlay ``out`` ``(H, W, 3)`` in place."""
+    if marks.outline is not None:
+        out[marks.outline] = MARK_COLOUR
+    if marks.box is None:
+        return
+    h, w = out.shape[:2]
+    x0, y0, x1, y1 = marks.box
+    # Pixel edges of the box, clipped to the image; a box is at least one pixel wide.
+    left, top = min(max(int(np.floor(x0)), 0), w - 1), min(max(int(np.floor(y0)), 0), h - 1)
+    right, bottom = min(max(int(np.ceil(x1)) - 1, left), w - 1), min(max(int(np.ceil(y1)) - 1, top), h - 1)
+    image = Image.fromarray(out)
+    draw = ImageDraw.Draw(image)
+    draw.fontmode = "1"  # no anti-aliasing: the label is drawn in the mark's colour only
+    if marks.label and min(h, w) >= 128:  # on a small map the text would hide what it names
+        # Above the box when there is room, else just inside it; drawn first so the box's edges stay whole.
+        bbox = draw.textbbox((0, 0), marks.label)
+        th = bbox[3] - bbox[1] + 2
+        tx, ty = left + 1, top - th if top >= th else top + 2
+        bbox = draw.textbbox((tx, ty), marks.label)
+        draw.rectangle(bbox, fill=(0, 0, 0))
+        draw.text((tx, ty), marks.label, fill=MARK_COLOUR)
+    draw.rectangle((left, top, right, bottom), outline=MARK_COLOUR, width=1 if min(h, w) < 128 else 2)
+    out[...] = np.asarray(image)
+
+
 def output_size(spec: HeatmapSpec, geom: Geometry, input_size: tuple[int, int],
                 feature: tuple[int, int] | None = None) -> tuple[int, int]:
     """``(H, W)`` of the heatmaps for this image; ``feature`` is the layer's grid when known."""
@@ -196,9 +247,10 @@ def output_size(spec: HeatmapSpec, geom: Geometry, input_size: tuple[int, int],
 
 
 def render(maps: Tensor, spec: HeatmapSpec, geom: Geometry, input_size: tuple[int, int],
-           image: Tensor | None = None) -> list[Heatmap]:
+           image: Tensor | None = None, marks: Sequence[Marks | None] | None = None) -> list[Heatmap]:
     """Render ``(T, h, w)`` maps. ``image`` is needed for overlays: ``(H, W, 3)`` uint8 pixels at the
-    requested size (the original upload, or the model-input pixels), on the maps' device."""
+    requested size (the original upload, or the model-input pixels), on the maps' device. ``marks``: per
+    target, what to draw over its overlay (a box, an outline); png and array maps are data and stay bare."""
     h, w = output_size(spec, geom, input_size, (int(maps.shape[1]), int(maps.shape[2])))
     if spec.output == "array":
         if h * w > MAX_ARRAY_PIXELS:  # checked before resampling to that size
@@ -211,11 +263,14 @@ def render(maps: Tensor, spec: HeatmapSpec, geom: Geometry, input_size: tuple[in
     # One host buffer, reused by every target: each is encoded before the next is drawn into it.
     out = np.empty((h, w, 3) if spec.output == "overlay" else (h, w), dtype=np.uint8)
     heatmaps = []
-    for cam in maps:
+    for t, cam in enumerate(maps):
         levels = _Levels(cam, spec, geom, input_size)
         if spec.output == "overlay":
             assert image is not None
             _overlay(levels, image, spec, out)
+            drawn = marks[t] if marks is not None else None
+            if drawn is not None:
+                _draw(out, drawn)
         else:
             for top, bottom in levels.bands():
                 out[top:bottom] = levels.band(top, bottom)

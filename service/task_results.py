@@ -19,6 +19,7 @@ from torch import Tensor
 from service.cam.tasks import Resolved, Summary, TaskTarget, describe_target
 from service.errors import InvalidInput
 from service.preprocess import Geometry
+from service.rendering import Marks, outline
 
 
 @dataclass(frozen=True)
@@ -155,3 +156,18 @@ def describe(target: Resolved, geom: Geometry, labels: Sequence[str]) -> dict[st
     if target.box is not None:
         out["box"] = list(box_to_original(target.box.tolist(), geom))
     return out
+
+
+def marks(target: Resolved, geom: Geometry, labels: Sequence[str], size: str,
+          input_size: tuple[int, int]) -> Marks:
+    """What an overlay of ``target``'s map draws, in the overlay's pixels (the upload's for ``size=original``,
+    the model input's for ``size=input``): the detection's box and label, or the region's outline."""
+    if target.box is not None:
+        box = target.box.tolist()
+        x0, y0, x1, y1 = box_to_original(box, geom) if size == "original" else box
+        return Marks(box=(x0, y0, x1, y1), label=label_name(labels, target.label) if target.label >= 0 else None)
+    if target.region is not None:
+        # The same nearest mapping as the predicted mask's; at size=input the "upload" is the model input.
+        into = geom if size == "original" else Geometry(input_size, input_size, (0, 0, *input_size))
+        return Marks(outline=outline(_mask_to_original(target.region > 0.5, into).astype(bool)))
+    return Marks()

@@ -65,3 +65,69 @@ def test_segmenter_mask_and_a_class_map(client):
     heat = np.asarray(res["explanations"][0]["heatmap"]["data"])
     y, x = np.unravel_index(heat.argmax(), heat.shape)
     assert truth[y, x] == s.labels[0] + 1
+
+
+MAGENTA = np.array([255, 0, 255])
+
+
+def _overlay(res: dict, k: int = 0) -> np.ndarray:
+    data = base64.b64decode(res["explanations"][k]["heatmap"]["data"])
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+
+
+@pytest.mark.parametrize("size", ["original", "input"])
+def test_detection_overlay_draws_the_explained_box(client, size):
+    s = make_multi_scenes(1, seed=4321, n_shapes=2, distinct_labels=True)[0]
+    body = {"model": "shapes-detect", "image": _upload(s.image), "top_k": 2, "method": "hirescam", "size": size}
+    r = client.post("/explain", json={**body, "output": "overlay"})
+    assert r.status_code == 200, r.text
+    res = r.json()["results"][0]
+    over = _overlay(res)
+    magenta = (over == MAGENTA).all(axis=-1)
+    x0, y0, x1, y1 = res["explanations"][0]["target"]["box"]  # upload pixels
+    if size == "input":
+        x0, y0, x1, y1 = (v / SCALE for v in (x0, y0, x1, y1))
+    left, top, right, bottom = int(np.floor(x0)), int(np.floor(y0)), int(np.ceil(x1)) - 1, int(np.ceil(y1)) - 1
+    # The box's four edges are drawn whole...
+    for edge in (magenta[top:bottom + 1, left], magenta[top:bottom + 1, right], magenta[top, left:right + 1],
+                 magenta[bottom, left:right + 1]):
+        assert edge.all()
+    # ...and nothing outside it or inside it, but for the label (above its top-left corner, at size original).
+    elsewhere = np.ones_like(magenta)
+    elsewhere[max(top - 2, 0) : bottom + 3, max(left - 2, 0) : right + 3] = False
+    elsewhere[max(top - 16, 0) : top, left:] = False
+    assert not magenta[elsewhere].any()
+    assert not magenta[top + 3 : bottom - 2, left + 3 : right - 2].any()
+    assert magenta[max(top - 16, 0) : top, left:].any() == (size == "original")
+    # The png map stays data: no box in it.
+    png = client.post("/explain", json={**body, "output": "png"}).json()["results"][0]
+    grey = np.asarray(Image.open(io.BytesIO(base64.b64decode(png["explanations"][0]["heatmap"]["data"]))))
+    assert grey.ndim == 2
+
+
+def test_segment_overlay_outlines_the_explained_region(client):
+    s = make_multi_scenes(1, seed=99, n_shapes=2, distinct_labels=True)[0]
+    cls = int(s.labels[0]) + 1
+    r = client.post("/explain", json={"model": "shapes-seg", "image": _upload(s.image), "output": "overlay",
+                                      "size": "original", "targets": [cls]})
+    assert r.status_code == 200, r.text
+    res = r.json()["results"][0]
+    magenta = (_overlay(res) == MAGENTA).all(axis=-1)
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(res["mask"])))) == cls
+    padded = np.pad(mask, 1)
+    edge = mask & ~(padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
+    assert edge.sum() > 20
+    # The outline is the predicted region's boundary: every edge pixel drawn, nothing else.
+    assert magenta[edge].mean() > 0.95
+    assert magenta[~edge].mean() < 0.01
+
+
+def test_v2_overlay_draws_the_box_too(client):
+    from tests.api.test_oip_v2 import image_input, outputs, post
+
+    s = make_multi_scenes(1, seed=4321, n_shapes=2, distinct_labels=True)[0]
+    tensor, raw = image_input(base64.b64decode(_upload(s.image)))
+    got = outputs(post(client, {"inputs": [tensor], "parameters": {"top_k": 1}, "outputs": [
+        {"name": "heatmap_png", "parameters": {"output": "overlay"}}]}, raw, path="/v2/models/shapes-detect/infer"))
+    over = np.asarray(Image.open(io.BytesIO(got["heatmap_png"][0])).convert("RGB")).astype(int)
+    assert (over == MAGENTA).all(axis=-1).sum() > 20

@@ -245,7 +245,21 @@
       const body = await (await api("/predict", { method: "POST", body: formFor(fields) })).json();
       if (generation !== state.generation) return;
       showError(null);
-      state.predictions = body.results[0].predictions;
+      const result = body.results[0];
+      state.mask = null;
+      if (result.detections) {
+        // A detector's list: each row explains that detection (its index is the target).
+        state.predictions = result.detections.map((d) => ({ ...d, label: `${d.label} #${d.index}` }));
+      } else if (result.segments) {
+        state.predictions = result.segments.map((g) => ({ ...g, detail: `${g.area} px` }));
+        const [height, width] = [state.pixels?.height, state.pixels?.width];
+        if (result.mask && width) state.mask = await decodeLevels({ data: result.mask, width, height });
+      } else {
+        state.predictions = result.predictions || [];
+      }
+      if (!state.predictions.length) throw new Error(result.embedding
+        ? "This is an embedding model: the page explains classes, detections and segments only."
+        : "Nothing found in this image.");
       renderPredictions();
       if (state.model.methods.length) await selectClass(state.predictions[0].index);
     } catch (err) {
@@ -274,7 +288,7 @@
       bar.append(fill);
       const score = document.createElement("span");
       score.className = "score";
-      score.textContent = `${(p.score * 100).toFixed(1)}%`;
+      score.textContent = `${(p.score * 100).toFixed(1)}%${p.detail ? `, ${p.detail}` : ""}`;
       b.append(label, bar, score);
       b.addEventListener("click", () => selectClass(p.index));
       li.append(b);
@@ -377,7 +391,9 @@
     if (!stillCurrent()) return;
     const canvas = $("overlay");
     canvas.hidden = false;
-    state.shown = [{ canvas, levels: e.levels, width: e.heatmap.width, height: e.heatmap.height }];
+    state.shown = [{ canvas, levels: e.levels, width: e.heatmap.width, height: e.heatmap.height,
+                     target: e.target }];
+    canvas.dataset.target = JSON.stringify(e.target || null);  // what the map explains, for tests and tools
     state.single = { label: e.label, method: e.method };
     $("overlay-caption").textContent =
       `${e.label} (${(e.score * 100).toFixed(1)}%), ${e.method} on ${e.layer}, ${e.heatmap.width}x${e.heatmap.height}, ` +
@@ -458,7 +474,7 @@
     for (const item of state.shown) blend(item);
   }
 
-  function blend({ canvas, levels, width, height }) {
+  function blend({ canvas, levels, width, height, target }) {
     const alpha = Number($("opacity").value);
     const lut = state.colormaps[$("colormap-select").value];
     canvas.width = width;
@@ -475,6 +491,51 @@
       out.data[j + 3] = 255;
     }
     ctx.putImageData(out, 0, 0);
+    if (target) drawTarget(ctx, target, width, height);
+  }
+
+  // What a detection's or a segment's map explains, drawn as the server's overlay draws it: the box with its
+  // label, or the outline of the class's predicted region (the maps are at the upload's size).
+  const MARK = "#ff00ff";
+
+  function drawTarget(ctx, target, width, height) {
+    if (target.box) {
+      // Every detection found, thin and dashed with its label and score; the explained one in MARK below.
+      ctx.save();
+      ctx.setLineDash([4, 3]);
+      ctx.lineWidth = 1;
+      ctx.strokeStyle = ctx.fillStyle = "#ffffff";
+      ctx.font = "11px sans-serif";
+      for (const d of state.predictions) {
+        if (!d.box || d.index === target.detection) continue;
+        const [a, b, c, e] = d.box;
+        ctx.strokeRect(a, b, c - a, e - b);
+        ctx.fillText(`${d.label} ${(d.score * 100).toFixed(0)}%`, a + 2, e - 3);
+      }
+      ctx.restore();
+      const [x0, y0, x1, y1] = target.box;
+      ctx.strokeStyle = MARK;
+      ctx.lineWidth = 2;
+      ctx.strokeRect(x0, y0, x1 - x0, y1 - y0);
+      ctx.fillStyle = MARK;
+      ctx.font = "12px sans-serif";
+      ctx.fillText(String(target.label ?? ""), x0 + 2, y0 > 14 ? y0 - 4 : y0 + 14);
+      return;
+    }
+    const mask = state.mask;
+    if (!mask || mask.length !== width * height || state.selected === null) return;
+    const cls = state.selected;
+    const img = ctx.getImageData(0, 0, width, height);
+    const inside = (x, y) => x >= 0 && y >= 0 && x < width && y < height && mask[y * width + x] === cls;
+    for (let y = 0; y < height; y++) {
+      for (let x = 0; x < width; x++) {
+        if (!inside(x, y)) continue;
+        if (inside(x - 1, y) && inside(x + 1, y) && inside(x, y - 1) && inside(x, y + 1)) continue;
+        const j = (y * width + x) * 4;
+        img.data[j] = 255; img.data[j + 1] = 0; img.data[j + 2] = 255;
+      }
+    }
+    ctx.putImageData(img, 0, 0);
   }
 
   function baseImage(width, height) {
@@ -554,6 +615,16 @@
     });
     for (const tab of document.querySelectorAll(".tab")) tab.addEventListener("click", () => setView(tab.dataset.view));
     $("download").addEventListener("click", download);
+    $("overlay").addEventListener("click", (ev) => {
+      // On a detector's overlay, a click on a box explains that detection (the smallest box under it).
+      const canvas = ev.currentTarget;
+      const rect = canvas.getBoundingClientRect();
+      const x = ((ev.clientX - rect.left) * canvas.width) / rect.width;
+      const y = ((ev.clientY - rect.top) * canvas.height) / rect.height;
+      const hits = state.predictions.filter((d) => d.box && d.box[0] <= x && x <= d.box[2] && d.box[1] <= y && y <= d.box[3]);
+      hits.sort((a, b) => (a.box[2] - a.box[0]) * (a.box[3] - a.box[1]) - (b.box[2] - b.box[0]) * (b.box[3] - b.box[1]));
+      if (hits.length) selectClass(hits[0].index);
+    });
     $("copy-curl").addEventListener("click", async () => {
       try {
         await navigator.clipboard.writeText($("curl").textContent);
