@@ -57,3 +57,12 @@ def server():
     yield f"http://127.0.0.1:{port}", port
     proc.terminate()
     proc.wait(timeout=30)
+
+
+def check_similarity(emb: np.ndarray, sim: np.ndarray, heatmap: np.ndarray) -> None:
+    """Two images' embeddings ``emb``, and their ``similarity`` to the second as a reference (any protocol)."""
+    assert sim.shape == (2, 1)
+    assert sim[1, 0] == pytest.approx(1.0, abs=1e-5)
+    expected = float(emb[0] @ emb[1] / np.linalg.norm(emb[0]) / np.linalg.norm(emb[1]))
+    assert sim[0, 0] == pytest.approx(expected, abs=1e-5)
+    assert heatmap.shape[:2] == (2, 1)

@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from service.models.scenes import SHAPE_CLASSES
-from tests.api.conftest import b64, png_bytes, scene
+from tests.api.conftest import b64, check_similarity, png_bytes, scene
 from tests.api.server import ROOT, free_port, start_server
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
@@ -402,12 +402,7 @@ def test_embedding_similarity_over_grpc(task_client):
     ref.set_data_from_numpy(emb[1:2].astype(np.float32))
     out = task_client.infer("emb", [_images(pngs), ref],
                             outputs=[grpcclient.InferRequestedOutput(n) for n in ("similarity", "heatmap")])
-    sim = out.as_numpy("similarity")
-    assert sim.shape == (2, 1)
-    assert sim[1, 0] == pytest.approx(1.0, abs=1e-5)
-    expected = float(emb[0] @ emb[1] / np.linalg.norm(emb[0]) / np.linalg.norm(emb[1]))
-    assert sim[0, 0] == pytest.approx(expected, abs=1e-5)
-    assert out.as_numpy("heatmap").shape[:2] == (2, 1)
+    check_similarity(emb, out.as_numpy("similarity"), out.as_numpy("heatmap"))
 
 
 def test_segmentation_mask_over_grpc(task_client):

@@ -21,7 +21,7 @@ from service.config import Settings
 from service.modelspec import ModelSpec
 from service.registry import serve_module
 from service.sources import _task_preprocess
-from tests.api.conftest import b64, png_bytes
+from tests.api.conftest import b64, check_similarity, png_bytes
 from tests.api.server import free_port, start_server
 
 pytestmark = pytest.mark.slow
@@ -222,12 +222,7 @@ def test_v2_embedding_similarity_through_tritonclient(triton):
     ref.set_data_from_numpy(emb[1:2].astype(np.float32), binary_data=True)
     out = client.infer("emb", [_png_input(httpclient, images), ref], outputs=[
         httpclient.InferRequestedOutput(n, binary_data=True) for n in ("similarity", "heatmap")])
-    sim = out.as_numpy("similarity")
-    assert sim.shape == (2, 1)
-    assert sim[1, 0] == pytest.approx(1.0, abs=1e-5)
-    expected = float(emb[0] @ emb[1] / np.linalg.norm(emb[0]) / np.linalg.norm(emb[1]))
-    assert sim[0, 0] == pytest.approx(expected, abs=1e-5)
-    assert out.as_numpy("heatmap").shape[:2] == (2, 1)
+    check_similarity(emb, out.as_numpy("similarity"), out.as_numpy("heatmap"))
 
 
 def test_kserve_v1_and_png_answers(client):

@@ -34,14 +34,17 @@ SEG_SIZE = 96
 RETINA_SIZE = 160
 
 
-def _thaw(model):
-    for p in model.parameters():
-        p.requires_grad_(True)  # the engine froze them; the references backpropagate into them
-
-
 def _reference(ref_cls, model, layer, x, target):
-    with ref_cls(model=model, target_layers=[dict(model.named_modules())[layer]]) as ref:
-        return ref(input_tensor=x.clone(), targets=[target])[0]
+    """pytorch-grad-cam's map, with the parameters it backpropagates into thawed for the call only."""
+    params = list(model.parameters())
+    for p in params:
+        p.requires_grad_(True)  # the engine froze them; the references backpropagate into them
+    try:
+        with ref_cls(model=model, target_layers=[dict(model.named_modules())[layer]]) as ref:
+            return ref(input_tensor=x.clone(), targets=[target])[0]
+    finally:
+        for p in params:
+            p.requires_grad_(False)
 
 
 def _compare(ours, reference, size, what):
@@ -121,13 +124,8 @@ def test_detection_parity(detector, method, ref_cls):
     cam = out.cams[0]
     assert cam is not None
     assert cam.resolved[0].label == label
-    _thaw(model)
-    try:
-        ref = _reference(ref_cls, model, layer, x[:1],
-                         FasterRCNNBoxScoreTarget(labels=[label], bounding_boxes=[torch.tensor(box)]))
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(False)
+    ref = _reference(ref_cls, model, layer, x[:1],
+                     FasterRCNNBoxScoreTarget(labels=[label], bounding_boxes=[torch.tensor(box)]))
     _compare(cam.maps[0], ref, DETECT_SIZE, f"fasterrcnn/{method}")
 
 
@@ -142,12 +140,7 @@ def test_segmentation_parity(segmenter, method, ref_cls):
     assert region is not None
     mask = out.summaries[0].mask
     assert torch.equal(region.bool(), mask == 1)  # the predicted region is the argmax mask
-    _thaw(model)
-    try:
-        ref = _reference(ref_cls, _Out(model), f"model.{layer}", x[:1], SemanticSegmentationTarget(1, region.numpy()))
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(False)
+    ref = _reference(ref_cls, _Out(model), f"model.{layer}", x[:1], SemanticSegmentationTarget(1, region.numpy()))
     _compare(cam.maps[0], ref, SEG_SIZE, f"lraspp/{method}")
 
 
@@ -177,7 +170,6 @@ def test_embedding_parity(method, ref_cls):
     assert cam is not None
     e = out.summaries[0].embedding
     assert torch.allclose(out.logits[0, 0], F.cosine_similarity(e, reference, dim=0), atol=1e-5)
-    _thaw(model)
     ref = _reference(ref_cls, model, "features", x[:1], _Similarity(reference))
     _compare(cam.maps[0], ref, 64, f"embedding/{method}")
 
@@ -296,13 +288,8 @@ def test_retinanet_parity(retinanet, method, ref_cls):
     cam = out.cams[0]
     assert cam is not None
     assert cam.resolved[0].label == d.label
-    _thaw(model)
-    try:
-        ref = _reference(ref_cls, model, layer, x, FasterRCNNBoxScoreTarget(labels=[d.label],
-                                                                             bounding_boxes=[torch.tensor(box)]))
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(False)
+    ref = _reference(ref_cls, model, layer, x, FasterRCNNBoxScoreTarget(labels=[d.label],
+                                                                    bounding_boxes=[torch.tensor(box)]))
     _compare(cam.maps[0], ref, RETINA_SIZE, f"retinanet/{method}")
 
 
@@ -317,10 +304,5 @@ def test_deeplabv3_parity(deeplab, method, ref_cls):
     assert cam is not None
     region = cam.resolved[0].region
     assert region is not None and region.any()
-    _thaw(model)
-    try:
-        ref = _reference(ref_cls, _Out(model), f"model.{layer}", x, SemanticSegmentationTarget(cls, region.numpy()))
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(False)
+    ref = _reference(ref_cls, _Out(model), f"model.{layer}", x, SemanticSegmentationTarget(cls, region.numpy()))
     _compare(cam.maps[0], ref, SEG_SIZE, f"deeplabv3/{method}")
