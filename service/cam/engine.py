@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Generator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any
@@ -328,7 +329,8 @@ class CamEngine:
         summaries: list[Summary] | None = None
         resolved: list[tuple[Resolved, ...]] = []
         with self._lock:
-            raw, captured = self._capture(rows.x, rows.layers)
+            with nullcontext() if self.task is None else self.task.explaining():
+                raw, captured = self._capture(rows.x, rows.layers)
             if self.task is None:
                 logits = raw
                 targets = self._targets(logits.detach(), rows)
@@ -345,7 +347,8 @@ class CamEngine:
                         rows.layers[r] = ()
             grad_layers = sorted({layer for r, q in enumerate(rows.queries) if q is not None
                                   and get_method(q.method).needs.gradients for layer in rows.layers[r]})
-            grads = _gradients(logits, [captured[n] for n in grad_layers], targets)
+            grads = _gradients(logits, [captured[n] for n in grad_layers], targets,
+                               batched=self.task is None or self.task.batched_backward)
             grad_of = dict(zip(grad_layers, grads, strict=True))
             precision = compute_dtype(rows.x.device, logits.dtype)
             logits = logits.detach().float()
@@ -682,11 +685,13 @@ def normalize_by_peak(maps: Tensor) -> tuple[Tensor, Tensor]:
     return maps / torch.where(peak > 0, peak, torch.ones_like(peak))[..., None, None], peak
 
 
-def _gradients(logits: Tensor, wrt: list[Tensor], targets: list[tuple[int, ...]]) -> list[Tensor]:
+def _gradients(logits: Tensor, wrt: list[Tensor], targets: list[tuple[int, ...]], batched: bool = True
+               ) -> list[Tensor]:
     """Gradients of each image's target logits w.r.t. the captured outputs: ``(T_max, N, ...)`` each.
 
     All targets go in one batched backward (``is_grads_batched``): row ``t`` of the grad outputs
-    selects image ``i``'s ``t``-th target, so ``k`` targets cost one pass, not ``k``.
+    selects image ``i``'s ``t``-th target, so ``k`` targets cost one pass, not ``k``. ``batched=False``
+    takes one pass per target row instead, for graphs with functions vmap cannot batch.
     """
     if not wrt:
         return []
@@ -697,4 +702,8 @@ def _gradients(logits: Tensor, wrt: list[Tensor], targets: list[tuple[int, ...]]
             onehot[t, i, c] = 1
     if t_max == 1:
         return [g[None] for g in torch.autograd.grad(logits, wrt, grad_outputs=onehot[0])]
+    if not batched:
+        rows = [torch.autograd.grad(logits, wrt, grad_outputs=onehot[t], retain_graph=t < t_max - 1)
+                for t in range(t_max)]
+        return [torch.stack(per_layer) for per_layer in zip(*rows, strict=True)]
     return list(torch.autograd.grad(logits, wrt, grad_outputs=onehot, is_grads_batched=True))

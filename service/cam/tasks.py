@@ -20,6 +20,7 @@ Everything here takes and returns tensors on the model's device; nothing knows H
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import box_iou
 
+from service.cam.roi_align import sparse_backward
 from service.errors import InvalidArgument
 from service.modelspec import TASKS
 
@@ -100,6 +102,13 @@ class Task:
     """The part of serving a model that depends on what its output means. ``labels``: the model's classes."""
 
     name: ClassVar[str] = ""
+    # One backward for all of an image's targets (is_grads_batched), or one per target where the forward
+    # records functions without a vmap rule (see explaining).
+    batched_backward: ClassVar[bool] = True
+
+    def explaining(self) -> AbstractContextManager[None]:
+        """Entered around the forward pass of an explanation."""
+        return nullcontext()
 
     def __init__(self, labels: Sequence[str] = ()) -> None:
         self.labels = list(labels)
@@ -156,6 +165,11 @@ class DetectionTask(Task):
     ``labels`` ``(K,)`` and ``scores`` ``(K,)``, sorted by score; scores and boxes differentiable."""
 
     name = "detection"
+    batched_backward = False
+
+    def explaining(self) -> AbstractContextManager[None]:
+        # torchvision's two-stage detectors pool every proposal; a score reads one (service.cam.roi_align).
+        return sparse_backward()
 
     def default_layer(self, candidates: Sequence[str]) -> str | None:
         # torchvision's detectors: the backbone's last map; the FPN and heads run once per level, the RoI
