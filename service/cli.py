@@ -74,8 +74,8 @@ def _serve(args: argparse.Namespace) -> int:
 def load_models(specs: Sequence[ModelSpec]) -> list[LoadedModel]:
     """The models a server is about to serve, loaded in a thread that ends with the load; the calling
     thread (the event loop's, next) then runs torch on one thread. Each model's own thread is thus the
-    only one with an OpenMP team, whose idle workers spin (service.threads): a lone resnet18 /predict took
-    33.5 ms with the load in the main thread and 25.8 ms without."""
+    only one with an OpenMP team, whose idle workers spin (service.threads; the lone-request figures in
+    docs/precision.md, from `python -m tests.bench.bench_http --peer-only`)."""
     from service.registry import load_model
     from service.threads import confine
 

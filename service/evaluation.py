@@ -234,7 +234,7 @@ def _predict(model: LoadedModel, images: np.ndarray, batch_size: int) -> list[ob
         if isinstance(raw, list | tuple):
             out.extend({key: value.cpu() for key, value in d.items()} for d in raw)
         else:
-            out.extend(SegmentationTask.logits(raw).argmax(dim=1).cpu().numpy())
+            out.extend(SegmentationTask.class_map(raw).cpu().numpy())
     return out
 
 
