@@ -34,12 +34,14 @@ def all_by_testid(driver, testid: str):
 
 
 def wait_idle(driver, timeout: float = TIMEOUT) -> None:
-    """Until the page has loaded and every request and update it started has settled."""
+    """Until the page has loaded and every request, update and image it started has settled (the sample
+    thumbnails load after the page does, and the Performance API counts each when it arrives)."""
     from selenium.webdriver.support.ui import WebDriverWait
 
     WebDriverWait(driver, timeout).until(lambda d: d.execute_script(
         "return document.readyState === 'complete' && window.camserve !== undefined && "
-        "window.camserve.pending === 0 && document.body.dataset.state !== 'loading'"))
+        "window.camserve.pending === 0 && document.body.dataset.state !== 'loading' && "
+        "Array.from(document.images).every((i) => !i.src || i.complete)"))
 
 
 def open_page(driver, url: str) -> None:
