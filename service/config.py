@@ -46,9 +46,10 @@ class Settings:
     max_images_per_request: int = 64
     max_body_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 40_000_000
-    # Extra forward images one request may cost (ScoreCAM/AblationCAM perturbations, faithfulness metrics):
-    # resnet50 ScoreCAM at its 2048-channel layer4 is 2048 per image.
-    max_extra_forwards: int = 4096
+    # Work one request's extra forwards may cost (ScoreCAM/AblationCAM perturbations, faithfulness metrics), in
+    # forward units (one: a forward of the built-in shapes model, 39.5 M multiply-accumulates): resnet50 ScoreCAM
+    # at its 2048-channel layer4 is 2048 forwards of 103.5 units each per image; the default allows two images.
+    max_extra_forwards: int = 524_288
     max_render_pixels: int = 100_000_000  # heatmap pixels one request renders (images x targets x size)
     api_keys: tuple[str, ...] = ()
     api_keys_file: str | None = None

@@ -86,7 +86,7 @@ class Limits:
     max_image_pixels: int = 40_000_000
     max_render_pixels: int = 100_000_000
     timeout_s: float | None = 30.0
-    max_extra_forwards: int = 4096
+    max_extra_forwards: int = 524_288
 
 
 def _collect(task: asyncio.Future[Any]) -> None:
@@ -136,7 +136,8 @@ class DataPlane:
         query = loaded.engine.check(CamQuery(method=method, layer=layer, classes=classes, fuse=explain.fuse,
                                              smooth=explain.smooth, metrics=tuple(explain.metrics),
                                              metric_steps=explain.metric_steps, objective=explain.objective))
-        check_extra_forwards(n_images * loaded.engine.extra_forwards(query), self.limits.max_extra_forwards)
+        check_extra_forwards(n_images * loaded.engine.extra_forwards(query), loaded.engine.forward_units,
+                             self.limits.max_extra_forwards)
         if loaded.forward_s is not None and self.limits.timeout_s is not None:
             check_time(n_images * loaded.engine.extra_forwards(query, whole_only=True), loaded.forward_s,
                        self.limits.timeout_s)

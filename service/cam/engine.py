@@ -16,6 +16,7 @@ lock, so a scheduler can serve the model's other batches between chunks, or canc
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Generator, Sequence
 from contextlib import nullcontext
@@ -26,12 +27,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.hooks import RemovableHandle
 
 from service.cam.guided import guided_gradients, has_relu_modules
 from service.cam.layers import LayerInfo, find_layers, find_runtime_layers, from_nchw, to_nchw
 from service.cam.methods import METHODS, CamContext, CamMethod, Cost, LinearHead, get_method
-from service.cam.metrics import DEFAULT_STEPS, check_metrics, metric_forwards, metrics_work
+from service.cam.metrics import DEFAULT_STEPS, check_metrics, metric_forwards, metrics_work, scored_metrics_work
 from service.cam.replay import linear_head, tail_module
 from service.cam.runtime import Runtime
 from service.cam.tasks import OBJECTIVES, Resolved, Summary, Task, TaskTarget
@@ -49,11 +51,27 @@ _BUDGET_HINT = ("ask for fewer images or targets, a layer with fewer channels, f
                 "method")
 
 
-def check_extra_forwards(cost: int, limit: int) -> None:
-    """Refuse a request whose extra forward images (perturbations, metrics) exceed ``limit``."""
+# The forward unit of the extra-forward budget: the multiply-accumulates of one forward of the built-in `shapes`
+# classifier at 64 px (counted by torch's FlopCounterMode; a test holds it to that model).
+UNIT_MACS = 39_518_528
+
+
+def forward_units(macs: int) -> float:
+    """What one image's forward of a model of ``macs`` multiply-accumulates costs in forward units; an image
+    costs at least one unit, and a model whose work could not be counted (an ONNX graph) one per image."""
+    return max(1.0, macs / UNIT_MACS)
+
+
+def check_extra_forwards(images: int, units: float, limit: int) -> None:
+    """Refuse a request whose extra forward images (perturbations, metrics), at ``units`` forward units each,
+    exceed ``limit`` units: the budget counts work, so a detector's ScoreCAM costs what its forwards cost."""
+    cost = math.ceil(images * units - 1e-9)
     if cost > limit:
-        raise InvalidArgument("method", f"this request needs {cost} extra forward images, over the limit of "
-                              f"{limit} (SERVICE_MAX_EXTRA_FORWARDS); {_BUDGET_HINT}")
+        each = "" if units == 1 else f" of {units:.1f} forward units each ({cost} units)"
+        raise InvalidArgument("method", f"this request needs {images} extra forward images{each}, over the limit "
+                              f"of {limit} (SERVICE_MAX_EXTRA_FORWARDS, in forward units: one unit is "
+                              f"{UNIT_MACS / 1e6:.1f} M multiply-accumulates, a forward of the built-in shapes "
+                              f"model); {_BUDGET_HINT}")
 
 
 def check_time(forwards: int, forward_s: float, timeout_s: float) -> None:
@@ -147,8 +165,9 @@ class CamEngine:
                                  else find_layers(self.model, example))
         if layers is None:
             self.layers = preferred_layers(self.layers, self.model, task)
-        with torch.inference_mode():
-            first = self._forward(example)
+        first, macs = self._counted_forward(example)
+        # What one image's forward costs, for the extra-forward budget.
+        self.forward_units = forward_units(macs // max(1, example.shape[0]))
         # Classes for a classifier; for other tasks the width of what the model returns per image, when fixed.
         self.num_classes = int(first.shape[1]) if task is None else task.width(first)
         self.chunk_rows = chunk_rows
@@ -164,6 +183,19 @@ class CamEngine:
         self._has_relu = has_relu_modules(self.model)
         if self.layers.candidates:
             self.register(self.layers.default)
+
+    def _counted_forward(self, example: Tensor) -> tuple[Any, int]:
+        """The model's output on ``example`` and the multiply-accumulates it took (0 where they cannot be
+        counted: a runtime's graph runs outside torch's dispatcher, and a model that trips the counter is
+        run again without it)."""
+        with torch.inference_mode():
+            try:
+                with FlopCounterMode(display=False) as counter:
+                    out = self._forward(example)
+                return out, int(counter.get_total_flops()) // 2
+            except Exception:
+                # Also a model whose output is wrong: the plain forward raises that again, uncounted.
+                return self._forward(example), 0
 
     # -- lifecycle -------------------------------------------------------------------------------
     def register(self, layer: str) -> None:
@@ -213,11 +245,8 @@ class CamEngine:
 
     # -- validation and cost ---------------------------------------------------------------------
     def supports(self, method: CamMethod) -> bool:
-        """Whether this model can run ``method``: a runtime gives no gradients; a task other than
-        classification is explained from the shared pass alone (gradient methods and EigenCAM), because
-        perturbation, replay and guided methods re-score other passes through the logits."""
-        if self.task is not None and (method.needs.deferred or method.needs.input_gradients):
-            return False
+        """Whether this model can run ``method``: a runtime gives no gradients. Every method serves every
+        task: extra passes are re-scored by the task (:meth:`Task.rescore`)."""
         return self.runtime is None or not (method.needs.gradients or method.needs.input_gradients)
 
     @property
@@ -231,20 +260,10 @@ class CamEngine:
         """Validate ``query`` against this model and return it with its layers resolved."""
         method = get_method(query.method)
         if not self.supports(method):
-            if self.task is not None:
-                raise InvalidArgument("method", f"`method` {method.name!r} is not offered for {self.task.name} "
-                                      f"models; use one of {', '.join(self.methods)}")
             raise InvalidArgument("method", f"`method` {method.name!r} needs gradients, which this model's runtime "
                                   f"does not give; use one of {', '.join(self.methods)}")
-        if self.task is not None:
-            if query.metrics:
-                raise InvalidArgument("metrics", f"`metrics` re-score perturbed images, which is offered for "
-                                      f"classifiers only, not for {self.task.name} models")
-            if query.smooth == "aug":
-                raise InvalidArgument("smooth", f"`smooth` 'aug' flips the image, which is offered for classifiers "
-                                      f"only, not for {self.task.name} models; use 'eigen'")
-            if query.classes:
-                raise InvalidArgument("targets", f"a {self.task.name} model's targets are not class indices alone")
+        if self.task is not None and query.classes:
+            raise InvalidArgument("targets", f"a {self.task.name} model's targets are not class indices alone")
         if query.objective not in OBJECTIVES:
             raise InvalidArgument("objective", f"`objective` must be one of {', '.join(OBJECTIVES)}, got "
                                   f"{query.objective!r}")
@@ -274,17 +293,26 @@ class CamEngine:
         method = get_method(query.method)
         variants = len(_AUGMENTATIONS) if query.smooth == "aug" else 1
         total = 0
-        for name in query.layers if not whole_only or method.cost is Cost.FORWARDS else ():
+        for name in query.layers:
             layer = self.layers.resolve(name)
+            if whole_only and not (method.cost is Cost.FORWARDS or (method.cost is Cost.REPLAY
+                                                                   and self._replays_whole(layer))):
+                continue
             channels = self.layers.channels.get(layer, 0)
             closed = self._closed_form.get(layer)
             if closed is None:  # not run yet: a linear layer of this width makes a closed form possible
-                closed = channels in self._linear_inputs
+                closed = self.task is None and channels in self._linear_inputs
             total += method.extra_forwards(channels, closed)
         if method.needs.input_gradients:
             total += 1
-        targets = max(len(query.classes), query.top)
+        targets = max(len(query.classes), len(query.targets), query.top)
         return total * variants + targets * metric_forwards(query.metrics, query.metric_steps)
+
+    def _replays_whole(self, layer: str) -> bool:
+        """Whether a replay at ``layer`` runs the whole model: another task's model without a traced tail (a
+        detector's is never traceable). Tracing is not started here, on the request path: until the first
+        replay an untraced layer of such a model counts whole, which may refuse a request a tail could serve."""
+        return self.task is not None and self.runtime is None and self._tails.get(layer) is None
 
     # -- compute ---------------------------------------------------------------------------------
     def _forward(self, x: Tensor) -> Any:
@@ -337,8 +365,8 @@ class CamEngine:
             else:
                 # The task's targets become the columns of a score matrix: the rest is the classifier's path.
                 summaries = self.task.summarize(raw)
-                resolved = [() if q is None else self.task.resolve(summaries[i], q.targets, q.top, q.objective)
-                            for i, q in enumerate(rows.queries)]
+                resolved = self._resolve(summaries, rows)
+                summaries = [summaries[r] for r in rows.identity]
                 logits = self.task.scores(raw, resolved)
                 targets = [tuple(range(len(r))) for r in resolved]
                 for r, found in enumerate(resolved):
@@ -354,6 +382,13 @@ class CamEngine:
             logits = logits.detach().float()
             job = ExplainJob(self, logits[rows.identity], [None] * len(queries), rows, targets, summaries=summaries,
                              resolved=resolved, asked=checked)
+            if self.task is not None:
+                for image, r in enumerate(rows.identity):
+                    q = rows.queries[r]
+                    if q is not None and q.metrics:  # what the metrics' curves start from, off the shared pass
+                        with torch.no_grad():
+                            job.confidence[image] = self.task.confidences(self.task.select(raw, [r] * len(
+                                resolved[r])), resolved[r])
             groups: dict[tuple[str, str, str | None], list[int]] = {}
             for r, q in enumerate(rows.queries):
                 if q is not None:
@@ -364,7 +399,7 @@ class CamEngine:
                 method = get_method(name)
                 t_max = max(len(targets[r]) for r in idx)
                 ctx = self._context(method, layer, smooth, idx, t_max, rows.x, logits, captured[layer],
-                                    grad_of.get(layer), targets, precision)
+                                    grad_of.get(layer), targets, precision, resolved)
                 work = method.run(ctx)
                 if method.needs.deferred:
                     job.pending.append(_Pending(layer, idx, work))
@@ -372,6 +407,24 @@ class CamEngine:
                     job.finish_group(layer, idx, _drain(work))
         job.finish_if_done()
         return job
+
+    def _resolve(self, summaries: list[Summary], rows: _Rows) -> list[tuple[Resolved, ...]]:
+        """Each row's targets: resolved on an image's own row, the same ones mirrored on its flipped copies
+        (``smooth="aug"``), where they are matched again like any extra pass's."""
+        assert self.task is not None
+        resolved: list[tuple[Resolved, ...]] = []
+        width = rows.x.shape[-1]
+        for r, q in enumerate(rows.queries):
+            source = rows.source_row[r]
+            if q is None:
+                resolved.append(())
+            elif source == r:
+                resolved.append(self.task.resolve(summaries[r], q.targets, q.top, q.objective))
+            elif rows.flipped[r]:
+                resolved.append(tuple(self.task.flip(t, width) for t in resolved[source]))
+            else:
+                resolved.append(resolved[source])
+        return resolved
 
     def _capture(self, x: Tensor, layers: list[tuple[str, ...]]) -> tuple[Any, dict[str, Tensor]]:
         self._wanted = {name for names in layers for name in names}
@@ -394,7 +447,8 @@ class CamEngine:
 
     def _context(self, method: CamMethod, layer: str, smooth: str | None, idx: list[int], t_max: int, x: Tensor,
                  logits: Tensor, captured: Tensor, grads: Tensor | None, targets: list[tuple[int, ...]],
-                 precision: torch.dtype = torch.float32) -> CamContext:
+                 precision: torch.dtype = torch.float32, resolved: list[tuple[Resolved, ...]] | None = None
+                 ) -> CamContext:
         layout = self.layers.layout(layer)
         act = to_nchw(captured.detach(), layout)[idx].float()
         g = None
@@ -407,38 +461,65 @@ class CamEngine:
             if from_nchw(act, layout) is None:
                 raise InvalidArgument("method", f"`method` {method.name!r} needs a layer with a (N, C, H, W) or "
                                       f"(N, H, W, C) output; {layer!r} returns tokens")
-            head = linear_head(self.model, act, logits[idx], precision) if self.runtime is None else None
+            # Another task's score matrix is not logits: no linear layer can be its head.
+            head = linear_head(self.model, act, logits[idx], precision) if self.runtime is None and self.task is None \
+                else None
             self._closed_form[layer] = head is not None
             if head is None and self._tail(layer) is not None:
                 # A tail replay costs one activation per row, far less than an input image's forward.
                 replay_rows = max(self.chunk_rows, _REPLAY_ELEMENTS // max(1, act[0].numel()))
         x_rows = x[idx].detach()
+        target_t = torch.tensor(target_rows, device=act.device, dtype=torch.long)  # (T, n)
 
-        def replay(a: Tensor, rows: Tensor) -> Tensor:
+        def replay(a: Tensor, rows: Tensor) -> Any:
             return self._replay(layer, a, x_rows[rows])
 
+        task = self.task
+        if task is None:
+            def rescore(out: Any, images: Tensor, rows: Tensor | None) -> Tensor:
+                logits: Tensor = out.float() if rows is None else out.float()[rows]
+                return logits.gather(1, target_t[:, images].T)
+
+            def score(out: Any) -> Tensor:
+                out_t: Tensor = out
+                return out_t.gather(1, target_t.T)
+        else:
+            assert resolved is not None
+            group = [resolved[r] for r in idx]
+
+            def rescore(out: Any, images: Tensor, rows: Tensor | None) -> Tensor:
+                picked = images.tolist()
+                at = range(len(picked)) if rows is None else rows.tolist()
+                return task.rescore(out, at, [group[i] for i in picked])
+
+            def score(out: Any) -> Tensor:
+                return task.scores(out, group)
+
         return CamContext(
-            activations=act, gradients=g, targets=torch.tensor(target_rows, device=act.device, dtype=torch.long),
+            activations=act, gradients=g, targets=target_t,
             logits=logits[idx], inputs=x_rows, forward=self._extra_forward,
-            replay=replay,
+            replay=replay, rescore=rescore,
             head=head, chunk_rows=self.chunk_rows, replay_rows=replay_rows,
             smooth="eigen" if smooth == "eigen" else None,
-            guided=lambda: guided_gradients(self.model, x_rows, torch.tensor(target_rows, device=act.device)),
+            guided=lambda: guided_gradients(self.model, x_rows, score, t_max,
+                                            nullcontext() if task is None else task.explaining()),
         )
 
-    def _extra_forward(self, x: Tensor) -> Tensor:
+    def _extra_forward(self, x: Tensor) -> Any:
+        """The model's output on ``x`` without gradients: a classifier's logits in float32."""
         with torch.inference_mode():
-            out: Tensor = self._forward(x)
-            return out.float()
+            out = self._forward(x)
+            return out.float() if self.task is None else out
 
     def _tail(self, layer: str) -> nn.Module | None:
         if layer not in self._tails:
             self._tails[layer] = tail_module(self.model, layer) if self.runtime is None else None
         return self._tails[layer]
 
-    def _replay(self, layer: str, activations: Tensor, inputs: Tensor) -> Tensor:
-        """Logits with ``layer``'s output replaced by ``activations`` ``(B, C, h, w)``; ``inputs`` ``(B, 3, H, W)``
-        are the images the rows came from, used only where the tail cannot be cut from the model."""
+    def _replay(self, layer: str, activations: Tensor, inputs: Tensor) -> Any:
+        """The output (a classifier's logits, float32) with ``layer``'s output replaced by ``activations``
+        ``(B, C, h, w)``; ``inputs`` ``(B, 3, H, W)`` are the images the rows came from, used only where the tail
+        cannot be cut from the model."""
         tail = self._tail(layer)
         native = from_nchw(activations, self.layers.layout(layer))
         assert native is not None  # _context refuses layouts that cannot be replayed
@@ -453,14 +534,24 @@ class CamEngine:
         with torch.inference_mode(), torch.autocast(activations.device.type, enabled=False):
             if tail is not None:
                 out = tail(native)
-                if isinstance(out, Tensor):
+                if self.task is None and isinstance(out, Tensor):
                     return out.float()
+                if self.task is not None and self._is_output(out, native.shape[0]):
+                    return out
             handle = self._modules[layer].register_forward_hook(lambda m, a, o: native.to(o.dtype))
             try:
-                logits: Tensor = self._forward(inputs)
-                return logits.float()
+                whole = self._forward(inputs)
+                return whole.float() if self.task is None else whole
             finally:
                 handle.remove()
+
+    def _is_output(self, out: object, n: int) -> bool:
+        assert self.task is not None
+        try:
+            self.task.check_output(out, n)
+        except ValueError:
+            return False
+        return True
 
     def _targets(self, logits: Tensor, rows: _Rows) -> list[tuple[int, ...]]:
         k = logits.shape[1]
@@ -547,6 +638,8 @@ class ExplainJob:
     _maps_done: bool = False
     _steps: dict[int, int] = field(default_factory=dict)
     _cancelled: bool = False
+    # For another task than classification: per image with metrics, its targets' confidences (T,) in the shared pass.
+    confidence: dict[int, Tensor] = field(default_factory=dict)
 
     @property
     def done(self) -> bool:
@@ -629,11 +722,23 @@ class ExplainJob:
         assert self.rows is not None
         classes = torch.tensor(self.targets[row], device=maps.device, dtype=torch.long)
         x = self.rows.x[row : row + 1].expand(len(classes), *self.rows.x.shape[1:])
-        base = self.logits[image].softmax(dim=0)[classes]
         if {"deletion", "insertion"} & set(q.metrics):
             self._steps[image] = q.metric_steps
-        work = metrics_work(self.engine._extra_forward, x, maps, classes, q.metrics, steps=q.metric_steps,
-                            base=base, chunk_rows=self.engine.chunk_rows)
+        task = self.engine.task
+        if task is None:
+            base = self.logits[image].softmax(dim=0)[classes]
+            work = metrics_work(self.engine._extra_forward, x, maps, classes, q.metrics, steps=q.metric_steps,
+                                base=base, chunk_rows=self.engine.chunk_rows)
+        else:
+            # The task's own objective, re-scored on each perturbed copy (row i of x explains target i).
+            targets = self.resolved[row]
+            forward = self.engine._extra_forward
+
+            def score(xb: Tensor, which: Tensor) -> Tensor:
+                return task.confidences(forward(xb), [targets[i] for i in which.tolist()])
+
+            work = scored_metrics_work(score, x, maps, q.metrics, steps=q.metric_steps, base=self.confidence[image],
+                                       chunk_rows=self.engine.chunk_rows)
         return _Pending("", [image], work, metrics=True)
 
 

@@ -8,6 +8,8 @@ Functional ReLUs (``F.relu`` in a ``forward``) cannot be reached this way, hence
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -32,23 +34,25 @@ def has_relu_modules(model: nn.Module) -> bool:
     return any(isinstance(m, nn.ReLU) for m in model.modules())
 
 
-def guided_gradients(model: nn.Module, x: Tensor, targets: Tensor) -> Tensor:
-    """Guided-backprop gradients of the target logits w.r.t. the input.
+def guided_gradients(model: nn.Module, x: Tensor, score: Callable[[Any], Tensor], targets: int,
+                     context: AbstractContextManager[Any] | None = None) -> Tensor:
+    """Guided-backprop gradients of the target scores w.r.t. the input.
 
-    ``x``: ``(n, 3, H, W)``; ``targets``: ``(T, n)`` class indices -> ``(T, n, 3, H, W)`` float32.
-    One forward and one backward per target; the model's parameters are not differentiated."""
+    ``x``: ``(n, 3, H, W)``; ``score``: the model's output -> ``(n, T)`` differentiable target scores (a
+    classifier's target logits, another task's objectives); ``targets``: ``T``; ``context``: entered around the
+    forward (a task's :meth:`~service.cam.tasks.Task.explaining`). -> ``(T, n, 3, H, W)`` float32. One forward
+    and one backward per target; the model's parameters are not differentiated."""
     handles = [m.register_forward_hook(lambda m, a, o: _GuidedReLU.apply(o))
                for m in model.modules() if isinstance(m, nn.ReLU)]
     try:
         with torch.enable_grad():
             leaf = x.detach().float().requires_grad_(True)
-            logits = model(leaf.to(x.dtype))
-            t = targets.shape[0]
-            onehot = torch.zeros((t, *logits.shape), dtype=logits.dtype, device=logits.device)
-            onehot.scatter_(2, targets[:, :, None], 1.0)
+            with context or nullcontext():
+                scores = score(model(leaf.to(x.dtype)))
             # One backward per target: vmap (is_grads_batched) does not run through a custom Function's backward.
-            grads = [torch.autograd.grad(logits, leaf, grad_outputs=onehot[i], retain_graph=i < t - 1)[0]
-                     for i in range(t)]
+            # Images are independent, so one target column's sum differentiates each image's own target.
+            grads = [torch.autograd.grad(scores[:, i].sum(), leaf, retain_graph=i < targets - 1)[0]
+                     for i in range(targets)]
             return torch.stack(grads).float()
     finally:
         for h in handles:

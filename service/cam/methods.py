@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -68,35 +68,33 @@ class LinearHead:
     bias: Tensor | None  # (K,)
 
 
+#: ``(output, images, rows)`` -> ``(B, T)`` float32: the targets of the group's images ``images`` ``(B,)`` scored on
+#: rows ``rows`` ``(B,)`` of ``output`` (by default row ``b`` is image ``images[b]``'s), without gradients.
+Rescore = Callable[[Any, Tensor, "Tensor | None"], Tensor]
+
+
 @dataclass
 class CamContext:
-    """What the engine provides to a method for one group of images (same layer, same method)."""
+    """What the engine provides to a method for one group of images (same layer, same method).
+
+    Extra passes (``forward``, ``replay``) return the model's own output; ``rescore`` reads the targets off it:
+    a classifier's target logits, or another task's objectives, re-matched on the perturbed image (a detection
+    that is lost scores 0, ``service.cam.tasks``)."""
 
     activations: Tensor  # (n, C, h, w) float32, detached
     gradients: Tensor | None  # (T, n, C, h, w) float32, when the method needs them
-    targets: Tensor  # (T, n) int64 class indices
-    logits: Tensor  # (n, K) float32 of the shared forward
+    targets: Tensor  # (T, n) int64 class indices (another task: its target columns)
+    logits: Tensor  # (n, K) float32 of the shared forward (another task: (n, T) target scores)
     inputs: Tensor  # (n, 3, H, W) the model inputs
-    forward: Callable[[Tensor], Tensor]  # (B, 3, H, W) -> (B, K) float32 logits, no grad
-    # (B, C, h, w) activations at the layer, (B,) their images -> (B, K) float32 logits of the layers after it
-    replay: Callable[[Tensor, Tensor], Tensor]
+    forward: Callable[[Tensor], Any]  # (B, 3, H, W) -> the model's output, no grad
+    # (B, C, h, w) activations at the layer, (B,) their images -> the output of the layers after it
+    replay: Callable[[Tensor, Tensor], Any]
+    rescore: Rescore
     head: LinearHead | None  # set when the replay has a closed form
     chunk_rows: int  # images per extra forward
     replay_rows: int = 0  # activations per replay chunk; 0: chunk_rows
     smooth: str | None = None
     guided: Callable[[], Tensor] | None = None  # -> (T, n, 3, H, W) guided-backprop input gradients
-
-    def run_rows(self, total: int, make: Callable[[int, int], Tensor], fn: Callable[[Tensor], Tensor],
-                 rows: int | None = None) -> Generator[None, None, Tensor]:
-        """``fn(make(start, stop))`` over ``[0, total)`` in chunks of ``rows``; yields after each chunk.
-
-        Returns the concatenated outputs. Nothing leaves the device: the scores stay tensors."""
-        step = max(1, rows or self.chunk_rows)
-        outs: list[Tensor] = []
-        for start in range(0, total, step):
-            outs.append(fn(make(start, min(total, start + step))))
-            yield
-        return torch.cat(outs) if outs else torch.empty(0, device=self.activations.device)
 
 
 def reduce_weighted(weighted: Tensor, smooth: str | None) -> Tensor:
@@ -344,30 +342,26 @@ class ScoreCAM(CamMethod):
 
         flat = a.flatten(2)
         live = ((flat.amax(dim=2) - flat.amin(dim=2)) > 0).flatten().nonzero()[:, 0]  # (image, channel) rows
-        dead = n * c - live.numel()
-
-        def masked(start: int, stop: int) -> Tensor:
-            # Only this chunk's masks exist at once. The row past the live ones is the shared zero input.
-            rows = live[start:stop]
-            parts = []
-            if rows.numel():
-                img, ch = rows // c, rows % c
-                up = F.interpolate(a[img, ch][:, None], size=size, mode="bilinear", align_corners=True)
-                lo = up.amin(dim=(2, 3), keepdim=True)
-                hi = up.amax(dim=(2, 3), keepdim=True)
-                parts.append(x[img] * ((up - lo) / (hi - lo + 1e-8)).to(x.dtype))
-            if stop > live.numel():
-                parts.append(torch.zeros_like(x[:1]))
-            return torch.cat(parts)
-
-        computed = yield from ctx.run_rows(live.numel() + (1 if dead else 0), masked, ctx.forward)
-        if dead:
-            logits = computed[-1:].expand(n * c, -1).clone()  # (n * C, K)
-            logits[live] = computed[:-1]
-        else:
-            logits = computed
-        scores = _gather_targets(logits.view(n, c, -1), ctx.targets)  # (T, n, C)
-        weights = scores.softmax(dim=-1)
+        scores = a.new_zeros(n * c, ctx.targets.shape[0])  # (n * C, T): each target's score on each masked input
+        step = max(1, ctx.chunk_rows)
+        for start in range(0, live.numel(), step):
+            # Only this chunk's masks exist at once.
+            rows = live[start : start + step]
+            img, ch = rows // c, rows % c
+            up = F.interpolate(a[img, ch][:, None], size=size, mode="bilinear", align_corners=True)
+            lo = up.amin(dim=(2, 3), keepdim=True)
+            hi = up.amax(dim=(2, 3), keepdim=True)
+            scores[rows] = ctx.rescore(ctx.forward(x[img] * ((up - lo) / (hi - lo + 1e-8)).to(x.dtype)), img, None)
+            yield
+        if live.numel() < n * c:
+            # Every dead channel's mask is the same all-zero input: one forward of it, scored for every image.
+            dead = torch.ones(n * c, dtype=torch.bool, device=a.device)
+            dead[live] = False
+            zero = ctx.rescore(ctx.forward(torch.zeros_like(x[:1])), torch.arange(n, device=a.device),
+                               torch.zeros(n, dtype=torch.long, device=a.device))  # (n, T)
+            scores[dead] = zero[dead.nonzero()[:, 0] // c]
+            yield
+        weights = scores.view(n, c, -1).permute(2, 0, 1).softmax(dim=-1)  # (T, n, C)
         return reduce_weighted(weights[..., None, None] * a[None], ctx.smooth)
 
 
@@ -390,8 +384,8 @@ class AblationCAM(CamMethod):
     def run(self, ctx: CamContext) -> Work:
         a = ctx.activations
         n, c = a.shape[:2]
-        base = _gather_targets(ctx.logits[:, None, :], ctx.targets)[..., 0]  # (T, n)
         if ctx.head is not None:
+            base = _gather_targets(ctx.logits[:, None, :], ctx.targets)[..., 0]  # (T, n)
             # (T, n, C): W[target, k] * mean(A_k)
             drop = ctx.head.weight.float()[ctx.targets] * a.mean(dim=(2, 3))[None]
             yield from ()
@@ -407,11 +401,11 @@ class AblationCAM(CamMethod):
                 ablated = rows - n
                 img = torch.where(ablated >= 0, ablated.div(c, rounding_mode="floor"), rows)
                 zero = F.one_hot(ablated.remainder(c), c).to(a.dtype) * (ablated >= 0).to(a.dtype)[:, None]
-                outs.append(ctx.replay(a[img] * (1 - zero)[:, :, None, None], img))
+                outs.append(ctx.rescore(ctx.replay(a[img] * (1 - zero)[:, :, None, None], img), img, None))
                 yield
-            replayed = torch.cat(outs)
-            base = _gather_targets(replayed[:n, None, :], ctx.targets)[..., 0]
-            drop = base[..., None] - _gather_targets(replayed[n:].view(n, c, -1), ctx.targets)
+            replayed = torch.cat(outs)  # (n + n * C, T)
+            base = replayed[:n].T
+            drop = base[..., None] - replayed[n:].view(n, c, -1).permute(2, 0, 1)
         weights = drop / base[..., None]
         return reduce_weighted(weights[..., None, None] * a[None], ctx.smooth)
 

@@ -3,8 +3,9 @@
 Each metric takes a model callable (``(B, 3, H, W)`` -> ``(B, K)`` logits), the model inputs ``x``
 ``(N, 3, H, W)``, one map per input ``maps`` ``(N, h, w)`` in [0, 1] (resized bilinearly to the input,
 as torchcam does) and the explained class of each input ``classes`` ``(N,)``; scores are the class's
-softmax probability. Results are per input, ``(N,)`` tensors, so a server can report one figure per
-explanation and an evaluation can average them.
+softmax probability. For other tasks (``service.cam.tasks``) a :data:`ScoreFn` re-scores the task's own
+target on each perturbed input instead (:func:`scored_metrics_work`). Results are per input, ``(N,)``
+tensors, so a server can report one figure per explanation and an evaluation can average them.
 
 - ``average_drop`` / ``increase`` (Chattopadhay et al. 2018, torchcam's ``ClassificationMetric``):
   the input is multiplied by its map; drop = ``max(0, s - s_masked) / s``, increase = ``s_masked > s``.
@@ -31,6 +32,9 @@ from torchvision.transforms.v2.functional import gaussian_blur
 from service.errors import InvalidArgument
 
 ModelFn = Callable[[Tensor], Tensor]
+#: ``(B, 3, H, W)`` perturbed inputs, ``(B,)`` which of the ``N`` explained inputs each row perturbs -> ``(B,)``
+#: the score the metrics follow (a classifier's class probability; another task's confidence in its target).
+ScoreFn = Callable[[Tensor, Tensor], Tensor]
 MetricWork = Generator[None, None, dict[str, Tensor]]
 
 METRICS = ("confidence", "deletion", "insertion")
@@ -57,12 +61,20 @@ def metric_forwards(names: Sequence[str], steps: int) -> int:
     return sum(1 if n == "confidence" else steps for n in set(names))
 
 
-def _probabilities(model: ModelFn, x: Tensor, classes: Tensor, chunk_rows: int) -> Generator[None, None, Tensor]:
+def class_probability(model: ModelFn, classes: Tensor) -> ScoreFn:
+    """A classifier's score: the softmax probability of ``classes[which]`` for each row."""
+    def score(x: Tensor, which: Tensor) -> Tensor:
+        return model(x).float().softmax(dim=1).gather(1, classes[which, None])[:, 0]
+
+    return score
+
+
+def _scores(score: ScoreFn, x: Tensor, chunk_rows: int) -> Generator[None, None, Tensor]:
     out = []
     with torch.inference_mode():
         for start in range(0, x.shape[0], chunk_rows):
-            logits = model(x[start : start + chunk_rows]).float()
-            out.append(logits.softmax(dim=1).gather(1, classes[start : start + chunk_rows, None])[:, 0])
+            which = torch.arange(start, min(x.shape[0], start + chunk_rows), device=x.device)
+            out.append(score(x[start : start + chunk_rows], which))
             yield
     return torch.cat(out) if out else torch.empty(0, device=x.device)
 
@@ -71,13 +83,13 @@ def _upsampled(maps: Tensor, x: Tensor) -> Tensor:
     return F.interpolate(maps[:, None].float(), size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
 
 
-def confidence_work(model: ModelFn, x: Tensor, maps: Tensor, classes: Tensor, *, base: Tensor | None = None,
+def confidence_work(score: ScoreFn, x: Tensor, maps: Tensor, *, base: Tensor | None = None,
                     chunk_rows: int = 32) -> MetricWork:
-    """``average_drop`` and ``increase`` (as 0./1.), each ``(N,)``; ``base``: the unmasked probabilities if known."""
+    """``average_drop`` and ``increase`` (as 0./1.), each ``(N,)``; ``base``: the unmasked scores if known."""
     if base is None:
-        base = yield from _probabilities(model, x, classes, chunk_rows)
+        base = yield from _scores(score, x, chunk_rows)
     masked = _upsampled(maps, x)[:, None].to(x.dtype) * x
-    s = yield from _probabilities(model, masked, classes, chunk_rows)
+    s = yield from _scores(score, masked, chunk_rows)
     return {"average_drop": (base - s).clamp(min=0) / (base + 1e-7), "increase": (s > base).float()}
 
 
@@ -96,19 +108,19 @@ def deletion_baseline(x: Tensor) -> Tensor:
     return x.mean(dim=(2, 3), keepdim=True).expand_as(x)
 
 
-def curve_work(model: ModelFn, x: Tensor, maps: Tensor, classes: Tensor, *, kind: str, steps: int = DEFAULT_STEPS,
+def curve_work(score: ScoreFn, x: Tensor, maps: Tensor, *, kind: str, steps: int = DEFAULT_STEPS,
                base: Tensor | None = None, baseline: Tensor | None = None, chunk_rows: int = 32) -> MetricWork:
     """``{kind: (N,)}``, the area under the deletion or insertion curve.
 
     ``baseline``: what removed pixels become (deletion) or the canvas pixels are inserted into (insertion);
-    by default the mean colour and the blurred image. ``base``: the unperturbed probabilities if known."""
+    by default the mean colour and the blurred image. ``base``: the unperturbed scores if known."""
     if kind not in ("deletion", "insertion"):
         raise ValueError(f"kind must be deletion or insertion, got {kind!r}")
     n, c, h, w = x.shape
     if baseline is None:
         baseline = deletion_baseline(x) if kind == "deletion" else insertion_baseline(x)
     if base is None:
-        base = yield from _probabilities(model, x, classes, chunk_rows)
+        base = yield from _scores(score, x, chunk_rows)
     order = _upsampled(maps, x).flatten(1).argsort(dim=1, descending=True, stable=True)
     ranks = order.argsort(dim=1)  # (N, HW): 0 for the most salient pixel
     counts = _counts(h * w, steps)
@@ -130,8 +142,7 @@ def curve_work(model: ModelFn, x: Tensor, maps: Tensor, classes: Tensor, *, kind
         for start in range(0, total, chunk_rows):
             stop = min(total, start + chunk_rows)
             rows = torch.arange(start, stop, device=x.device)
-            logits = model(perturbed(start, stop)).float()
-            probs.append(logits.softmax(dim=1).gather(1, classes[rows // len(points), None])[:, 0])
+            probs.append(score(perturbed(start, stop), rows // len(points)))
             yield
     curve = torch.cat(probs).view(n, len(points))
     curve = torch.cat([base[:, None], curve], dim=1) if kind == "deletion" else torch.cat([curve, base[:, None]], 1)
@@ -141,15 +152,22 @@ def curve_work(model: ModelFn, x: Tensor, maps: Tensor, classes: Tensor, *, kind
 
 def metrics_work(model: ModelFn, x: Tensor, maps: Tensor, classes: Tensor, names: Sequence[str], *,
                  steps: int = DEFAULT_STEPS, base: Tensor | None = None, chunk_rows: int = 32) -> MetricWork:
-    """Every metric of ``names`` for each input: ``{figure: (N,)}``, in chunks."""
+    """Every metric of ``names`` for a classifier's inputs: ``{figure: (N,)}``, in chunks."""
+    return scored_metrics_work(class_probability(model, classes), x, maps, names, steps=steps, base=base,
+                               chunk_rows=chunk_rows)
+
+
+def scored_metrics_work(score: ScoreFn, x: Tensor, maps: Tensor, names: Sequence[str], *,
+                        steps: int = DEFAULT_STEPS, base: Tensor | None = None, chunk_rows: int = 32) -> MetricWork:
+    """Every metric of ``names`` for each input, re-scored by ``score``: ``{figure: (N,)}``, in chunks."""
     if base is None:
-        base = yield from _probabilities(model, x, classes, chunk_rows)
+        base = yield from _scores(score, x, chunk_rows)
     out: dict[str, Tensor] = {}
     for name in check_metrics(names, steps):
         if name == "confidence":
-            out.update((yield from confidence_work(model, x, maps, classes, base=base, chunk_rows=chunk_rows)))
+            out.update((yield from confidence_work(score, x, maps, base=base, chunk_rows=chunk_rows)))
         else:
-            out.update((yield from curve_work(model, x, maps, classes, kind=name, steps=steps, base=base,
+            out.update((yield from curve_work(score, x, maps, kind=name, steps=steps, base=base,
                                               chunk_rows=chunk_rows)))
     return out
 
@@ -166,23 +184,23 @@ def run(work: MetricWork) -> dict[str, Tensor]:
 
 def average_drop(model: ModelFn, x: Tensor, maps: Tensor, classes: Tensor, chunk_rows: int = 32) -> Tensor:
     """``(N,)`` relative drop of each class's probability when its input is multiplied by its map."""
-    return run(confidence_work(model, x, maps, classes, chunk_rows=chunk_rows))["average_drop"]
+    return run(confidence_work(class_probability(model, classes), x, maps, chunk_rows=chunk_rows))["average_drop"]
 
 
 def increase(model: ModelFn, x: Tensor, maps: Tensor, classes: Tensor, chunk_rows: int = 32) -> Tensor:
     """``(N,)`` 1. where the masked input's probability is higher than the original's, else 0."""
-    return run(confidence_work(model, x, maps, classes, chunk_rows=chunk_rows))["increase"]
+    return run(confidence_work(class_probability(model, classes), x, maps, chunk_rows=chunk_rows))["increase"]
 
 
 def deletion(model: ModelFn, x: Tensor, maps: Tensor, classes: Tensor, steps: int = DEFAULT_STEPS,
              baseline: Tensor | None = None, chunk_rows: int = 32) -> Tensor:
     """``(N,)`` deletion AUC (lower is better)."""
-    return run(curve_work(model, x, maps, classes, kind="deletion", steps=steps, baseline=baseline,
-                          chunk_rows=chunk_rows))["deletion"]
+    return run(curve_work(class_probability(model, classes), x, maps, kind="deletion", steps=steps,
+                          baseline=baseline, chunk_rows=chunk_rows))["deletion"]
 
 
 def insertion(model: ModelFn, x: Tensor, maps: Tensor, classes: Tensor, steps: int = DEFAULT_STEPS,
               baseline: Tensor | None = None, chunk_rows: int = 32) -> Tensor:
     """``(N,)`` insertion AUC (higher is better)."""
-    return run(curve_work(model, x, maps, classes, kind="insertion", steps=steps, baseline=baseline,
-                          chunk_rows=chunk_rows))["insertion"]
+    return run(curve_work(class_probability(model, classes), x, maps, kind="insertion", steps=steps,
+                          baseline=baseline, chunk_rows=chunk_rows))["insertion"]

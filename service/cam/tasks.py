@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -155,6 +155,31 @@ class Task:
     def _zero(self, out: object) -> Tensor:
         raise NotImplementedError
 
+    def select(self, out: object, rows: Sequence[int]) -> object:
+        """The output of images ``rows`` of ``out``, in that order (a row may repeat)."""
+        raise NotImplementedError
+
+    def rescore(self, out: object, rows: Sequence[int], targets: Sequence[tuple[Resolved, ...]]) -> Tensor:
+        """``(B, T_max)`` float32: ``targets[b]`` scored on row ``rows[b]`` of ``out``, an extra pass's output
+        (perturbation methods), with columns past a row's own targets repeating its last one, as the
+        engine's target rows do. Boxes are matched again: a detection the perturbation lost scores 0."""
+        t_max = max((len(t) for t in targets), default=0)
+        padded = [(*t, *[t[-1]] * (t_max - len(t))) for t in targets]
+        return self.scores(self.select(out, rows), padded).detach().float()
+
+    def confidence(self, out: object, image: int, target: Resolved) -> Tensor:
+        """What faithfulness metrics follow for ``target`` (a scalar, no gradient): its objective, except where a
+        probability reads better (segmentation)."""
+        return self.objective(out, image, target).detach().float()
+
+    def confidences(self, out: object, targets: Sequence[Resolved]) -> Tensor:
+        """``(B,)``: row ``b`` of ``out`` scored for ``targets[b]``."""
+        return torch.stack([self.confidence(out, b, t).reshape(()) for b, t in enumerate(targets)])
+
+    def flip(self, target: Resolved, width: int) -> Resolved:
+        """``target`` on the image mirrored left to right (``width``: the model input's), for ``smooth="aug"``."""
+        return target
+
 
 def _float(t: Tensor) -> Tensor:
     return t if t.dtype == torch.float32 else t.float()
@@ -252,6 +277,16 @@ class DetectionTask(Task):
         scores: Tensor = out[0]["scores"]
         return scores.new_zeros(()).float()
 
+    def select(self, out: object, rows: Sequence[int]) -> object:
+        assert isinstance(out, list | tuple)
+        return [out[r] for r in rows]
+
+    def flip(self, target: Resolved, width: int) -> Resolved:
+        # The mirrored box; the detection's index belongs to the unmirrored pass, so it is matched again.
+        assert target.box is not None
+        x0, y0, x1, y1 = target.box.unbind()
+        return replace(target, box=torch.stack([width - x1, y0, width - x0, y1]), detection=None)
+
 
 class SegmentationTask(Task):
     """``model(x)`` returns ``(N, K, h, w)`` logits, or a dict whose ``out`` holds them (torchvision)."""
@@ -347,6 +382,22 @@ class SegmentationTask(Task):
     def _zero(self, out: object) -> Tensor:
         return self.logits(out).new_zeros(()).float()
 
+    def select(self, out: object, rows: Sequence[int]) -> object:
+        logits = self.logits(out)
+        return logits[torch.tensor(list(rows), dtype=torch.long, device=logits.device)]
+
+    def confidence(self, out: object, image: int, target: Resolved) -> Tensor:
+        # The class's mean probability over the region, as a classifier's metrics read a probability: a sum of
+        # logits can be negative, and a relative drop of it means nothing.
+        assert target.region is not None
+        probs = _float(self.logits(out)[image].detach()).softmax(dim=0)[target.label]
+        region = target.region.to(probs.device)
+        return (probs * region).sum() / region.sum().clamp(min=1)
+
+    def flip(self, target: Resolved, width: int) -> Resolved:
+        assert target.region is not None
+        return replace(target, region=target.region.flip(-1))
+
 
 class EmbeddingTask(Task):
     """``model(x)`` returns ``(N, D)`` embeddings; a target is the cosine similarity to a reference."""
@@ -396,6 +447,10 @@ class EmbeddingTask(Task):
     def _zero(self, out: object) -> Tensor:
         assert isinstance(out, Tensor)
         return out.new_zeros(()).float()
+
+    def select(self, out: object, rows: Sequence[int]) -> object:
+        assert isinstance(out, Tensor)
+        return out[torch.tensor(list(rows), dtype=torch.long, device=out.device)]
 
 
 def get_task(name: str, labels: Sequence[str] = ()) -> Task | None:

@@ -64,8 +64,7 @@ def test_models_say_the_task_and_only_its_methods(client):
     assert models["det"]["task"] == "detection"
     assert models["seg"]["task"] == "segmentation"
     for m in models.values():
-        assert "scorecam" not in m["methods"]
-        assert "gradcam" in m["methods"]
+        assert {"gradcam", "scorecam", "ablationcam", "guided-gradcam"} <= set(m["methods"])
 
 
 def test_detections_are_torchvisions_in_the_uploads_pixels(client):
@@ -110,9 +109,10 @@ def test_explain_a_box_and_a_detection(client):
 def test_task_errors_are_clear(client):
     c, _ = client
     img = b64(png_bytes(_image()))
-    r = c.post("/explain", json={"model": "det", "image": img, "method": "scorecam"})
-    assert r.status_code == 422
-    assert "not offered for detection models" in r.json()["error"]["message"]
+    r = c.post("/explain", json={"model": "det", "images": [img] * 16, "method": "scorecam"})
+    assert r.status_code == 422  # 16 x 960 masked forwards at 71 units each: over the default budget
+    assert "needs 15360 extra forward images of 7" in r.json()["error"]["message"]
+    assert "SERVICE_MAX_EXTRA_FORWARDS, in forward units" in r.json()["error"]["message"]
     r = c.post("/explain", json={"model": "det", "image": img, "targets": [{"box": [5, 5, 1, 1]}]})
     assert r.status_code == 422
     assert "x1 > x0" in r.json()["error"]["message"]

@@ -176,9 +176,9 @@ def test_budget_is_refused_with_cost_and_limit(tiny):
     with CamEngine(tiny, _images(1)) as engine:
         cost = engine.extra_forwards(CamQuery(method="scorecam", smooth="aug"))
     assert cost == 16 * 6
-    check_extra_forwards(cost, 96)
+    check_extra_forwards(cost, 1.0, 96)
     with pytest.raises(InvalidArgument, match="needs 96 extra forward images, over the limit of 95"):
-        check_extra_forwards(cost, 95)
+        check_extra_forwards(cost, 1.0, 95)
 
 
 def test_guided_gradcam_needs_relu_modules_and_leaves_the_model_alone(tiny):
