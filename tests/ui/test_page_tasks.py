@@ -17,7 +17,16 @@ from PIL import Image
 from service.models.multiscenes import make_multi_scenes
 from tests.api.conftest import png_bytes
 from tests.ui.conftest import _serve
-from tests.ui.test_page import all_by_testid, by_testid, canvas_pixels, open_page, pick_sample, run_curl, wait_idle
+from tests.ui.test_page import (
+    all_by_testid,
+    by_testid,
+    canvas_pixels,
+    open_page,
+    pick_sample,
+    run_curl,
+    screenshot,
+    wait_idle,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -183,7 +192,7 @@ def _press(driver, element) -> None:
     wait_idle(driver)
 
 
-def test_embedding_similarity_to_a_reference_shown_and_explained_both_ways(browser, task_server, tmp_curl_dir):
+def test_embedding_similarity_to_a_reference_shown_and_explained_both_ways(browser, task_server, tmp_curl_dir, shots):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
@@ -216,6 +225,7 @@ def test_embedding_similarity_to_a_reference_shown_and_explained_both_ways(brows
         assert np.abs(pixels.astype(int) - original).mean() > 10
     assert canvas_pixels(browser, "overlay").tobytes() != canvas_pixels(browser, "overlay-reference").tobytes()
     assert f"similarity {mine:.4f}" in browser.find_element(By.ID, "overlay-caption").text
+    screenshot(browser, shots / "embedding.png")
 
     # The curl command sends both images (the samples fetched first) and gets the same answer.
     [body] = run_curl(by_testid(browser, "curl").text, tmp_curl_dir)

@@ -168,7 +168,7 @@
     $("embedding-info").hidden = !embedding;
     $("predictions").hidden = embedding;
     $("pred-hint").textContent = embedding
-      ? "An embedding model answers a vector: pick a reference image to compare this one with."
+      ? "An embedding model answers a vector: the page compares it with a reference image's (Image panel)."
       : "Choose a class to explain it.";
     $("tab-classes").hidden = embedding;  // one similarity per image: there are no top classes to line up
     if (embedding && state.view === "classes") showTab("single");
