@@ -76,3 +76,13 @@ class OutOfMemoryWhenExplaining(Tiny):
 
 def out_of_memory_when_explaining() -> nn.Module:
     return OutOfMemoryWhenExplaining()
+
+
+def shapes_embedder() -> nn.Module:
+    """The trained shapes network without its classifier: ``(N, 64)`` pooled features, served as an embedding
+    model (``task = "embedding"``, with the shapes preprocessing)."""
+    from service.models.shapes import load_shapes
+
+    model, _ = load_shapes()
+    model.classifier = nn.Identity()
+    return model

@@ -18,6 +18,8 @@
     model: null,        // the entry of GET /models for the selected model
     image: null,        // {blob, name, sampleUrl}
     pixels: null,       // ImageData of the image, at its natural size
+    reference: null,    // {blob, name, sampleUrl, pixels}: the second image an embedding is compared with
+    similarity: null,   // cosine similarity of the image's embedding to the reference's
     predictions: [],
     selected: null,     // class index being explained
     view: "single",
@@ -112,23 +114,32 @@
   function curlFor(path, fields) {
     const parts = ["curl -s"];
     if (apiKey()) parts.push('-H "X-API-Key: $CAMSERVE_API_KEY"');
-    parts.push(`-F ${shellQuote("image=@" + fileName())}`);
+    for (const { file } of requestImages()) parts.push(`-F ${shellQuote("image=@" + file)}`);
     for (const [k, v] of fields) parts.push(`-F ${shellQuote(`${k}=${v}`)}`);
     parts.push(shellQuote(location.origin + path));
     return parts.join(" ");
   }
 
-  function fileName() {
-    // A name that is safe as a curl -F file reference (no ';' or ',' which curl would parse).
-    return (state.image && state.image.name ? state.image.name : "image.png").replace(/[;,"]/g, "_");
+  // A name that is safe as a curl -F file reference (no ';' or ',' which curl would parse).
+  const safeName = (name, fallback) => (name || fallback).replace(/[;,"]/g, "_");
+
+  // The images every request sends, each with the file name it is uploaded (and saved by curl) under: the
+  // image, and for an embedding model the reference too, as image 1 of the same request.
+  function requestImages() {
+    if (!state.image) return [];
+    const first = { ...state.image, file: safeName(state.image.name, "image.png") };
+    if (!isEmbedding() || !state.reference) return [first];
+    let file = safeName(state.reference.name, "reference.png");
+    // Two files under one name would overwrite each other where the curl command runs.
+    if (file === first.file) file = `reference-${file}`;
+    return [first, { ...state.reference, file }];
   }
 
   function showCurl(commands) {
-    const chain = [...commands];
-    if (state.image && state.image.sampleUrl) {
-      // A sample lives on the server: fetch it first, so the command runs as it stands.
-      chain.unshift(`curl -s -o ${shellQuote(fileName())} ${shellQuote(location.origin + state.image.sampleUrl)}`);
-    }
+    // A sample lives on the server: fetch it first, so the command runs as it stands.
+    const downloads = requestImages().filter((im) => im.sampleUrl)
+      .map(({ file, sampleUrl }) => `curl -s -o ${shellQuote(file)} ${shellQuote(location.origin + sampleUrl)}`);
+    const chain = [...downloads, ...commands];
     const note = apiKey() ? "# export CAMSERVE_API_KEY=<your key> first\n" : "";
     $("curl").textContent = note + chain.join(" &&\n");
   }
@@ -143,11 +154,24 @@
     setModel(select.value);
   }
 
+  const isEmbedding = () => state.model?.task === "embedding";
+
   function setModel(name) {
     state.model = state.models.find((m) => m.name === name) || null;
     const m = state.model;
     if (!m) return;
-    $("model-info").textContent = `${m.num_classes} classes, input ${m.input_size.join("x")}, ${m.device}`;
+    const embedding = isEmbedding();
+    const size = embedding ? `an embedding of ${m.num_classes} numbers` : `${m.num_classes} classes`;
+    $("model-info").textContent = `${size}, input ${m.input_size.join("x")}, ${m.device}`;
+    // An embedding model answers a vector, not classes: the page compares it with a reference image's.
+    $("reference-panel").hidden = !embedding;
+    $("embedding-info").hidden = !embedding;
+    $("predictions").hidden = embedding;
+    $("pred-hint").textContent = embedding
+      ? "An embedding model answers a vector: the page compares it with a reference image's (Image panel)."
+      : "Choose a class to explain it.";
+    $("tab-classes").hidden = embedding;  // one similarity per image: there are no top classes to line up
+    if (embedding && state.view === "classes") showTab("single");
     const methods = $("method-select");
     const previous = methods.value;
     methods.replaceChildren(...m.methods.map((x) => new Option(x, x)));
@@ -160,20 +184,25 @@
 
   async function loadSamples() {
     const samples = await (await api("/ui/samples")).json();
-    $("samples").replaceChildren(...samples.map((s) => {
-      const b = document.createElement("button");
-      b.type = "button";
-      b.className = "sample";
-      b.dataset.testid = "sample-button";
-      b.dataset.label = s.label;
-      b.title = `A ${s.label} scene`;
-      const img = new Image();
-      img.src = s.url;
-      img.alt = "";
-      b.append(img, document.createTextNode(s.label));
-      b.addEventListener("click", () => useSample(s));
-      return b;
-    }));
+    $("samples").replaceChildren(...samples.map((s) => sampleButton(s, "sample-button", `A ${s.label} scene`,
+                                                                     () => useSample(s))));
+    $("reference-samples").replaceChildren(...samples.map((s) => sampleButton(
+      s, "reference-sample", `Compare with a ${s.label} scene`, () => useReferenceSample(s))));
+  }
+
+  function sampleButton(sample, testid, title, onClick) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "sample";
+    b.dataset.testid = testid;
+    b.dataset.label = sample.label;
+    b.title = title;
+    const img = new Image();
+    img.src = sample.url;
+    img.alt = "";
+    b.append(img, document.createTextNode(sample.label));
+    b.addEventListener("click", onClick);
+    return b;
   }
 
   async function loadColormaps() {
@@ -188,11 +217,23 @@
 
   async function useSample(sample) {
     try {
-      const blob = await (await api(sample.url)).blob();
-      await setImage({ blob, name: `${sample.label}.png`, sampleUrl: sample.url });
+      await setImage(await fetchSample(sample));
     } catch (err) {
       showError(err);
     }
+  }
+
+  async function useReferenceSample(sample) {
+    try {
+      await setReference(await fetchSample(sample));
+    } catch (err) {
+      showError(err);
+    }
+  }
+
+  async function fetchSample(sample) {
+    const blob = await (await api(sample.url)).blob();
+    return { blob, name: `${sample.label}.png`, sampleUrl: sample.url };
   }
 
   function setImage(image) {
@@ -207,37 +248,70 @@
     state.selected = null;
     clearViews();
     $("predictions").replaceChildren();
-    const img = $("original");
-    if (img.src) URL.revokeObjectURL(img.src);
-    img.src = URL.createObjectURL(image.blob);
-    img.hidden = false;
     $("original-caption").textContent = image.name;
+    state.pixels = await showPicture($("original"), image.blob);
+    $("original-caption").textContent = pictureCaption(image.name, state.pixels);
+    await predict();
+  }
+
+  // Shows `blob` in `img`; returns its pixels at their natural size, or null where the browser cannot decode
+  // it (e.g. TIFF): the server may still read it, so that is for the server to decide.
+  async function showPicture(img, blob) {
+    if (img.src) URL.revokeObjectURL(img.src);
+    img.src = URL.createObjectURL(blob);
+    img.hidden = false;
     try {
       await img.decode();
-      const c = document.createElement("canvas");
-      c.width = img.naturalWidth;
-      c.height = img.naturalHeight;
-      const ctx = c.getContext("2d");
-      ctx.drawImage(img, 0, 0);
-      state.pixels = ctx.getImageData(0, 0, c.width, c.height);
-      $("original-caption").textContent = `${image.name}, ${c.width}x${c.height}`;
     } catch (_) {
-      // The browser cannot show it (e.g. TIFF), but the server may still read it: let it decide.
       img.hidden = true;
-      $("original-caption").textContent = `${image.name} (this browser cannot display it)`;
+      return null;
     }
+    const c = document.createElement("canvas");
+    c.width = img.naturalWidth;
+    c.height = img.naturalHeight;
+    const ctx = c.getContext("2d");
+    ctx.drawImage(img, 0, 0);
+    return ctx.getImageData(0, 0, c.width, c.height);
+  }
+
+  function pictureCaption(name, pixels) {
+    return pixels ? `${name}, ${pixels.width}x${pixels.height}` : `${name} (this browser cannot display it)`;
+  }
+
+  function setReference(reference) {
+    return tracked(() => showReference(reference));
+  }
+
+  // A new reference (or none) changes what an embedding model's image is explained by: predict again.
+  async function showReference(reference) {
+    state.reference = reference;
+    const img = $("reference");
+    if (reference) {
+      reference.pixels = await showPicture(img, reference.blob);
+      $("reference-caption").textContent = pictureCaption(reference.name, reference.pixels);
+    } else {
+      if (img.src) URL.revokeObjectURL(img.src);
+      img.removeAttribute("src");
+      img.hidden = true;
+      $("reference-caption").textContent = "No reference image yet.";
+    }
+    $("reference-clear").disabled = !reference;
+    if (!state.image) return;
+    state.generation += 1;
+    clearViews();
     await predict();
   }
 
   function formFor(fields) {
     const form = new FormData();
-    form.append("image", state.image.blob, fileName());
+    for (const { blob, file } of requestImages()) form.append("image", blob, file);
     for (const [k, v] of fields) form.append(k, v);
     return form;
   }
 
   async function predict() {
     if (!state.image || !state.model) return;
+    if (isEmbedding()) return predictEmbedding();
     const generation = state.generation;
     const fields = [["model", state.model.name], ["top_k", String(Math.min(TOP_K, state.model.num_classes))]];
     showCurl([curlFor("/predict", fields)]);
@@ -257,14 +331,54 @@
       } else {
         state.predictions = result.predictions || [];
       }
-      if (!state.predictions.length) throw new Error(result.embedding
-        ? "This is an embedding model: the page explains classes, detections and segments only."
-        : "Nothing found in this image.");
+      if (!state.predictions.length) throw new Error("Nothing found in this image.");
       renderPredictions();
       if (state.model.methods.length) await selectClass(state.predictions[0].index);
     } catch (err) {
       if (generation === state.generation) showError(err);
     }
+  }
+
+  // One /predict with the image and the reference: their embeddings give the cosine similarity that the
+  // maps explain (the API's `similar_to` target differentiates the same cosine).
+  async function predictEmbedding() {
+    const generation = state.generation;
+    const fields = [["model", state.model.name]];
+    showCurl([curlFor("/predict", fields)]);
+    try {
+      const body = await (await api("/predict", { method: "POST", body: formFor(fields) })).json();
+      if (generation !== state.generation) return;
+      showError(null);
+      const [mine, theirs] = body.results.map((r) => r.embedding);
+      state.similarity = theirs ? cosine(mine, theirs) : null;
+      renderEmbedding(mine);
+      if (theirs && state.model.methods.length) await refreshView();
+    } catch (err) {
+      if (generation === state.generation) showError(err);
+    }
+  }
+
+  function cosine(a, b) {
+    let dot = 0, na = 0, nb = 0;
+    for (let i = 0; i < a.length; i++) {
+      dot += a[i] * b[i];
+      na += a[i] * a[i];
+      nb += b[i] * b[i];
+    }
+    return dot / Math.sqrt(na * nb);
+  }
+
+  function renderEmbedding(vector) {
+    const norm = Math.sqrt(vector.reduce((sum, v) => sum + v * v, 0));
+    $("embedding-summary").textContent = `Embedding: ${vector.length} numbers, norm ${norm.toFixed(3)}.`;
+    const out = $("similarity");
+    if (state.similarity === null) {
+      $("overlay-caption").textContent = "Pick a reference image (in the Image panel) to see what makes the two similar.";
+      return;
+    }
+    out.textContent = state.similarity.toFixed(4);
+    out.dataset.value = String(state.similarity);  // unrounded, for tests and tools
+    announce(`Cosine similarity to the reference: ${out.textContent}`);
   }
 
   function renderPredictions() {
@@ -310,10 +424,19 @@
   // lists its metrics in /models is asked for those; otherwise for the families the API documents.
   const DEFAULT_METRICS = ["confidence", "deletion", "insertion"];
 
+  // Both directions in one request: image 0 explained by its similarity to image 1 (the reference), and image
+  // 1 by its similarity to image 0. `similar_to` names another image of the same request.
+  const PAIR_TARGETS = JSON.stringify([{ similar_to: 1, image: 0 }, { similar_to: 0, image: 1 }]);
+
+  function targetFields() {
+    return [["targets", isEmbedding() ? PAIR_TARGETS : String(state.selected)]];
+  }
+
   function explainFields(extra) {
     const fields = [
       ["model", state.model.name],
-      ["top_k", String(Math.min(TOP_K, state.model.num_classes))],
+      // An embedding model has no classes to rank.
+      ...(isEmbedding() ? [] : [["top_k", String(Math.min(TOP_K, state.model.num_classes))]]),
       ["layer", $("layer-select").value],
       ["output", "png"],
       ["size", "original"],
@@ -327,12 +450,18 @@
     return fields;
   }
 
-  async function explain(fields) {
+  // The explanations of every image of the request (one list per image), with their heatmaps decoded.
+  async function explainImages(fields) {
     const started = performance.now();
     const body = await (await api("/explain", { method: "POST", body: formFor(fields) })).json();
     state.lastMs = performance.now() - started;
-    const result = body.results[0];
-    return Promise.all(result.explanations.map(async (e) => ({ ...e, levels: await decodeLevels(e.heatmap) })));
+    return Promise.all(body.results.map((result) => Promise.all(
+      result.explanations.map(async (e) => ({ ...e, levels: await decodeLevels(e.heatmap) })))));
+  }
+
+  // The explanations of the image (an embedding's reference, image 1, is only there to be compared with).
+  async function explain(fields) {
+    return (await explainImages(fields))[0];
   }
 
   async function decodeLevels(heatmap) {
@@ -361,6 +490,10 @@
     $("metrics").hidden = true;
     $("metrics").replaceChildren();
     $("download").disabled = true;
+    $("reference-figure").hidden = true;
+    $("similarity").textContent = "none";
+    delete $("similarity").dataset.value;
+    $("embedding-summary").textContent = "";
     $("view-compare").replaceChildren();
     $("view-classes").replaceChildren();
   }
@@ -369,8 +502,13 @@
     return tracked(updateView);
   }
 
+  // Something to explain: a chosen class, detection or segment, or for an embedding model a reference image.
+  function hasTarget() {
+    return isEmbedding() ? state.reference !== null : state.selected !== null;
+  }
+
   async function updateView() {
-    if (!state.image || state.selected === null || !state.model.methods.length) return;
+    if (!state.image || !hasTarget() || !state.model.methods.length) return;
     const generation = ++state.generation;
     const stillCurrent = () => generation === state.generation;
     try {
@@ -385,28 +523,54 @@
 
   async function showSingle(stillCurrent) {
     const method = $("method-select").value;
-    const fields = explainFields([["targets", String(state.selected)], ["method", method]]);
+    const fields = explainFields([...targetFields(), ["method", method]]);
     showCurl([curlFor("/explain", fields)]);
-    const [e] = await explain(fields);
+    const [[e], theirs] = await explainImages(fields);
     if (!stillCurrent()) return;
     const canvas = $("overlay");
     canvas.hidden = false;
-    state.shown = [{ canvas, levels: e.levels, width: e.heatmap.width, height: e.heatmap.height,
-                     target: e.target }];
+    state.shown = [shownItem(canvas, e, state.pixels)];
     canvas.dataset.target = JSON.stringify(e.target || null);  // what the map explains, for tests and tools
     state.single = { label: e.label, method: e.method };
-    $("overlay-caption").textContent =
-      `${e.label} (${(e.score * 100).toFixed(1)}%), ${e.method} on ${e.layer}, ${e.heatmap.width}x${e.heatmap.height}, ` +
+    const details = `${e.method} on ${e.layer}, ${e.heatmap.width}x${e.heatmap.height}, ` +
       `answered in ${Math.round(state.lastMs)} ms`;
+    if (theirs) {
+      $("overlay-caption").textContent =
+        `The image (${state.image.name}), by its likeness to the reference: ${scoreText(e)}, ${details}`;
+      showReferenceMap(theirs[0]);
+    } else {
+      $("overlay-caption").textContent = `${scoreText(e)}, ${details}`;
+    }
     renderMetrics($("metrics"), e.metrics);
     $("download").disabled = false;
     blendAll();
   }
 
+  // The converse of an embedding's map: what in the reference makes it similar to the image.
+  function showReferenceMap(e) {
+    const canvas = $("overlay-reference");
+    state.shown.push(shownItem(canvas, e, state.reference.pixels));
+    canvas.dataset.target = JSON.stringify(e.target || null);
+    $("overlay-reference-caption").textContent =
+      `The reference (${state.reference.name}), by its likeness to the image: ${scoreText(e)}`;
+    $("reference-figure").hidden = false;
+  }
+
+  // A similarity is a cosine, from -1 to 1; a class's, detection's or segment's score a probability.
+  function scoreText(e) {
+    return e.target?.kind === "similarity" ? `similarity ${e.score.toFixed(4)}`
+      : `${e.label} (${(e.score * 100).toFixed(1)}%)`;
+  }
+
+  // A heatmap on screen, over the pixels of the image it explains, with what it explains drawn on it.
+  function shownItem(canvas, e, pixels) {
+    return { canvas, levels: e.levels, width: e.heatmap.width, height: e.heatmap.height, target: e.target, pixels };
+  }
+
   async function showCompare(stillCurrent) {
     // The API takes one method per request; the server batches these together.
     const methods = state.model.methods;
-    const requests = methods.map((m) => explainFields([["targets", String(state.selected)], ["method", m]]));
+    const requests = methods.map((m) => explainFields([...targetFields(), ["method", m]]));
     showCurl(requests.map((f) => curlFor("/explain", f)));
     const answers = await Promise.all(requests.map((f) => explain(f)));
     if (!stillCurrent()) return;
@@ -430,13 +594,14 @@
       canvas.setAttribute("role", "img");
       canvas.setAttribute("aria-label", `${e.label} under ${e.method}`);
       canvas.dataset.testid = "grid-overlay";
+      canvas.dataset.target = JSON.stringify(e.target || null);
       const cap = document.createElement("figcaption");
       cap.textContent = title;
       const metrics = document.createElement("dl");
       metrics.className = "metrics";
       renderMetrics(metrics, e.metrics);
       fig.append(canvas, cap, metrics);
-      state.shown.push({ canvas, levels: e.levels, width: e.heatmap.width, height: e.heatmap.height });
+      state.shown.push(shownItem(canvas, e, state.pixels));
       return fig;
     }));
     blendAll();
@@ -474,14 +639,14 @@
     for (const item of state.shown) blend(item);
   }
 
-  function blend({ canvas, levels, width, height, target }) {
+  function blend({ canvas, levels, width, height, target, pixels }) {
     const alpha = Number($("opacity").value);
     const lut = state.colormaps[$("colormap-select").value];
     canvas.width = width;
     canvas.height = height;
     const ctx = canvas.getContext("2d");
     const out = ctx.createImageData(width, height);
-    const base = baseImage(width, height);
+    const base = baseImage(pixels, width, height);
     for (let i = 0, j = 0; i < levels.length; i++, j += 4) {
       const c = lut[levels[i]];
       // Same formula as the server's output=overlay: (1 - alpha) * image + alpha * colour.
@@ -523,8 +688,8 @@
       return;
     }
     const mask = state.mask;
-    if (!mask || mask.length !== width * height || state.selected === null) return;
-    const cls = state.selected;
+    if (target.kind !== "segment" || !mask || mask.length !== width * height) return;
+    const cls = target.index;  // the map's own class: a grid shows several
     const img = ctx.getImageData(0, 0, width, height);
     const inside = (x, y) => x >= 0 && y >= 0 && x < width && y < height && mask[y * width + x] === cls;
     for (let y = 0; y < height; y++) {
@@ -538,8 +703,7 @@
     ctx.putImageData(img, 0, 0);
   }
 
-  function baseImage(width, height) {
-    const px = state.pixels;
+  function baseImage(px, width, height) {
     if (px && px.width === width && px.height === height) return px.data;
     // The browser could not decode the image, or it differs in size: blend over mid grey.
     return new Uint8ClampedArray(width * height * 4).fill(128);
@@ -548,11 +712,15 @@
   // ---- controls ---------------------------------------------------------------------------------------------
 
   function setView(view) {
+    showTab(view);
+    refreshView();
+  }
+
+  function showTab(view) {
     state.view = view;
     for (const tab of document.querySelectorAll(".tab")) tab.setAttribute("aria-pressed", String(tab.dataset.view === view));
     for (const v of ["single", "compare", "classes"]) $(`view-${v}`).hidden = v !== view;
     state.shown = [];
-    refreshView();
   }
 
   function download() {
@@ -582,6 +750,16 @@
     $("file-input").addEventListener("change", (ev) => {
       const file = ev.target.files[0];
       if (file) setImage({ blob: file, name: file.name || "image.png" });
+    });
+    $("reference-input").addEventListener("change", (ev) => {
+      const file = ev.target.files[0];
+      if (file) setReference({ blob: file, name: file.name || "reference.png" });
+    });
+    $("reference-clear").addEventListener("click", async () => {
+      $("reference-input").value = "";
+      // The button disables itself: keep keyboard focus in the panel rather than losing it to the page.
+      $("reference-input").focus();
+      await setReference(null);
     });
     const drop = $("drop");
     drop.addEventListener("dragover", (ev) => {
