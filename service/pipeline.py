@@ -283,7 +283,7 @@ class Pipeline:
                 drawn = [marks(t, geom, labels, spec.size, self.model.preprocess.input_size) for t in cam.resolved]
             heatmaps = render(cam.maps, spec, geom, self.model.preprocess.input_size, base, drawn)
         explanations = [Explanation(t.label, label_name(labels, t.label) if t.label >= 0 else "similarity",
-                                    round(float(result.logits[k]), 6), cam.method, cam.layer, h, None,
+                                    round(float(result.logits[k]), 6), cam.method, cam.layer, h, self._metrics(cam, k),
                                     self._note(cam, k), describe(t, geom, labels))
                         for k, (t, h) in enumerate(zip(cam.resolved, heatmaps, strict=True))]
         return ImageResult([], [], explanations, task=found)

@@ -391,7 +391,8 @@ def _check_input_dependence(model: LoadedModel) -> None:
     noise = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0)) * 4 - 2
     grey, noisy = (tree_leaves(model.engine.predict(x.to(model.device)))
                    for x in (torch.full((1, 3, h, w), 0.5), noise))
-    model.input_independent = len(grey) == len(noisy) and all(
+    # A detector that finds nothing in either image returns empty tensors for both: that says nothing.
+    model.input_independent = len(grey) == len(noisy) and any(a.numel() for a in grey) and all(
         isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
         for a, b in zip(grey, noisy, strict=True))
     if model.input_independent:

@@ -131,3 +131,31 @@ def test_v2_overlay_draws_the_box_too(client):
         {"name": "heatmap_png", "parameters": {"output": "overlay"}}]}, raw, path="/v2/models/shapes-detect/infer"))
     over = np.asarray(Image.open(io.BytesIO(got["heatmap_png"][0])).convert("RGB")).astype(int)
     assert (over == MAGENTA).all(axis=-1).sum() > 20
+
+
+@pytest.mark.parametrize("model", ["shapes-detect", "shapes-seg"])
+def test_perturbation_methods_metrics_and_augmentation_through_the_api(client, model):
+    """ScoreCAM, AblationCAM and Guided Grad-CAM, metrics and smooth=aug on a detector and a segmenter: served, the
+    maps point at what they explain (AblationCAM and Guided Grad-CAM; ScoreCAM's weights are flat on scores in
+    [0, 1], see tests/cam/test_task_perturbation.py) and every explanation carries its metrics."""
+    s = make_multi_scenes(1, seed=4321, n_shapes=2, distinct_labels=True)[0]
+    truth = np.kron(s.class_map, np.ones((SCALE, SCALE), dtype=np.uint8))
+    for method, smooth in (("scorecam", None), ("ablationcam", None), ("guided-gradcam", None), ("hirescam", "aug")):
+        r = client.post("/explain", json={"model": model, "image": _upload(s.image), "method": method,
+                                          "smooth": smooth, "metrics": ["confidence", "deletion", "insertion"],
+                                          "metric_steps": 4, "output": "array", "size": "original"})
+        assert r.status_code == 200, r.text
+        explanations = r.json()["results"][0]["explanations"]
+        assert explanations
+        for e in explanations:
+            assert set(e["metrics"]) == {"average_drop", "increase", "deletion", "insertion", "steps"}
+            assert 0 <= e["metrics"]["average_drop"] <= 1
+            if method == "scorecam":
+                continue
+            heat = np.asarray(e["heatmap"]["data"])
+            y, x = np.unravel_index(heat.argmax(), heat.shape)
+            if model == "shapes-detect":
+                x0, y0, x1, y1 = e["target"]["box"]
+                assert x0 - 2 <= x <= x1 + 2 and y0 - 2 <= y <= y1 + 2, (method, e["target"], (x, y))
+            else:
+                assert truth[y, x] == e["index"], (method, e["label"])
