@@ -485,7 +485,8 @@ class CamEngine:
                 return out_t.gather(1, target_t.T)
         else:
             assert resolved is not None
-            group = [resolved[r] for r in idx]
+            # Every image's targets padded to the group's rows as the target rows are: its last one repeated.
+            group = [(*resolved[r], *[resolved[r][-1]] * (t_max - len(resolved[r]))) for r in idx]
 
             def rescore(out: Any, images: Tensor, rows: Tensor | None) -> Tensor:
                 picked = images.tolist()

@@ -199,3 +199,20 @@ def test_a_detectors_replay_counts_as_a_whole_forward(detector):
     query = engine.check(CamQuery(method="ablationcam"))
     channels = engine.layers.channels[engine.layers.default]
     assert engine.extra_forwards(query, whole_only=True) == channels + 1
+
+
+@pytest.mark.parametrize("method", ["scorecam", "ablationcam", "guided-gradcam"])
+def test_images_with_different_target_counts_in_one_batch_equal_each_alone(detector, segmenter, scenes, method):
+    _, x = scenes
+    for _, engine in (detector, segmenter):
+        queries = [CamQuery(method=method, top=2, metrics=("confidence",)), CamQuery(method=method, top=1),
+                   CamQuery(method=method, top=2)]
+        together = engine.explain(x, queries)
+        for i, q in enumerate(queries):
+            alone = engine.explain(x[i : i + 1], [q]).cams[0]
+            cam = together.cams[i]
+            assert cam is not None and alone is not None
+            assert len(cam.resolved) == len(alone.resolved) == q.top
+            assert torch.allclose(cam.maps, alone.maps, atol=1e-5), (method, i)
+            if q.metrics:
+                assert torch.allclose(cam.metrics["average_drop"], alone.metrics["average_drop"], atol=1e-5)
