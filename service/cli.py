@@ -227,7 +227,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     from service.cam import METHODS
     from service.errors import CamserveError
     from service.evaluation import (
-        NOT_COMPUTED,
         evaluate,
         evaluate_task,
         folder_samples,
@@ -255,7 +254,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                 return _fail(f"--images: a {model.task.name} model is scored on shapes scenes, whose boxes and "
                              "masks are known (--shapes N)")
             result = evaluate_task(model, args.shapes, args.seed, args.methods or model.engine.methods,
-                                   progress=progress_bar)
+                                   steps=args.steps, progress=progress_bar)
         else:
             samples = (folder_samples(Path(args.images), model) if args.images
                        else shapes_samples(args.shapes, args.seed))
@@ -268,8 +267,8 @@ def _evaluate(args: argparse.Namespace) -> int:
               f"{args.shapes} scenes of one to three shapes, two shapes on {args.shapes} scenes of two (seed "
               f"{args.seed})")
         print(task_table(result))
-        print(f"\n{', '.join(NOT_COMPUTED)}: not computed for {result.task} models (they re-score perturbed "
-              "images through a classifier's logits)")
+        print(f"\nmetrics on the one-to-three-shape scenes, re-scoring each map's own target (a detection's "
+              f"score, a segment's mean class probability), deletion/insertion steps {args.steps}")
         return 0
     source = f"{args.images}" if args.images else f"{args.shapes} shapes scenes (seed {args.seed})"
     print(f"# {spec.name}: {len(samples)} images from {source}, metric steps {args.steps}")

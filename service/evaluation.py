@@ -9,8 +9,8 @@ a folder (the explained class is then the model's top-1) or from the built-in sh
 A detector or segmenter trained on the shapes (``builtin:shapes-detect``, ``builtin:shapes-seg``) is
 scored on scenes of one to three shapes (``service.models.multiscenes``): its quality (AP50, mIoU) and,
 per method, where camserve's maps of its detections or classes point, with the hit rules of
-``service.models.pointing``. The confidence, deletion and insertion figures re-score perturbed images
-through a classifier's logits, so they are not computed for these models.
+``service.models.pointing``, and the confidence, deletion and insertion figures of those maps on the
+one-to-three-shape scenes, re-scoring the task's own target (``Task.confidence``) on each perturbed image.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from service.cam import CamQuery
-from service.cam.metrics import DEFAULT_STEPS, metrics_work, run
-from service.cam.tasks import SegmentationTask, TaskTarget
+from service.cam.metrics import DEFAULT_STEPS, metrics_work, run, scored_metrics_work
+from service.cam.tasks import Resolved, SegmentationTask, TaskTarget
 from service.imaging import decode_image
 from service.preprocess import to_input_size
 from service.registry import LoadedModel
@@ -150,6 +150,8 @@ class TaskMethodReport:
     two_shapes: float
     maps: int
     ms_per_image: float
+    # Mean average drop, increase, deletion and insertion of the maps on the one-to-three-shape scenes.
+    metrics: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -174,12 +176,12 @@ class _Set:
     unexplained: int  # ground truth with no map (a missed shape counts as a miss)
 
 
-# What ``camserve evaluate`` does not compute for a detector or segmenter (see the module docstring).
-NOT_COMPUTED = ("average drop", "increase", "deletion", "insertion")
+_FIGURES = ("average_drop", "increase", "deletion", "insertion")
 
 
 def evaluate_task(model: LoadedModel, n: int, seed: int, methods: Sequence[str], *, batch_size: int = 16,
-                  progress: Callable[[str, int, int], None] | None = None) -> TaskEvaluation:
+                  steps: int = DEFAULT_STEPS, progress: Callable[[str, int, int], None] | None = None
+                  ) -> TaskEvaluation:
     """Quality and per-method pointing of a shapes detector or segmenter on ``n`` scenes of one to three
     shapes and ``n`` scenes of two, both from ``seed``."""
     from service.models.multiscenes import SEG_CLASSES, make_multi_scenes, stack_images
@@ -213,11 +215,12 @@ def evaluate_task(model: LoadedModel, n: int, seed: int, methods: Sequence[str],
             if progress is not None:
                 progress(method, done, total)
 
-        hits, maps, elapsed = _pointing(model, single, method, batch_size, step)
-        pair_hits, pair_maps, _ = _pointing(model, double, method, batch_size, step)
+        hits, maps, elapsed, figures = _pointing(model, single, method, batch_size, step, steps)
+        pair_hits, pair_maps, _, _ = _pointing(model, double, method, batch_size, step)
         reports.append(TaskMethodReport(method, hits / maps if maps else 0.0,
                                         pair_hits / (pair_maps + double.unexplained) if pair_maps else 0.0,
-                                        maps + pair_maps, 1000 * elapsed / max(1, len(single.images))))
+                                        maps + pair_maps, 1000 * elapsed / max(1, len(single.images)),
+                                        {k: v / max(1, maps) for k, v in figures.items()}))
     return TaskEvaluation(task.name, n, seed, quality_name, quality, reports)
 
 
@@ -295,12 +298,14 @@ def _segmentation_sets(mixed: list[MultiScene], pairs: list[MultiScene], predict
     return miou, single, double
 
 
-def _pointing(model: LoadedModel, scenes: _Set, method: str, batch_size: int, step: Callable[[int], None]
-              ) -> tuple[int, int, float]:
-    """Hits, maps and the seconds the explanations took for ``method`` on ``scenes``."""
+def _pointing(model: LoadedModel, scenes: _Set, method: str, batch_size: int, step: Callable[[int], None],
+              steps: int | None = None) -> tuple[int, int, float, dict[str, float]]:
+    """Hits, maps, the seconds the explanations took for ``method`` on ``scenes`` and, with ``steps``, the sums
+    of the maps' metrics (untimed)."""
     engine, size = model.engine, model.preprocess.input_size
     hits = maps = 0
     elapsed = 0.0
+    sums = dict.fromkeys(_FIGURES, 0.0)
     for start in range(0, len(scenes.images), batch_size):
         rows = range(start, min(start + batch_size, len(scenes.images)))
         x = _input(model, scenes.images[rows.start : rows.stop])
@@ -320,19 +325,37 @@ def _pointing(model: LoadedModel, scenes: _Set, method: str, batch_size: int, st
                 y, xx = divmod(int(flat), size[1])
                 hits += scenes.hit(i, t, np.array([xx, y]))
                 maps += 1
+            if steps is not None and cam.resolved:
+                for name, values in _task_metrics(model, x[i - rows.start], cam.maps, cam.resolved, steps).items():
+                    sums[name] += float(values.sum())
         step(len(rows))
-    return hits, maps, elapsed
+    return hits, maps, elapsed, sums
+
+
+def _task_metrics(model: LoadedModel, x: torch.Tensor, maps: torch.Tensor, targets: Sequence[Resolved],
+                  steps: int) -> dict[str, torch.Tensor]:
+    """The metrics of one image's maps, each re-scoring its own target as the server's ``metrics`` do."""
+    task = model.task
+    assert task is not None
+    # The maps explain score+iou; the curves follow the detection's score alone, a probability like a classifier's.
+    targets = [replace(t, iou=False) for t in targets]
+
+    def score(xb: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+        return task.confidences(model.engine.predict(xb), [targets[j] for j in which.tolist()])
+
+    copies = x[None].expand(len(targets), *x.shape)
+    return run(scored_metrics_work(score, copies, maps, ("confidence", "deletion", "insertion"), steps=steps,
+                                   chunk_rows=model.engine.chunk_rows))
 
 
 def task_table(result: TaskEvaluation) -> str:
-    """A Markdown table, one row per method; the figures not computed for these models say so."""
+    """A Markdown table, one row per method."""
     two = "two shapes, client mask" if result.task == "segmentation" else "two shapes"
-    skipped = " | ".join(NOT_COMPUTED)
-    rows = [f"| method | pointing | {two} | {skipped} | ms / image |",
-            "|---|---|---|" + "---|" * len(NOT_COMPUTED) + "---|"]
+    rows = [f"| method | pointing | {two} | average drop | increase | deletion | insertion | ms / image |",
+            "|---|---|---|---|---|---|---|---|"]
     for r in result.reports:
-        rows.append(f"| {r.method} | {r.pointing:.3f} | {r.two_shapes:.3f} | "
-                    + "not computed | " * len(NOT_COMPUTED) + f"{r.ms_per_image:.1f} |")
+        figures = " | ".join(f"{r.metrics[k]:.3f}" for k in _FIGURES)
+        rows.append(f"| {r.method} | {r.pointing:.3f} | {r.two_shapes:.3f} | {figures} | {r.ms_per_image:.1f} |")
     return "\n".join(rows)
 
 

@@ -54,7 +54,12 @@ def test_detector_report_has_ap50_and_pointing(detector):
         assert r.maps >= 6 + 2 * 6 - 2 and 0 <= r.pointing <= 1 and 0 <= r.two_shapes <= 1
     # HiResCAM keeps to the detection explained (docs/tasks.md): on these scenes every map hits.
     assert result.reports[1].pointing == 1.0 and result.reports[1].two_shapes >= 0.9
-    assert "| hirescam | 1.000 |" in task_table(result) and "not computed" in task_table(result)
+    assert "| hirescam | 1.000 |" in task_table(result)
+    for r in result.reports:
+        assert set(r.metrics) == {"average_drop", "increase", "deletion", "insertion"}
+        assert all(0 <= v <= 1 for v in r.metrics.values()), r.metrics
+        # The detection's score falls faster as its salient pixels go than it rises as they come back.
+        assert r.metrics["deletion"] < r.metrics["insertion"], r.metrics
 
 
 def test_detector_pointing_agrees_with_pytorch_grad_cam(detector):
@@ -101,7 +106,8 @@ def test_cli_evaluates_a_builtin_segmenter_by_source(capsys):
     assert main(["evaluate", "--model", "builtin:shapes-seg", "--shapes", "3", "--methods", "hirescam"]) == 0
     out = capsys.readouterr().out
     assert "(segmentation): mIoU " in out and "| hirescam |" in out
-    assert "deletion, insertion: not computed for segmentation models" in out
+    assert "| average drop | increase | deletion | insertion |" in out
+    assert "re-scoring each map's own target" in out
 
 
 def test_cli_refuses_a_folder_for_a_detector(tmp_path, capsys):
