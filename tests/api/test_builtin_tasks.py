@@ -161,3 +161,16 @@ def test_perturbation_methods_metrics_and_augmentation_through_the_api(client, m
                 assert x0 - 2 <= x <= x1 + 2 and y0 - 2 <= y <= y1 + 2, (method, e["target"], (x, y))
             else:
                 assert truth[y, x] == e["index"], (method, e["label"])
+
+
+def test_v1_explains_a_detector_with_perturbations_like_the_native_api(client):
+    s = make_multi_scenes(1, seed=4321, n_shapes=2, distinct_labels=True)[0]
+    params = {"method": "ablationcam", "smooth": "aug", "metrics": "confidence", "output": "array", "size": "input"}
+    r = client.post("/v1/models/shapes-detect:explain", json={"instances": [_upload(s.image)], "parameters": params})
+    assert r.status_code == 200, r.text
+    v1 = r.json()["explanations"][0]
+    assert v1 and all("average_drop" in e["metrics"] for e in v1)
+    native = client.post("/explain", json={"model": "shapes-detect", "image": _upload(s.image), **params,
+                                           "metrics": ["confidence"]})
+    assert native.status_code == 200, native.text
+    assert v1 == native.json()["results"][0]["explanations"]
