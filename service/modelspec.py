@@ -36,6 +36,10 @@ def _size(value: Any, allow_false: bool) -> bool:
             and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value))
 
 
+def _byte(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 255
+
+
 def _triple(value: Any, positive: bool) -> bool:
     return (isinstance(value, list) and len(value) == 3
             and all(isinstance(v, int | float) and not isinstance(v, bool) and (v > 0 or not positive)
@@ -48,6 +52,10 @@ _PREPROCESS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "mean": ("a list of 3 numbers", lambda v: _triple(v, False)),
     "std": ("a list of 3 positive numbers", lambda v: _triple(v, True)),
     "interpolation": ("bilinear, bicubic or nearest", lambda v: v in ("bilinear", "bicubic", "nearest")),
+    # service.preprocess.LETTERBOX, kept here so a config check imports no torch.
+    "letterbox": ("center, top-left, or false for a plain resize", lambda v: v in ("center", "top-left", False)),
+    "fill": ("an integer from 0 to 255, or a list of 3", lambda v: _byte(v) or (
+        isinstance(v, list) and len(v) == 3 and all(_byte(c) for c in v))),
 }
 
 
@@ -118,6 +126,14 @@ class ModelSpec:
                                         f"{', '.join(_PREPROCESS)}")
                     elif not _PREPROCESS[key][1](value):
                         problems.append(f"{where}: `preprocess.{key}` must be {_PREPROCESS[key][0]}, got {value!r}")
+                if pre.get("letterbox") in ("center", "top-left"):
+                    # The input size is the box the image is fitted into; a crop would cut it again.
+                    if "resize" in pre and not isinstance(pre["resize"], list):
+                        problems.append(f"{where}: `preprocess.letterbox` fits the image inside `resize` as "
+                                        f"[height, width], got resize = {pre['resize']!r}")
+                    if pre.get("crop", False) is not False:
+                        problems.append(f"{where}: `preprocess.letterbox` takes no `crop`, got crop = "
+                                        f"{pre['crop']!r}")
         if problems:
             raise SpecError(problems)
         return cls(name=name, **table)

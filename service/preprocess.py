@@ -1,8 +1,9 @@
 """Model input preparation on the model's device, and its inverse for heatmaps.
 
-``Preprocess`` resizes (shorter side, or an exact size), center-crops and normalises a uint8 image
-tensor. ``Geometry`` remembers what that did to one image so a heatmap computed on the model input
-can be laid back onto the original pixel grid, with zero where the crop cut the image away.
+``Preprocess`` resizes (shorter side, an exact size, or to fit inside the input size with the aspect ratio
+kept: a letterbox), center-crops or pads, and normalises a uint8 image tensor. ``Geometry`` remembers what that
+did to one image so a heatmap computed on the model input can be laid back onto the original pixel grid, with
+zero where the crop cut the image away and nothing of the padding a letterbox added.
 """
 
 from __future__ import annotations
@@ -18,11 +19,18 @@ from torchvision.transforms.v2 import functional as TF
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+# Where a letterbox puts the resized image in the input: in the middle (YOLO's), or at the top-left corner
+# with the padding below and to the right (torchvision's detectors, whose batching pads that way).
+LETTERBOX = ("center", "top-left")
 
 
 @dataclass(frozen=True)
 class Geometry:
-    """Where the model input came from: original ``(H, W)``, resized ``(H, W)``, crop ``(top, left, h, w)``."""
+    """Where the model input came from: original ``(H, W)``, resized ``(H, W)``, crop ``(top, left, h, w)``.
+
+    The crop is the model input's window in the resized image's pixels. A window reaching outside the resized
+    image (negative ``top``/``left``, or past its far edge) is padding: a center crop larger than the image, or
+    a letterbox, whose window is the whole input with the image at ``(-top, -left)``."""
 
     original: tuple[int, int]
     resized: tuple[int, int]
@@ -32,18 +40,33 @@ class Geometry:
 @dataclass(frozen=True)
 class Preprocess:
     """``resize``: shorter side (int) or exact ``(h, w)``; ``crop``: center crop ``(h, w)`` or None;
-    ``interpolation``: the resize filter (``bilinear``, ``bicubic`` or ``nearest``)."""
+    ``interpolation``: the resize filter (``bilinear``, ``bicubic`` or ``nearest``); ``letterbox``: None, or
+    where the image goes when it is resized to fit inside ``resize`` ``(h, w)`` with its aspect ratio kept
+    (``center`` or ``top-left``); ``fill``: the RGB value of any padding, a letterbox's or a crop's larger than
+    the image."""
 
     resize: int | tuple[int, int] | None = 256
     crop: tuple[int, int] | None = (224, 224)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
+    letterbox: str | None = None
+    fill: tuple[int, int, int] = (0, 0, 0)
 
     def __post_init__(self) -> None:
         if self.crop is None and not isinstance(self.resize, tuple):
             raise ValueError("preprocess needs `crop`, or `resize` as [height, width], so that every "
                              "image has the same input size")
+        if self.letterbox is not None:
+            if self.letterbox not in LETTERBOX:
+                raise ValueError(f"`letterbox` must be one of {', '.join(LETTERBOX)} or false, got "
+                                 f"{self.letterbox!r}")
+            if self.crop is not None or not isinstance(self.resize, tuple):
+                raise ValueError(f"`letterbox` fits the image inside `resize` as [height, width] and takes no crop, "
+                                 f"got resize {self.resize!r} and crop {self.crop!r} (`letterbox = false` for a "
+                                 "resize and crop)")
+        if len(self.fill) != 3 or any(not 0 <= v <= 255 for v in self.fill):
+            raise ValueError(f"`fill` must be 3 integers from 0 to 255, got {list(self.fill)}")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"`interpolation` must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
         if any(s <= 0 for s in self.std):
@@ -57,6 +80,8 @@ class Preprocess:
         return self.resize
 
     def geometry(self, height: int, width: int) -> Geometry:
+        if self.letterbox is not None:
+            return self._letterbox(height, width)
         if isinstance(self.resize, tuple):
             rh, rw = self.resize
         elif self.resize is None:
@@ -70,17 +95,36 @@ class Preprocess:
         top, left = round((rh - ch) / 2), round((rw - cw) / 2)
         return Geometry((height, width), (rh, rw), (top, left, ch, cw))
 
+    def _letterbox(self, height: int, width: int) -> Geometry:
+        """The image scaled by one factor to fit inside the input, placed in it; the window is the whole input."""
+        assert isinstance(self.resize, tuple)
+        ih, iw = self.resize
+        scale = min(ih / height, iw / width)
+        # The side that fits exactly is the input's own; the other is rounded, and at least a pixel.
+        rh, rw = min(ih, max(1, round(height * scale))), min(iw, max(1, round(width * scale)))
+        top, left = ((ih - rh) // 2, (iw - rw) // 2) if self.letterbox == "center" else (0, 0)
+        return Geometry((height, width), (rh, rw), (-top, -left, ih, iw))
+
     def resized_uint8(self, image: Tensor, geom: Geometry) -> Tensor:
-        """``(H, W, 3)`` uint8 -> ``(3, h, w)`` uint8 model-input pixels (resized and cropped)."""
+        """``(H, W, 3)`` uint8 -> ``(3, h, w)`` uint8 model-input pixels (resized, cropped or padded)."""
         chw = image.permute(2, 0, 1)
         if geom.resized != geom.original:
             chw = TF.resize(chw, list(geom.resized), interpolation=InterpolationMode(self.interpolation),
                             antialias=True)
         top, left, ch, cw = geom.crop
-        if (top, left) != (0, 0) or (ch, cw) != geom.resized:
-            # A crop larger than the image pads with zeros, as torchvision's center_crop does.
-            chw = TF.crop(chw, top, left, ch, cw)
-        return chw
+        (rh, rw) = geom.resized
+        if top >= 0 and left >= 0 and top + ch <= rh and left + cw <= rw:
+            if (top, left) != (0, 0) or (ch, cw) != geom.resized:
+                chw = TF.crop(chw, top, left, ch, cw)
+            return chw
+        # The window reaches past the image (a letterbox, a crop larger than the image): the overlap on `fill`.
+        out = torch.empty((3, ch, cw), dtype=chw.dtype, device=chw.device)
+        for c, v in enumerate(self.fill):
+            out[c].fill_(v)  # a scalar per channel: no small tensor copied to the device
+        y0, x0, y1, x1 = max(0, top), max(0, left), min(rh, top + ch), min(rw, left + cw)
+        if y1 > y0 and x1 > x0:
+            out[:, y0 - top : y1 - top, x0 - left : x1 - left] = chw[:, y0:y1, x0:x1]
+        return out
 
     def normalize(self, pixels: Tensor) -> Tensor:
         """``(..., 3, h, w)`` uint8 -> float32 normalised, in the memory format of ``pixels``."""

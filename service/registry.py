@@ -120,12 +120,19 @@ def _override(base: Preprocess, table: Mapping[str, Any] | None) -> Preprocess:
     resize = table.get("resize", base.resize)
     # An exact [height, width] resize is the input size itself, so it implies no crop unless one is given.
     crop = table.get("crop", None if isinstance(resize, list) else base.crop)
+    letterbox = table.get("letterbox", base.letterbox)
+    if table.get("letterbox") and "resize" not in table:
+        # A letterbox asked for alone fits the image inside the input size the source already had.
+        resize, crop = list(base.input_size), None
+    fill = table.get("fill", base.fill)
     return Preprocess(
         resize=resize if isinstance(resize, int) or resize is None else size(resize),
         crop=None if crop is False or crop is None else size(crop),
         mean=tuple(table.get("mean", base.mean)),
         std=tuple(table.get("std", base.std)),
         interpolation=table.get("interpolation", base.interpolation),
+        letterbox=None if letterbox is False else letterbox,
+        fill=(fill, fill, fill) if isinstance(fill, int) else (int(fill[0]), int(fill[1]), int(fill[2])),
     )
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from service.cam.runtime import Runtime
 from service.modelspec import ModelSpec
-from service.preprocess import Preprocess
+from service.preprocess import IMAGENET_MEAN, Preprocess
 
 log = logging.getLogger("camserve.registry")
 
@@ -179,11 +179,19 @@ def _builder_options(spec: ModelSpec) -> dict[str, object]:
 def _task_preprocess(spec: ModelSpec, model: nn.Module) -> Preprocess | None:
     """Detectors normalise and resize inside (``model.transform``): feed them [0, 1] pixels at their own
     minimum size, uncropped. Segmenters take ImageNet-normalised images, uncropped, at 520 as torchvision's
-    weights do."""
+    weights do.
+
+    A detector's upload is letterboxed: torchvision's own transform keeps the aspect ratio and pads the batch
+    below and to the right with zeros after normalising, so its weights never saw a squashed object. The
+    padding here is the pixel that normalises to zero (the model's ``image_mean``), placed the same way."""
     if spec.task == "detection":
-        sizes = getattr(getattr(model, "transform", None), "min_size", (512,))
+        transform = getattr(model, "transform", None)
+        sizes = getattr(transform, "min_size", (512,))
         side = int(sizes[0]) if isinstance(sizes, tuple | list) else int(sizes)
-        return Preprocess(resize=(side, side), crop=None, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+        mean = getattr(transform, "image_mean", IMAGENET_MEAN)
+        fill = (round(255 * float(mean[0])), round(255 * float(mean[1])), round(255 * float(mean[2])))
+        return Preprocess(resize=(side, side), crop=None, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+                          letterbox="top-left", fill=fill)
     if spec.task == "segmentation":
         return Preprocess(resize=(520, 520), crop=None)
     return None

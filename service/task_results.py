@@ -66,7 +66,8 @@ def label_name(labels: Sequence[str], index: int) -> str:
 
 
 def _scale(geom: Geometry) -> tuple[float, float, float, float]:
-    """``(sx, sy, left, top)``: upload pixel = (input pixel + crop offset) * scale."""
+    """``(sx, sy, left, top)``: upload pixel = (input pixel + crop offset) * scale. A letterbox's offsets are
+    negative (the image starts past the padding), so the same sums undo it."""
     (oh, ow), (rh, rw), (top, left, _, _) = geom.original, geom.resized, geom.crop
     return ow / rw, oh / rh, float(left), float(top)
 
@@ -78,10 +79,15 @@ def box_to_input(box: Sequence[float], geom: Geometry) -> tuple[float, float, fl
 
 
 def box_to_original(box: Sequence[float], geom: Geometry) -> tuple[float, float, float, float]:
+    """A model-input box in the upload's pixels, clipped to the upload: a box reaching into a letterbox's
+    padding ends at the image's edge, as torchvision clips its boxes to the image before its own padding."""
     sx, sy, left, top = _scale(geom)
-    x0, y0, x1, y1 = box
-    return (round((x0 + left) * sx, 2), round((y0 + top) * sy, 2), round((x1 + left) * sx, 2),
-            round((y1 + top) * sy, 2))
+    (oh, ow), (x0, y0, x1, y1) = geom.original, box
+
+    def at(v: float, scale: float, extent: int) -> float:
+        return round(min(max(v * scale, 0.0), float(extent)), 2)
+
+    return at(x0 + left, sx, ow), at(y0 + top, sy, oh), at(x1 + left, sx, ow), at(y1 + top, sy, oh)
 
 
 def mask_to_input(mask: np.ndarray, geom: Geometry, device: torch.device) -> Tensor:
