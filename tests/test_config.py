@@ -15,6 +15,7 @@ import torch
 
 from service.config import ConfigError, load_settings
 from service.modelspec import ModelSpec
+from service.preprocess import Geometry
 from service.registry import ModelLoadError, load_model
 from tests.api.conftest import png_bytes, scene
 from tests.api.models import TINY_PRE
@@ -48,6 +49,14 @@ def _problems(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> l
                                                                       "sigmoid, none, got 'logits'"),
     ('default_model = "nope"\n[models.m]\nsource = "builtin:shapes"\n', "`default_model` 'nope' is not among"),
     ("[server]\ngrpc_port = 70000\n", "setting `grpc_port` must be in 0..65535, got 70000"),
+    ('[models.m]\nsource = "builtin:shapes"\n[models.m.preprocess]\nletterbox = "middle"\n',
+     "model 'm': `preprocess.letterbox` must be center, top-left, or false for a plain resize, got 'middle'"),
+    ('[models.m]\nsource = "builtin:shapes"\n[models.m.preprocess]\nfill = [0, 300, 0]\n',
+     "model 'm': `preprocess.fill` must be an integer from 0 to 255, or a list of 3, got [0, 300, 0]"),
+    ('[models.m]\nsource = "builtin:shapes"\n[models.m.preprocess]\nletterbox = "center"\nresize = 64\n',
+     "model 'm': `preprocess.letterbox` fits the image inside `resize` as [height, width], got resize = 64"),
+    ('[models.m]\nsource = "builtin:shapes"\n[models.m.preprocess]\nletterbox = "top-left"\ncrop = 56\n',
+     "model 'm': `preprocess.letterbox` takes no `crop`, got crop = 56"),
     ("[server]\nport = 8001\ngrpc_port = 8001\n", "setting `grpc_port` must differ from `port`, both are 8001"),
 ])
 def test_each_problem_is_one_line_naming_key_and_value(tmp_path, text, expected):
@@ -93,6 +102,31 @@ def test_a_partial_preprocess_table_keeps_the_other_defaults():
     no_crop = load_model(ModelSpec.from_table("s", {"source": "builtin:shapes", "preprocess": {"crop": False,
                                                                                                  "resize": [48, 40]}}))
     assert no_crop.preprocess.input_size == (48, 40)
+
+
+def test_a_letterbox_alone_fits_inside_the_sources_input_size():
+    m = load_model(ModelSpec.from_table("d", {"source": "builtin:shapes-detect",
+                                              "preprocess": {"letterbox": "center", "fill": 114}}))
+    pre = m.preprocess
+    assert (pre.input_size, pre.crop, pre.letterbox, pre.fill) == ((64, 64), None, "center", (114, 114, 114))
+    assert pre.geometry(30, 60) == Geometry((30, 60), (32, 64), (-16, 0, 64, 64))
+
+
+@pytest.mark.slow
+def test_a_torchvision_detector_letterboxes_unless_told_not_to():
+    # Top-left, on the pixel its own transform normalises to zero: what its own batching pads with.
+    det = load_model(ModelSpec.from_table("t", {"source": "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn",
+                                                "task": "detection", "options": {"num_classes": 3}}))
+    assert (det.preprocess.input_size, det.preprocess.letterbox, det.preprocess.fill) == ((320, 320), "top-left",
+                                                                                          (124, 116, 104))
+    plain = load_model(ModelSpec.from_table("p", {"source": "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn",
+                                                  "task": "detection", "options": {"num_classes": 3},
+                                                  "preprocess": {"letterbox": False}}))
+    assert plain.preprocess.letterbox is None
+    assert plain.preprocess.geometry(200, 300) == Geometry((200, 300), (320, 320), (0, 0, 320, 320))
+    with pytest.raises(ModelLoadError, match=re.escape("`letterbox = false` for a resize and crop")):
+        load_model(ModelSpec.from_table("c", {"source": "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn",
+                                              "task": "detection", "preprocess": {"crop": 224}}))
 
 
 def test_labels_are_read_for_every_source(tmp_path):

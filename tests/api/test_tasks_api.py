@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from PIL import Image
 from service.app import create_app
 from service.config import Settings
 from service.modelspec import ModelSpec
+from service.preprocess import Preprocess
 from service.registry import serve_module
 from service.sources import _task_preprocess
 from tests.api.conftest import b64, check_similarity, png_bytes
@@ -39,27 +41,39 @@ def _detector() -> torch.nn.Module:
         weights=None, weights_backbone=None, num_classes=6, box_score_thresh=0.0)
 
 
+def _segmenter() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None,
+                                                                     num_classes=3)
+
+
+# The letterboxed segmenter's input: a 200x300 upload fits 96 wide, so 64 rows high, centred: 16 rows above.
+SEG_PRE = Preprocess(resize=(96, 96), crop=None, letterbox="center", fill=(114, 114, 114))
+
+
 @pytest.fixture(scope="module")
 def client():
     det_spec = ModelSpec.from_table("det", {"source": "python:x:y", "task": "detection"})
     model = _detector()
-    pre = _task_preprocess(det_spec, model)
+    pre = _task_preprocess(det_spec, model)  # letterboxed, as a torchvision: detector is
     det = serve_module(model, det_spec, [f"c{i}" for i in range(6)], pre)
-    torch.manual_seed(0)
-    seg_model = torchvision.models.segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None,
-                                                                           num_classes=3)
+    stretch_spec = ModelSpec.from_table("det-stretch", {"source": "python:x:y", "task": "detection"})
+    stretch = serve_module(_detector(), stretch_spec, [f"c{i}" for i in range(6)],
+                           replace(pre, letterbox=None, fill=(0, 0, 0)))
     seg_spec = ModelSpec.from_table("seg", {"source": "python:x:y", "task": "segmentation",
                                             "preprocess": {"resize": [96, 96]}})
-    from service.preprocess import Preprocess
-
-    seg = serve_module(seg_model, seg_spec, ["background", "a", "b"], Preprocess(resize=(96, 96), crop=None))
-    app = create_app(Settings(models=(det.spec, seg.spec)), models=[det, seg])
+    seg = serve_module(_segmenter(), seg_spec, ["background", "a", "b"], Preprocess(resize=(96, 96), crop=None))
+    seg_lb_spec = ModelSpec.from_table("seg-lb", {"source": "python:x:y", "task": "segmentation"})
+    seg_model = _segmenter()
+    seg_lb = serve_module(seg_model, seg_lb_spec, ["background", "a", "b"], SEG_PRE)
+    models = [det, stretch, seg, seg_lb]
+    app = create_app(Settings(models=tuple(m.spec for m in models)), models=models)
     with TestClient(app) as c:
-        yield c, model
+        yield c, model, seg_model
 
 
 def test_models_say_the_task_and_only_its_methods(client):
-    c, _ = client
+    c, _, _ = client
     models = {m["name"]: m for m in c.get("/models").json()["models"]}
     assert models["det"]["task"] == "detection"
     assert models["seg"]["task"] == "segmentation"
@@ -67,28 +81,103 @@ def test_models_say_the_task_and_only_its_methods(client):
         assert {"gradcam", "scorecam", "ablationcam", "guided-gradcam"} <= set(m["methods"])
 
 
-def test_detections_are_torchvisions_in_the_uploads_pixels(client):
-    c, model = client
-    img = _image()
-    r = c.post("/predict", json={"model": "det", "image": b64(png_bytes(img)), "top_k": 5})
-    assert r.status_code == 200, r.text
-    got = r.json()["results"][0]["detections"]
-    assert len(got) == 5
-    # The same model on the same input, as camserve prepares it: resized to 320x320, pixels in [0, 1].
-    x = torch.nn.functional.interpolate(torch.from_numpy(img).permute(2, 0, 1)[None].float(), size=(320, 320),
-                                        mode="bilinear", antialias=True, align_corners=False)
+def _torchvision_boxes(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     with torch.no_grad():
-        ref = model.eval()(x.round().clamp(0, 255) / 255)[0]
-    sx, sy = UPLOAD[1] / 320, UPLOAD[0] / 320
+        out: dict[str, torch.Tensor] = model.eval()(x.round().clamp(0, 255) / 255)[0]
+    return out
+
+
+def _check_boxes(got: list[dict], ref: dict[str, torch.Tensor], sx: float, sy: float) -> None:
     for j, d in enumerate(got):
         expected = ref["boxes"][j] * torch.tensor([sx, sy, sx, sy])
+        # Clipped to the upload: a box reaching into the padding ends at the image's edge.
+        expected = torch.minimum(expected.clamp(min=0), torch.tensor([UPLOAD[1], UPLOAD[0]] * 2))
         assert np.allclose(d["box"], expected.tolist(), atol=0.05), (d, expected)
         assert d["class"] == int(ref["labels"][j])
         assert d["score"] == pytest.approx(float(ref["scores"][j]), abs=1e-5)
 
 
+def _resized(img: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    return torch.nn.functional.interpolate(torch.from_numpy(img).permute(2, 0, 1)[None].float(), size=size,
+                                           mode="bilinear", antialias=True, align_corners=False)
+
+
+def test_detections_are_torchvisions_in_the_uploads_pixels(client):
+    c, model, _ = client
+    img = _image()
+    r = c.post("/predict", json={"model": "det", "image": b64(png_bytes(img)), "top_k": 5})
+    assert r.status_code == 200, r.text
+    got = r.json()["results"][0]["detections"]
+    assert len(got) == 5
+    # torchvision's picture: the upload scaled by one factor to fit 320x320 (300 -> 320 wide, 200 -> 213 high),
+    # at the top-left of a canvas of the pixel the model's transform normalises to zero (124, 116, 104).
+    x = torch.tensor([124.0, 116.0, 104.0]).view(1, 3, 1, 1).repeat(1, 1, 320, 320)
+    x[..., :213, :] = _resized(img, (213, 320))
+    ref = _torchvision_boxes(model, x)
+    assert float(ref["boxes"][:5, 3].max()) > 213  # some box reaches into the padding: the clip is tested
+    _check_boxes(got, ref, UPLOAD[1] / 320, UPLOAD[0] / 213)
+
+
+def test_without_the_letterbox_detections_are_torchvisions_on_the_squashed_upload(client):
+    c, model, _ = client
+    img = _image()
+    r = c.post("/predict", json={"model": "det-stretch", "image": b64(png_bytes(img)), "top_k": 5})
+    assert r.status_code == 200, r.text
+    got = r.json()["results"][0]["detections"]
+    assert len(got) == 5
+    # The same model on the upload resized to 320x320, aspect ratio lost.
+    _check_boxes(got, _torchvision_boxes(model, _resized(img, (320, 320))), UPLOAD[1] / 320, UPLOAD[0] / 320)
+
+
+def test_a_letterboxed_heatmap_is_the_input_map_cut_to_the_image_and_resized(client):
+    c, _, _ = client
+    img = b64(png_bytes(_image(2)))
+    ask = {"model": "det", "image": img, "targets": [0, 1], "output": "array"}
+    maps = {}
+    for size in ("input", "original"):
+        r = c.post("/explain", json={**ask, "size": size})
+        assert r.status_code == 200, r.text
+        maps[size] = [np.asarray(e["heatmap"]["data"]) for e in r.json()["results"][0]["explanations"]]
+    for inp, orig in zip(maps["input"], maps["original"], strict=True):
+        assert inp.shape == (320, 320) and orig.shape == UPLOAD
+        assert orig.max() == pytest.approx(1.0, abs=1e-4)  # its own peak, in the image: none from the padding
+        cut = torch.from_numpy(inp[:213]).float()[None, None]  # the image's rows; below them, padding
+        expected = torch.nn.functional.interpolate(cut, size=UPLOAD, mode="bilinear", align_corners=False)[0, 0]
+        expected = (expected / expected.max()).numpy()
+        whole = torch.nn.functional.interpolate(torch.from_numpy(inp).float()[None, None], size=UPLOAD,
+                                                mode="bilinear", align_corners=False)[0, 0].numpy()
+        err = np.abs(orig - expected).max()
+        assert err < 0.03, err  # resampled once here, twice there
+        assert np.abs(orig - whole / whole.max()).max() > 3 * err  # the whole input, padding and all, squashed
+
+
+def test_a_letterboxed_segmenter_mask_is_its_class_map_cut_to_the_image(client):
+    c, _, seg_model = client
+    img = _image(1)
+    left = np.zeros(UPLOAD, dtype=np.uint8)
+    left[:, : UPLOAD[1] // 2] = 255
+    r = c.post("/explain", json={"model": "seg-lb", "image": b64(png_bytes(img)), "output": "array",
+                                 "size": "original", "targets": [{"class": "a", "mask": b64(png_bytes(left))}, "b"]})
+    assert r.status_code == 200, r.text
+    res = r.json()["results"][0]
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(res["mask"]))))
+    # The model on its padded input: rows 16..80 of 96 are the image, the rest fill 114.
+    x = torch.full((1, 3, 96, 96), 114.0)
+    x[..., 16:80, :] = _resized(img, (64, 96)).round().clamp(0, 255)
+    mean = torch.tensor(SEG_PRE.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(SEG_PRE.std).view(1, 3, 1, 1) * 255
+    with torch.no_grad():
+        classes = seg_model.eval()((x - mean) / std)["out"].argmax(1)[0]
+    expected = torch.nn.functional.interpolate(classes[16:80].float()[None, None], size=UPLOAD,
+                                               mode="nearest-exact")[0, 0].numpy()
+    assert (mask == expected).mean() > 0.995
+    assert sum(s["area"] for s in res["segments"]) == UPLOAD[0] * UPLOAD[1]
+    assert res["explanations"][0]["target"]["region"] == "mask"
+    assert [e["heatmap"]["height"] for e in res["explanations"]] == [UPLOAD[0]] * 2
+
+
 def test_explain_a_box_and_a_detection(client):
-    c, _ = client
+    c, _, _ = client
     img = png_bytes(_image())
     found = c.post("/predict", json={"model": "det", "image": b64(img), "top_k": 2}).json()["results"][0]
     d = found["detections"][1]
@@ -107,7 +196,7 @@ def test_explain_a_box_and_a_detection(client):
 
 
 def test_task_errors_are_clear(client):
-    c, _ = client
+    c, _, _ = client
     img = b64(png_bytes(_image()))
     r = c.post("/explain", json={"model": "det", "images": [img] * 16, "method": "scorecam"})
     assert r.status_code == 422  # 16 x 960 masked forwards at 71 units each: over the default budget
@@ -128,7 +217,7 @@ def test_task_errors_are_clear(client):
 
 
 def test_segments_and_a_client_mask(client):
-    c, _ = client
+    c, _, _ = client
     img = png_bytes(_image(1))
     r = c.post("/explain", json={"model": "seg", "image": b64(img), "targets": ["a"]})
     assert r.status_code == 200, r.text
@@ -226,7 +315,7 @@ def test_v2_embedding_similarity_through_tritonclient(triton):
 
 
 def test_kserve_v1_and_png_answers(client):
-    c, _ = client
+    c, _, _ = client
     img = b64(png_bytes(_image()))
     r = c.post("/v1/models/det:predict", json={"instances": [{"image": {"b64": img}}]})
     assert r.status_code == 200, r.text
@@ -248,7 +337,7 @@ def test_kserve_v1_and_png_answers(client):
 def test_uploads_of_different_sizes_in_one_batch_equal_each_alone(client):
     """Two uploads of different sizes and aspect ratios share one detector batch: every box and every map
     equals the one the image gets alone (each is resized to the model's input, then mapped back on its own)."""
-    c, _ = client
+    c, _, _ = client
     small = np.random.default_rng(7).integers(0, 255, (120, 170, 3), dtype=np.uint8)
     uploads = [b64(png_bytes(_image(3))), b64(png_bytes(small))]
     ask = {"model": "det", "top_k": 3, "targets": [0, 1, 2], "output": "array", "size": "original"}
