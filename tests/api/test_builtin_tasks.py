@@ -8,8 +8,10 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
+from torchvision.ops import box_iou
 
 from service.app import create_app
 from service.config import Settings
@@ -24,15 +26,17 @@ SCALE = 4
 @pytest.fixture(scope="module")
 def client():
     specs = (ModelSpec.from_table("shapes-detect", {"source": "builtin:shapes-detect"}),
-             ModelSpec.from_table("shapes-seg", {"source": "builtin:shapes-seg"}))
+             ModelSpec.from_table("shapes-seg", {"source": "builtin:shapes-seg"}),
+             ModelSpec.from_table("shapes-detect-lb", {"source": "builtin:shapes-detect",
+                                                       "preprocess": {"letterbox": "center", "fill": 114}}))
     # No request timeout: the perturbation methods' time check prices them at the forward time measured at load,
     # which a loaded CI machine inflates (the check itself is tested in tests/api/test_hardening.py).
     with TestClient(create_app(Settings(models=specs, request_timeout_s=0))) as c:
         yield c
 
 
-def _upload(image: np.ndarray) -> str:
-    big = np.asarray(Image.fromarray(image).resize((64 * SCALE, 64 * SCALE), Image.Resampling.NEAREST))
+def _upload(image: np.ndarray, size: tuple[int, int] = (64 * SCALE, 64 * SCALE)) -> str:
+    big = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.Resampling.NEAREST))
     return b64(png_bytes(big))
 
 
@@ -105,6 +109,45 @@ def test_detection_overlay_draws_the_explained_box(client, size):
     png = client.post("/explain", json={**body, "output": "png"}).json()["results"][0]
     grey = np.asarray(Image.open(io.BytesIO(base64.b64decode(png["explanations"][0]["heatmap"]["data"]))))
     assert grey.ndim == 2
+
+
+def _edges(magenta: np.ndarray, box: list[float], bare_inside: bool) -> None:
+    """The box's four edges are drawn whole where ``box`` says, in the overlay's pixels."""
+    x0, y0, x1, y1 = box
+    left, top, right, bottom = int(np.floor(x0)), int(np.floor(y0)), int(np.ceil(x1)) - 1, int(np.ceil(y1)) - 1
+    for edge in (magenta[top:bottom + 1, left], magenta[top:bottom + 1, right], magenta[top, left:right + 1],
+                 magenta[bottom, left:right + 1]):
+        assert edge.all()
+    if bare_inside:  # (a label goes inside a box at the top of a large overlay)
+        assert not magenta[top + 3 : bottom - 2, left + 3 : right - 2].any()
+
+
+def test_letterboxed_overlays_draw_the_box_on_the_shape(client):
+    """A 16:17 upload (a scene and a strip of another, four times the model's size) letterboxed into 64x64: 272
+    wide fits 64, so 256 high becomes 60 rows (60.2), below 2 rows of padding. The box is drawn on the shape in
+    the upload's pixels, and past the padding in the model input's. (Wider strips shrink the shapes below the
+    sizes this detector was trained on, and it finds less: the built-in detector does not letterbox by default.)"""
+    a, b = make_multi_scenes(2, seed=4321, n_shapes=2, distinct_labels=True)
+    scene = np.concatenate([a.image, b.image[:, :4]], axis=1)
+    upload = _upload(scene, (64 * SCALE, 68 * SCALE))
+    body = {"model": "shapes-detect-lb", "image": upload, "top_k": 1, "method": "hirescam", "output": "overlay"}
+    r = client.post("/explain", json={**body, "size": "original"})
+    assert r.status_code == 200, r.text
+    res = r.json()["results"][0]
+    box = res["explanations"][0]["target"]["box"]
+    assert box == res["detections"][0]["box"]
+    truth = np.concatenate([a.boxes, b.boxes[b.boxes[:, 2] <= 4] + [64, 0, 64, 0]]) * SCALE
+    iou = box_iou(torch.tensor([box]), torch.as_tensor(truth, dtype=torch.float32))
+    assert float(iou.max()) > 0.5, (box, truth)
+    over = _overlay(res)
+    assert over.shape == (64 * SCALE, 68 * SCALE, 3)
+    _edges((over == MAGENTA).all(axis=-1), box, bare_inside=False)
+    r = client.post("/explain", json={**body, "size": "input"})
+    assert r.status_code == 200, r.text
+    over = _overlay(r.json()["results"][0])
+    assert over.shape == (64, 64, 3)
+    x0, y0, x1, y1 = box
+    _edges((over == MAGENTA).all(axis=-1), [x0 * 64 / 272, y0 * 60 / 256 + 2, x1 * 64 / 272, y1 * 60 / 256 + 2], bare_inside=True)
 
 
 def test_segment_overlay_outlines_the_explained_region(client):
