@@ -147,7 +147,8 @@ def test_letterboxed_overlays_draw_the_box_on_the_shape(client):
     over = _overlay(r.json()["results"][0])
     assert over.shape == (64, 64, 3)
     x0, y0, x1, y1 = box
-    _edges((over == MAGENTA).all(axis=-1), [x0 * 64 / 272, y0 * 60 / 256 + 2, x1 * 64 / 272, y1 * 60 / 256 + 2], bare_inside=True)
+    sx, sy, pad = 64 / 272, 60 / 256, 2
+    _edges((over == MAGENTA).all(axis=-1), [x0 * sx, y0 * sy + pad, x1 * sx, y1 * sy + pad], bare_inside=True)
 
 
 def test_segment_overlay_outlines_the_explained_region(client):
