@@ -2,8 +2,9 @@
 one-call-per-target loop.
 
 torchvision's fasterrcnn_mobilenet_v3_large_320_fpn (random weights, batch-norm statistics from random
-images so that boxes differ) at 320x320 and lraspp_mobilenet_v3_large at 224x224, batch 1 and 8, one and five
-targets per image, Grad-CAM at the default layer. ``explain/predict`` is camserve's explain time over its
+images so that boxes differ) at 320x320 and lraspp_mobilenet_v3_large at 224x224, and the built-in
+shapes-detect and shapes-seg on scenes of three shapes, batch 1 and 8, one and five targets per image,
+Grad-CAM at the default layer. ``explain/predict`` is camserve's explain time over its
 predict time for the same batch; ``vs pytorch-grad-cam`` is pytorch-grad-cam's time for the same maps (one
 call per image and target, with ``FasterRCNNBoxScoreTarget`` / ``SemanticSegmentationTarget``) over ours.
 Each cell times the variants in turns and reports the median of the per-turn ratios.
@@ -70,10 +71,31 @@ def _ratio(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
-def detection_rows(rounds: int) -> list[tuple[str, int, int, float, float, float]]:
-    model = _calibrated_detector()
+Row = tuple[str, int, int, float, float, float]
+
+
+def _scenes(n_shapes: int) -> torch.Tensor:
+    """Eight 64x64 scenes of ``n_shapes`` shapes of different classes, normalised as the built-in models take them."""
+    from service.models.multiscenes import make_multi_scenes, stack_images
+    from service.models.shapes import to_input
+
+    return to_input(stack_images(make_multi_scenes(8, seed=11, n_shapes=n_shapes, distinct_labels=True)))
+
+
+def torchvision_detection_rows(rounds: int) -> list[Row]:
     x = torch.rand(8, 3, 320, 320, generator=torch.Generator().manual_seed(1))
-    engine = CamEngine(model, x[:1], task=get_task("detection"))
+    return detection_rows("fasterrcnn_mobilenet_v3_large_320_fpn", _calibrated_detector(), x, [], rounds)
+
+
+def builtin_detection_rows(rounds: int) -> list[Row]:
+    from service.models.shapes_detect import load_shapes_detect
+
+    model, labels = load_shapes_detect()
+    return detection_rows("builtin:shapes-detect (3 shapes, so 5 targets are 3)", model, _scenes(3), labels, rounds)
+
+
+def detection_rows(name: str, model: torch.nn.Module, x: torch.Tensor, labels: list[str], rounds: int) -> list[Row]:
+    engine = CamEngine(model, x[:1], task=get_task("detection", labels))
     layer = engine.layers.default
     rows = []
     for batch in (1, 8):
@@ -102,20 +124,33 @@ def detection_rows(rounds: int) -> list[tuple[str, int, int, float, float, float
                     p.requires_grad_(False)
 
             t_pred, t_exp, t_ref = _turns([predict, explain, reference], rounds)
-            rows.append(("fasterrcnn_mobilenet_v3_large_320_fpn", batch, targets, statistics.median(t_pred) * 1000,
-                         _ratio(t_exp, t_pred), _ratio(t_ref, t_exp)))
+            rows.append((name, batch, targets, statistics.median(t_pred) * 1000, _ratio(t_exp, t_pred),
+                         _ratio(t_ref, t_exp)))
     engine.close()
     return rows
 
 
-def segmentation_rows(rounds: int) -> list[tuple[str, int, int, float, float, float]]:
+def torchvision_segmentation_rows(rounds: int) -> list[Row]:
     torch.manual_seed(0)
     model = torchvision.models.segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None,
                                                                        num_classes=6).eval()
     x = torch.rand(8, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    engine = CamEngine(model, x[:1], task=get_task("segmentation", ["background", *"abcde"]))
+    return segmentation_rows("lraspp_mobilenet_v3_large", model, _Out(model), x, ["background", *"abcde"], rounds)
+
+
+def builtin_segmentation_rows(rounds: int) -> list[Row]:
+    from service.models.shapes_seg import load_shapes_seg
+
+    model, labels = load_shapes_seg()
+    return segmentation_rows("builtin:shapes-seg (5 classes over 3 shapes)", model, model, _scenes(3), labels, rounds)
+
+
+def segmentation_rows(name: str, model: torch.nn.Module, wrapped: torch.nn.Module, x: torch.Tensor,
+                      labels: list[str], rounds: int) -> list[Row]:
+    """``wrapped``: the model returning the logits tensor itself, as pytorch-grad-cam's target needs."""
+    engine = CamEngine(model, x[:1], task=get_task("segmentation", labels))
     layer = engine.layers.default
-    wrapped = _Out(model)
+    prefix = "model." if wrapped is not model else ""
     rows = []
     for batch in (1, 8):
         xb = x[:batch]
@@ -129,12 +164,12 @@ def segmentation_rows(rounds: int) -> list[tuple[str, int, int, float, float, fl
                 engine.explain(xb, queries)
 
             with torch.no_grad():
-                masks = model(xb)["out"].argmax(dim=1)
+                masks = wrapped(xb).argmax(dim=1)
 
             def reference(xb: torch.Tensor = xb, targets: int = targets, masks: torch.Tensor = masks) -> None:
                 for p in model.parameters():
                     p.requires_grad_(True)
-                with GradCAM(model=wrapped, target_layers=[dict(wrapped.named_modules())[f"model.{layer}"]]) as cam:
+                with GradCAM(model=wrapped, target_layers=[dict(wrapped.named_modules())[prefix + layer]]) as cam:
                     for i in range(xb.shape[0]):
                         for c in range(1, 1 + targets):
                             region = (masks[i] == c).float().numpy()
@@ -143,8 +178,8 @@ def segmentation_rows(rounds: int) -> list[tuple[str, int, int, float, float, fl
                     p.requires_grad_(False)
 
             t_pred, t_exp, t_ref = _turns([predict, explain, reference], rounds)
-            rows.append(("lraspp_mobilenet_v3_large", batch, targets, statistics.median(t_pred) * 1000,
-                         _ratio(t_exp, t_pred), _ratio(t_ref, t_exp)))
+            rows.append((name, batch, targets, statistics.median(t_pred) * 1000, _ratio(t_exp, t_pred),
+                         _ratio(t_ref, t_exp)))
     engine.close()
     return rows
 
@@ -159,9 +194,10 @@ def main() -> None:
     print("| model | batch | targets | predict ms | explain/predict | pytorch-grad-cam/ours |")
     print("|---|---|---|---|---|---|")
     torch.set_grad_enabled(True)
-    for row in [*detection_rows(args.rounds), *segmentation_rows(args.rounds)]:
-        name, batch, targets, pred_ms, ratio, ref = row
-        print(f"| {name} | {batch} | {targets} | {pred_ms:.0f} | {ratio:.2f} | {ref:.1f}x |", flush=True)
+    for rows in (torchvision_detection_rows, builtin_detection_rows, torchvision_segmentation_rows,
+                 builtin_segmentation_rows):
+        for name, batch, targets, pred_ms, ratio, ref in rows(args.rounds):
+            print(f"| {name} | {batch} | {targets} | {pred_ms:.1f} | {ratio:.2f} | {ref:.1f}x |", flush=True)
 
 
 if __name__ == "__main__":
