@@ -64,9 +64,10 @@ lint: $(STAMP) ## ruff and mypy
 docs: $(STAMP) ## build the documentation site into site/ (MkDocs Material, offline, --strict)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
-bench: $(STAMP) ## engine benchmark: predict vs explain vs pytorch-grad-cam vs captum, and ONNX Runtime vs eager (resnet50)
+bench: $(STAMP) ## engine benchmark: predict vs explain vs pytorch-grad-cam vs captum, ONNX Runtime vs eager (resnet50), detectors and segmenters
 	$(BIN)/python -m tests.bench.bench_engine
 	$(BIN)/python -m tests.bench.bench_onnx
+	$(BIN)/python -m tests.bench.bench_tasks --rounds 3
 
 bench-http: $(STAMP) ## HTTP benchmark: batch policies, batching off, resnet18 vs a baseline and KServe (.venv-kserve) (BENCH_ARGS=--before REF --table)
 	$(BIN)/python -m tests.bench.bench_http $(BENCH_ARGS)
