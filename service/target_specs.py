@@ -55,12 +55,17 @@ def _box(value: object) -> tuple[float, float, float, float]:
 
 
 def _mask(value: object, max_pixels: int) -> np.ndarray:
-    if not isinstance(value, str):
+    """A JSON body's base64 text, or the PNG's own bytes (an Open Inference Protocol ``target_mask`` element,
+    decoded from its binary or JSON form by the front-end)."""
+    if isinstance(value, bytes):
+        data = value
+    elif isinstance(value, str):
+        try:
+            data = base64.b64decode(value.partition(",")[2] if value.startswith("data:") else value, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidArgument("targets", "a `mask` must be base64 (a PNG the size of its image)") from None
+    else:
         raise InvalidArgument("targets", "a `mask` must be a base64 PNG the size of its image")
-    try:
-        data = base64.b64decode(value.partition(",")[2] if value.startswith("data:") else value, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidArgument("targets", "a `mask` must be base64 (a PNG the size of its image)") from None
     try:
         im = open_image(data, max_pixels)
         return np.asarray(im.convert("L")) > 0

@@ -245,6 +245,9 @@ options = { num_classes = 6, box_score_thresh = 0.0 }
 [models.emb]
 source = "builtin:shapes"
 task = "embedding"
+
+[models.bseg]
+source = "builtin:shapes-seg"
 """
 
 
@@ -312,6 +315,32 @@ def test_v2_embedding_similarity_through_tritonclient(triton):
     out = client.infer("emb", [_png_input(httpclient, images), ref], outputs=[
         httpclient.InferRequestedOutput(n, binary_data=True) for n in ("similarity", "heatmap")])
     check_similarity(emb, out.as_numpy("similarity"), out.as_numpy("heatmap"))
+
+
+@pytest.mark.parametrize("seed", [1, 32])
+def test_v2_client_masks_move_the_built_in_segmenters_map_through_tritonclient(triton, seed):
+    """Two shapes of one class: a `target_mask` PNG over either one explains that shape. With the mask ignored
+    both answers would be the class's whole predicted region, and the two maps the same."""
+    from service.models.multiscenes import SEG_CLASSES, make_multi_scenes
+
+    httpclient, client = triton
+    (scene,) = make_multi_scenes(1, seed=seed, n_shapes=2)
+    assert scene.labels[0] == scene.labels[1]
+    out = client.infer("bseg", [_png_input(httpclient, [png_bytes(scene.image)])],
+                       outputs=[httpclient.InferRequestedOutput("mask_png", binary_data=True)])
+    (mask_png,) = out.as_numpy("mask_png")
+    assert (np.asarray(Image.open(io.BytesIO(mask_png))) == scene.class_map).mean() > 0.95
+    for k in range(2):
+        mask = httpclient.InferInput("target_mask", [1], "BYTES")
+        mask.set_data_from_numpy(np.array([png_bytes(scene.masks[k].astype(np.uint8) * 255)], dtype=np.object_))
+        out = client.infer("bseg", [_png_input(httpclient, [png_bytes(scene.image)]), mask],
+                           parameters={"targets": SEG_CLASSES[int(scene.labels[k]) + 1], "method": "hirescam"},
+                           outputs=[httpclient.InferRequestedOutput("heatmap", binary_data=True)])
+        heat = out.as_numpy("heatmap")[0, 0]
+        h, w = heat.shape
+        y, x = divmod(int(heat.argmax()), w)
+        x0, y0, x1, y1 = scene.boxes[k] * np.array([w, h, w, h]) / 64
+        assert x0 - 1 <= x <= x1 and y0 - 1 <= y <= y1, (k, (x, y), scene.boxes[k].tolist())
 
 
 def test_kserve_v1_and_png_answers(client):
