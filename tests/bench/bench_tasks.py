@@ -55,7 +55,7 @@ class _Out(torch.nn.Module):
         return out
 
 
-def _turns(fns: list[Callable[[], object]], rounds: int) -> list[list[float]]:
+def _turns(fns: list[Callable[..., object]], rounds: int) -> list[list[float]]:
     for fn in fns:
         fn()  # warm-up
     times: list[list[float]] = [[] for _ in fns]
@@ -71,7 +71,14 @@ def _ratio(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
-Row = tuple[str, int, int, float, float, float]
+Row = tuple[str, int, int, float, float, float | None]
+
+
+def _row(name: str, batch: int, targets: int, fns: list[Callable[..., object]], rounds: int) -> Row:
+    """Predict, explain and (when timed) pytorch-grad-cam, in turns."""
+    times = _turns(fns, rounds)
+    ref = _ratio(times[2], times[1]) if len(times) > 2 else None
+    return name, batch, targets, statistics.median(times[0]) * 1000, _ratio(times[1], times[0]), ref
 
 
 def _scenes(n_shapes: int) -> torch.Tensor:
@@ -82,19 +89,21 @@ def _scenes(n_shapes: int) -> torch.Tensor:
     return to_input(stack_images(make_multi_scenes(8, seed=11, n_shapes=n_shapes, distinct_labels=True)))
 
 
-def torchvision_detection_rows(rounds: int) -> list[Row]:
+def torchvision_detection_rows(rounds: int, reference: bool) -> list[Row]:
     x = torch.rand(8, 3, 320, 320, generator=torch.Generator().manual_seed(1))
-    return detection_rows("fasterrcnn_mobilenet_v3_large_320_fpn", _calibrated_detector(), x, [], rounds)
+    return detection_rows("fasterrcnn_mobilenet_v3_large_320_fpn", _calibrated_detector(), x, [], rounds, reference)
 
 
-def builtin_detection_rows(rounds: int) -> list[Row]:
+def builtin_detection_rows(rounds: int, reference: bool) -> list[Row]:
     from service.models.shapes_detect import load_shapes_detect
 
     model, labels = load_shapes_detect()
-    return detection_rows("builtin:shapes-detect (3 shapes, so 5 targets are 3)", model, _scenes(3), labels, rounds)
+    return detection_rows("builtin:shapes-detect (3 shapes, so 5 targets are 3)", model, _scenes(3), labels, rounds,
+                          reference)
 
 
-def detection_rows(name: str, model: torch.nn.Module, x: torch.Tensor, labels: list[str], rounds: int) -> list[Row]:
+def detection_rows(name: str, model: torch.nn.Module, x: torch.Tensor, labels: list[str], rounds: int,
+                   with_reference: bool = True) -> list[Row]:
     engine = CamEngine(model, x[:1], task=get_task("detection", labels))
     layer = engine.layers.default
     rows = []
@@ -123,30 +132,30 @@ def detection_rows(name: str, model: torch.nn.Module, x: torch.Tensor, labels: l
                 for p in model.parameters():
                     p.requires_grad_(False)
 
-            t_pred, t_exp, t_ref = _turns([predict, explain, reference], rounds)
-            rows.append((name, batch, targets, statistics.median(t_pred) * 1000, _ratio(t_exp, t_pred),
-                         _ratio(t_ref, t_exp)))
+            rows.append(_row(name, batch, targets, [predict, explain, reference][:3 if with_reference else 2], rounds))
     engine.close()
     return rows
 
 
-def torchvision_segmentation_rows(rounds: int) -> list[Row]:
+def torchvision_segmentation_rows(rounds: int, reference: bool) -> list[Row]:
     torch.manual_seed(0)
     model = torchvision.models.segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None,
                                                                        num_classes=6).eval()
     x = torch.rand(8, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    return segmentation_rows("lraspp_mobilenet_v3_large", model, _Out(model), x, ["background", *"abcde"], rounds)
+    return segmentation_rows("lraspp_mobilenet_v3_large", model, _Out(model), x, ["background", *"abcde"], rounds,
+                             reference)
 
 
-def builtin_segmentation_rows(rounds: int) -> list[Row]:
+def builtin_segmentation_rows(rounds: int, reference: bool) -> list[Row]:
     from service.models.shapes_seg import load_shapes_seg
 
     model, labels = load_shapes_seg()
-    return segmentation_rows("builtin:shapes-seg (5 classes over 3 shapes)", model, model, _scenes(3), labels, rounds)
+    return segmentation_rows("builtin:shapes-seg (5 classes over 3 shapes)", model, model, _scenes(3), labels, rounds,
+                             reference)
 
 
 def segmentation_rows(name: str, model: torch.nn.Module, wrapped: torch.nn.Module, x: torch.Tensor,
-                      labels: list[str], rounds: int) -> list[Row]:
+                      labels: list[str], rounds: int, with_reference: bool = True) -> list[Row]:
     """``wrapped``: the model returning the logits tensor itself, as pytorch-grad-cam's target needs."""
     engine = CamEngine(model, x[:1], task=get_task("segmentation", labels))
     layer = engine.layers.default
@@ -177,27 +186,35 @@ def segmentation_rows(name: str, model: torch.nn.Module, wrapped: torch.nn.Modul
                 for p in model.parameters():
                     p.requires_grad_(False)
 
-            t_pred, t_exp, t_ref = _turns([predict, explain, reference], rounds)
-            rows.append((name, batch, targets, statistics.median(t_pred) * 1000, _ratio(t_exp, t_pred),
-                         _ratio(t_ref, t_exp)))
+            rows.append(_row(name, batch, targets, [predict, explain, reference][:3 if with_reference else 2], rounds))
     engine.close()
     return rows
+
+
+ROWS = {"fasterrcnn": torchvision_detection_rows, "shapes-detect": builtin_detection_rows,
+        "lraspp": torchvision_segmentation_rows, "shapes-seg": builtin_segmentation_rows}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--only", action="append", choices=sorted(ROWS), default=None,
+                        help="only this model's rows (repeatable); default: all four")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip pytorch-grad-cam (its loop is most of the run time)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; medians of {args.rounds} turns")
+          f"{torch.get_num_threads()} threads; medians of {args.rounds} turns; load {os.getloadavg()[0]:.1f}")
     print("| model | batch | targets | predict ms | explain/predict | pytorch-grad-cam/ours |")
     print("|---|---|---|---|---|---|")
     torch.set_grad_enabled(True)
-    for rows in (torchvision_detection_rows, builtin_detection_rows, torchvision_segmentation_rows,
-                 builtin_segmentation_rows):
-        for name, batch, targets, pred_ms, ratio, ref in rows(args.rounds):
-            print(f"| {name} | {batch} | {targets} | {pred_ms:.1f} | {ratio:.2f} | {ref:.1f}x |", flush=True)
+    for key, rows in ROWS.items():
+        if args.only and key not in args.only:
+            continue
+        for name, batch, targets, pred_ms, ratio, ref in rows(args.rounds, not args.no_reference):
+            shown = "-" if ref is None else f"{ref:.1f}x"
+            print(f"| {name} | {batch} | {targets} | {pred_ms:.1f} | {ratio:.2f} | {shown} |", flush=True)
 
 
 if __name__ == "__main__":
