@@ -23,6 +23,7 @@ import pytest
 import ray
 from fastapi.testclient import TestClient
 from ray import serve
+from ray.exceptions import RayError
 from ray.serve.exceptions import RayServeException
 
 from service.app import create_app
@@ -128,25 +129,56 @@ def test_health_follows_model_readiness():
 # ---- on a local Ray cluster ----
 
 
-@pytest.fixture(scope="module")
-def grpc_proxy_port():
-    return free_port()
+def _start_serve(attempts: int = 3) -> tuple[int, int]:
+    """Start Serve's proxies on fresh ports: (HTTP, gRPC). Under a loaded CI machine Serve's controller can
+    give up on a proxy whose worker process is slow to start (it kills it, and the ready call raises
+    ActorDiedError; CI saw it once with three test workers busy); a second start on new ports succeeds.
+    What a proxy does once running is what the tests below check, not how fast Ray spawns it."""
+    for attempt in range(attempts):
+        port, grpc_port = free_port(), free_port()
+        try:
+            # As `camserve serve --ray` with SERVICE_GRPC_PORT set: Serve's gRPC proxy serves the OIP service too.
+            serve.start(http_options={"host": "127.0.0.1", "port": port},
+                        grpc_options=grpc_options(Settings(port=port, grpc_port=grpc_port)))
+            return port, grpc_port
+        except (TimeoutError, RayError) as exc:
+            if attempt == attempts - 1:
+                raise
+            print(f"Serve's proxy did not start ({type(exc).__name__}: {exc}); starting it again")
+            serve.shutdown()
+    raise AssertionError("unreachable")
+
+
+def test_a_proxy_that_dies_while_starting_is_started_again_on_new_ports(monkeypatch):
+    calls: list[tuple[int, int]] = []
+    stopped: list[int] = []
+
+    def start(http_options, grpc_options):
+        calls.append((http_options["port"], grpc_options["port"]))
+        if len(calls) == 1:
+            raise ray.exceptions.ActorDiedError()
+
+    monkeypatch.setattr(serve, "start", start)
+    monkeypatch.setattr(serve, "shutdown", lambda: stopped.append(len(calls)))
+    assert _start_serve() == calls[1]
+    assert stopped == [1]
+    calls.clear()
+    monkeypatch.setattr(serve, "start", lambda **kw: (_ for _ in ()).throw(TimeoutError("proxies")))
+    with pytest.raises(TimeoutError):
+        _start_serve(attempts=2)
 
 
 @pytest.fixture(scope="module")
-def proxy_port(grpc_proxy_port):
+def serve_ports():
+    """(HTTP, gRPC) ports of Serve's proxies on a local Ray cluster."""
     # As `camserve serve --ray` does: the cluster's processes inherit the proxy callback and head limits.
     env = {"RAY_USAGE_STATS_ENABLED": "0", **proxy_environment(Settings())}
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False,
              logging_level="warning")
-    port = free_port()
     try:
-        # As `camserve serve --ray` with SERVICE_GRPC_PORT set: Serve's gRPC proxy serves the OIP service too.
-        serve.start(http_options={"host": "127.0.0.1", "port": port},
-                    grpc_options=grpc_options(Settings(port=port, grpc_port=grpc_proxy_port)))
-        yield port
+        yield _start_serve()
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -155,6 +187,16 @@ def proxy_port(grpc_proxy_port):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def proxy_port(serve_ports):
+    return serve_ports[0]
+
+
+@pytest.fixture(scope="module")
+def grpc_proxy_port(serve_ports):
+    return serve_ports[1]
 
 
 @pytest.fixture(scope="module")
