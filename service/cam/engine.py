@@ -375,8 +375,7 @@ class CamEngine:
                         rows.layers[r] = ()
             grad_layers = sorted({layer for r, q in enumerate(rows.queries) if q is not None
                                   and get_method(q.method).needs.gradients for layer in rows.layers[r]})
-            grads = _gradients(logits, [captured[n] for n in grad_layers], targets,
-                               batched=self.task is None or self.task.batched_backward)
+            grads = _gradients(logits, [captured[n] for n in grad_layers], targets)
             grad_of = dict(zip(grad_layers, grads, strict=True))
             precision = compute_dtype(rows.x.device, logits.dtype)
             logits = logits.detach().float()
@@ -791,13 +790,11 @@ def normalize_by_peak(maps: Tensor) -> tuple[Tensor, Tensor]:
     return maps / torch.where(peak > 0, peak, torch.ones_like(peak))[..., None, None], peak
 
 
-def _gradients(logits: Tensor, wrt: list[Tensor], targets: list[tuple[int, ...]], batched: bool = True
-               ) -> list[Tensor]:
+def _gradients(logits: Tensor, wrt: list[Tensor], targets: list[tuple[int, ...]]) -> list[Tensor]:
     """Gradients of each image's target logits w.r.t. the captured outputs: ``(T_max, N, ...)`` each.
 
     All targets go in one batched backward (``is_grads_batched``): row ``t`` of the grad outputs
-    selects image ``i``'s ``t``-th target, so ``k`` targets cost one pass, not ``k``. ``batched=False``
-    takes one pass per target row instead, for graphs with functions vmap cannot batch.
+    selects image ``i``'s ``t``-th target, so ``k`` targets cost one pass, not ``k``.
     """
     if not wrt:
         return []
@@ -806,10 +803,7 @@ def _gradients(logits: Tensor, wrt: list[Tensor], targets: list[tuple[int, ...]]
     for i, classes in enumerate(targets):
         for t, c in enumerate(classes):
             onehot[t, i, c] = 1
+    # Zeros where no target reaches a layer: a detector's sparse backward leaves untouched branches undefined.
     if t_max == 1:
-        return [g[None] for g in torch.autograd.grad(logits, wrt, grad_outputs=onehot[0])]
-    if not batched:
-        rows = [torch.autograd.grad(logits, wrt, grad_outputs=onehot[t], retain_graph=t < t_max - 1)
-                for t in range(t_max)]
-        return [torch.stack(per_layer) for per_layer in zip(*rows, strict=True)]
-    return list(torch.autograd.grad(logits, wrt, grad_outputs=onehot, is_grads_batched=True))
+        return [g[None] for g in torch.autograd.grad(logits, wrt, grad_outputs=onehot[0], materialize_grads=True)]
+    return list(torch.autograd.grad(logits, wrt, grad_outputs=onehot, is_grads_batched=True, materialize_grads=True))

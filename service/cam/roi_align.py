@@ -3,26 +3,65 @@
 A detector's explanation differentiates one detection's score, which reads one proposal's pooled
 features; torchvision's CPU ``roi_align`` backward still walks every proposal (150 to 1000 of them),
 zeros included. On fasterrcnn_mobilenet_v3_large_320_fpn that was 58% of an explanation at one target
-(torch.profiler). This one hands torchvision's own backward kernel the non-zero rows only: the same
+(torch.profiler). These hand torchvision's own backward kernel the non-zero rows only: the same
 gradient, exactly, for a fraction of the work. While a detector's explanation runs its forward,
-torchvision's multi-scale pooler calls it in place of ``roi_align`` (:func:`sparse_backward`).
+torchvision's multi-scale pooler calls them in place of its own (:func:`service.cam.roi_heads.sparse_backward`).
 
-It has no vmap rule (the rows it keeps depend on the values), so the engine takes one backward per
-target for the models that use it rather than one batched backward.
+The rows kept depend on the values, which vmap cannot batch; the engine's one backward for all targets
+(``is_grads_batched``) runs under PyTorch's legacy vmap, so each backward here takes the targets' gradients
+out of their batched wrapper, pools back every target's rows in one kernel call, and wraps the result again
+(:func:`unbatched`).
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torchvision
 import torchvision.ops.poolers as poolers
 from torch import Tensor
+from torch._C._functorch import is_legacy_batchedtensor
 from torch.autograd.function import FunctionCtx
 from torchvision.ops._utils import convert_boxes_to_roi_format
+
+
+def unbatched(grad: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """``grad`` with the targets' dimension in front, ``(T, ...)`` (``T = 1`` outside a batched backward), and
+    the function that turns a ``(T, ...)`` result back into what autograd expects there.
+
+    ``torch.autograd.grad(..., is_grads_batched=True)`` runs the backward under the legacy vmap
+    (``torch._vmap_internals``), which has no public extension point (``torch.library.register_vmap`` and
+    ``autograd.Function.vmap`` serve ``torch.func.vmap`` only): its nesting level is read from its counter
+    and the batch dimension moved with the same private functions it uses itself."""
+    if not is_legacy_batchedtensor(grad):
+        return grad[None], lambda out: out[0]
+    level = torch._C._vmapmode_increment_nesting() - 1
+    torch._C._vmapmode_decrement_nesting()
+    # The batch size only matters for a tensor not batched at this level; grad is.
+    plain = torch._remove_batch_dim(grad, level, 1, 0)
+    return plain, lambda out: torch._add_batch_dim(out, 0, level)
+
+
+def nonzero_rows(grad: Tensor) -> Tensor:
+    """The indices of the rows of ``grad`` ``(N, ...)`` that hold a non-zero value."""
+    return grad.flatten(1).any(dim=1).nonzero()[:, 0]
+
+
+def _pool_back(grad: Tensor, rows: Tensor, rois: Tensor, scale: float, shape: tuple[int, ...],
+               sampling_ratio: int, aligned: bool) -> Tensor:
+    """The gradient ``(T, B, C, H, W)`` of a feature map ``shape`` from the pooled gradient ``grad``
+    ``(T, R, C, h, w)``, of which only the flat rows ``rows`` (``t * R + r``) are non-zero: each target's rows
+    are pooled back into its own copy of the batch, all in one call of torchvision's kernel."""
+    t, r = grad.shape[:2]
+    b = shape[0]
+    picked = rois[rows % r]
+    picked = torch.cat([picked[:, :1] + (rows // r * b)[:, None].to(rois.dtype), picked[:, 1:]], dim=1)
+    dx: Tensor = torch.ops.torchvision._roi_align_backward(
+        grad.flatten(0, 1)[rows].contiguous(), picked, scale, grad.shape[-2], grad.shape[-1], t * b, *shape[1:],
+        sampling_ratio, aligned)
+    return dx.view(t, b, *shape[1:])
 
 
 class _SparseRoIAlign(torch.autograd.Function):
@@ -30,17 +69,21 @@ class _SparseRoIAlign(torch.autograd.Function):
     def forward(ctx: FunctionCtx, x: Tensor, rois: Tensor, scale: float, height: int, width: int,
                 sampling_ratio: int, aligned: bool) -> Tensor:
         ctx.save_for_backward(rois)
-        ctx.args = (scale, height, width, sampling_ratio, aligned, tuple(x.shape))  # type: ignore[attr-defined]
+        ctx.args = (scale, sampling_ratio, aligned, tuple(x.shape))  # type: ignore[attr-defined]
         out: Tensor = torch.ops.torchvision.roi_align(x, rois, scale, height, width, sampling_ratio, aligned)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         (rois,) = ctx.saved_tensors
-        scale, height, width, sampling_ratio, aligned, shape = ctx.args
-        rows = grad.flatten(1).ne(0).any(dim=1).nonzero()[:, 0]
-        dx: Tensor = torch.ops.torchvision._roi_align_backward(
-            grad[rows].contiguous(), rois[rows], scale, height, width, *shape, sampling_ratio, aligned)
+        scale, sampling_ratio, aligned, shape = ctx.args
+        g, wrap = unbatched(grad)
+        rows = nonzero_rows(g.flatten(0, 1))
+        if rows.numel() == 0:
+            # No proposal of this pyramid level is explained: an undefined gradient lets autograd skip the
+            # level's convolutions below, which a zero tensor would run.
+            return None, None, None, None, None, None, None
+        dx = wrap(_pool_back(g, rows, rois, scale, shape, sampling_ratio, aligned))
         return dx, None, None, None, None, None, None
 
 
@@ -53,24 +96,50 @@ def roi_align(x: Tensor, boxes: Tensor | list[Tensor], output_size: int | tuple[
     return out
 
 
-_patch_lock = threading.Lock()
-_patch_users = 0
-_torchvision_roi_align = poolers.roi_align
+class _SparseMultiScale(torch.autograd.Function):
+    """torchvision's ``_multiscale_roi_align`` as one function: its backward finds the non-zero rows once and
+    pools each level's back, where autograd would gather each level's rows of the whole gradient first."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, rois: Tensor, levels: Tensor, scales: tuple[float, ...], height: int, width: int,
+                sampling_ratio: int, *features: Tensor) -> Tensor:
+        result = features[0].new_zeros((rois.shape[0], features[0].shape[1], height, width))
+        for level, (feature, scale) in enumerate(zip(features, scales, strict=True)):
+            idx = torch.where(levels == level)[0]
+            result[idx] = torch.ops.torchvision.roi_align(feature, rois[idx], scale, height, width, sampling_ratio,
+                                                          False)
+        ctx.save_for_backward(rois, levels)
+        ctx.args = (scales, sampling_ratio, [tuple(f.shape) for f in features])  # type: ignore[attr-defined]
+        return result
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        rois, levels = ctx.saved_tensors
+        scales, sampling_ratio, shapes = ctx.args
+        g, wrap = unbatched(grad)
+        rows = nonzero_rows(g.flatten(0, 1))
+        at = levels[rows % g.shape[1]]
+        grads: list[Tensor | None] = []
+        for level, (scale, shape) in enumerate(zip(scales, shapes, strict=True)):
+            mine = rows[at == level]
+            # An unexplained level gets no gradient, so autograd skips the convolutions under it.
+            grads.append(wrap(_pool_back(g, mine, rois, scale, shape, sampling_ratio, False)) if mine.numel()
+                         else None)
+        return None, None, None, None, None, None, *grads
 
 
-@contextmanager
-def sparse_backward() -> Iterator[None]:
-    """torchvision's poolers use :func:`roi_align` meanwhile. Process-wide, as the pooler reads a module
-    global; harmless to other threads, whose gradients are the same, and counted so that overlapping
-    explanations in two models' threads restore torchvision's own function only when the last ends."""
-    global _patch_users
-    with _patch_lock:
-        _patch_users += 1
-        poolers.roi_align = roi_align
-    try:
-        yield
-    finally:
-        with _patch_lock:
-            _patch_users -= 1
-            if _patch_users == 0:
-                poolers.roi_align = _torchvision_roi_align
+_torchvision_multiscale = poolers._multiscale_roi_align
+
+
+def multiscale_roi_align(x_filtered: list[Tensor], boxes: list[Tensor], output_size: list[int], sampling_ratio: int,
+                         scales: list[float] | None, mapper: poolers.LevelMapper | None) -> Tensor:
+    """torchvision's ``poolers._multiscale_roi_align``, with the sparse backward where nothing needs its own path
+    (one level, which calls :func:`roi_align`; tracing; levels of different dtypes under autocast)."""
+    if (scales is None or mapper is None or len(x_filtered) == 1 or torchvision._is_tracing()
+            or not any(f.requires_grad for f in x_filtered) or len({f.dtype for f in x_filtered}) > 1):
+        result: Tensor = _torchvision_multiscale(x_filtered, boxes, output_size, sampling_ratio, scales, mapper)
+        return result
+    rois = poolers._convert_to_roi_format(boxes)
+    out: Tensor = _SparseMultiScale.apply(rois, mapper(boxes), tuple(scales), output_size[0], output_size[1],
+                                          sampling_ratio, *x_filtered)
+    return out

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from service.cam.roi_align import sparse_backward
+from service.cam.roi_heads import sparse_backward
 from service.errors import InvalidArgument
 from service.modelspec import TASKS
 
@@ -102,9 +102,6 @@ class Task:
     """The part of serving a model that depends on what its output means. ``labels``: the model's classes."""
 
     name: ClassVar[str] = ""
-    # One backward for all of an image's targets (is_grads_batched), or one per target where the forward
-    # records functions without a vmap rule (see explaining).
-    batched_backward: ClassVar[bool] = True
 
     def explaining(self) -> AbstractContextManager[None]:
         """Entered around the forward pass of an explanation."""
@@ -190,7 +187,6 @@ class DetectionTask(Task):
     ``labels`` ``(K,)`` and ``scores`` ``(K,)``, sorted by score; scores and boxes differentiable."""
 
     name = "detection"
-    batched_backward = False
 
     def explaining(self) -> AbstractContextManager[None]:
         # torchvision's two-stage detectors pool every proposal; a score reads one (service.cam.roi_align).
