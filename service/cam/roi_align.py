@@ -16,6 +16,7 @@ out of their batched wrapper, pools back every target's rows in one kernel call,
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -49,19 +50,20 @@ def nonzero_rows(grad: Tensor) -> Tensor:
     return grad.flatten(1).any(dim=1).nonzero()[:, 0]
 
 
-def _pool_back(grad: Tensor, rows: Tensor, rois: Tensor, scale: float, shape: tuple[int, ...],
-               sampling_ratio: int, aligned: bool) -> Tensor:
-    """The gradient ``(T, B, C, H, W)`` of a feature map ``shape`` from the pooled gradient ``grad``
-    ``(T, R, C, h, w)``, of which only the flat rows ``rows`` (``t * R + r``) are non-zero: each target's rows
-    are pooled back into its own copy of the batch, all in one call of torchvision's kernel."""
-    t, r = grad.shape[:2]
+def pool_back(grad: Tensor, rows: Tensor, targets: int, rois: Tensor, scale: float, shape: tuple[int, ...],
+              sampling_ratio: int, aligned: bool) -> Tensor:
+    """The gradient ``(T, B, C, H, W)`` of a feature map of ``shape`` ``(B, C, H, W)`` from the non-zero rows
+    ``grad`` ``(n, C, h, w)`` of the ``targets`` pooled gradients ``(T, R, C, h, w)``, at flat rows ``rows``
+    (``t * R + r``): each target's rows pooled back into its own copy of the batch, in one call of torchvision's
+    kernel."""
+    r = rois.shape[0]
     b = shape[0]
     picked = rois[rows % r]
     picked = torch.cat([picked[:, :1] + (rows // r * b)[:, None].to(rois.dtype), picked[:, 1:]], dim=1)
     dx: Tensor = torch.ops.torchvision._roi_align_backward(
-        grad.flatten(0, 1)[rows].contiguous(), picked, scale, grad.shape[-2], grad.shape[-1], t * b, *shape[1:],
-        sampling_ratio, aligned)
-    return dx.view(t, b, *shape[1:])
+        grad.contiguous(), picked, scale, grad.shape[-2], grad.shape[-1], targets * b, *shape[1:], sampling_ratio,
+        aligned)
+    return dx.view(targets, b, *shape[1:])
 
 
 class _SparseRoIAlign(torch.autograd.Function):
@@ -83,7 +85,8 @@ class _SparseRoIAlign(torch.autograd.Function):
             # No proposal of this pyramid level is explained: an undefined gradient lets autograd skip the
             # level's convolutions below, which a zero tensor would run.
             return None, None, None, None, None, None, None
-        dx = wrap(_pool_back(g, rows, rois, scale, shape, sampling_ratio, aligned))
+        flat = g.flatten(0, 1)
+        dx = wrap(pool_back(flat[rows], rows, g.shape[0], rois, scale, shape, sampling_ratio, aligned))
         return dx, None, None, None, None, None, None
 
 
@@ -117,15 +120,23 @@ class _SparseMultiScale(torch.autograd.Function):
         rois, levels = ctx.saved_tensors
         scales, sampling_ratio, shapes = ctx.args
         g, wrap = unbatched(grad)
-        rows = nonzero_rows(g.flatten(0, 1))
-        at = levels[rows % g.shape[1]]
-        grads: list[Tensor | None] = []
-        for level, (scale, shape) in enumerate(zip(scales, shapes, strict=True)):
-            mine = rows[at == level]
-            # An unexplained level gets no gradient, so autograd skips the convolutions under it.
-            grads.append(wrap(_pool_back(g, mine, rois, scale, shape, sampling_ratio, False)) if mine.numel()
-                         else None)
-        return None, None, None, None, None, None, *grads
+        flat = g.flatten(0, 1)
+        rows = nonzero_rows(flat)
+        grads = pool_levels(flat[rows], rows, g.shape[0], rois, levels, scales, sampling_ratio, shapes)
+        return None, None, None, None, None, None, *[None if d is None else wrap(d) for d in grads]
+
+
+def pool_levels(grad: Tensor, rows: Tensor, targets: int, rois: Tensor, levels: Tensor, scales: tuple[float, ...],
+                sampling_ratio: int, shapes: list[tuple[int, ...]]) -> list[Tensor | None]:
+    """:func:`pool_back` for each level of a feature pyramid, whose rois are at ``levels``; a level no row
+    reaches gets no gradient, so that autograd skips the convolutions under it."""
+    at = levels[rows % rois.shape[0]]
+    grads: list[Tensor | None] = []
+    for level, (scale, shape) in enumerate(zip(scales, shapes, strict=True)):
+        mine = at == level
+        grads.append(pool_back(grad[mine], rows[mine], targets, rois, scale, shape, sampling_ratio, False)
+                     if bool(mine.any()) else None)
+    return grads
 
 
 _torchvision_multiscale = poolers._multiscale_roi_align
@@ -140,6 +151,21 @@ def multiscale_roi_align(x_filtered: list[Tensor], boxes: list[Tensor], output_s
         result: Tensor = _torchvision_multiscale(x_filtered, boxes, output_size, sampling_ratio, scales, mapper)
         return result
     rois = poolers._convert_to_roi_format(boxes)
-    out: Tensor = _SparseMultiScale.apply(rois, mapper(boxes), tuple(scales), output_size[0], output_size[1],
+    levels = mapper(boxes)
+    out: Tensor = _SparseMultiScale.apply(rois, levels, tuple(scales), output_size[0], output_size[1],
                                           sampling_ratio, *x_filtered)
+    # Where the pooled features go straight into torchvision's box head, the head pools back from its own
+    # non-zero rows (service.cam.roi_heads), skipping the dense pooled gradient in between.
+    out.camserve_pooled = Pooled(rois, levels, tuple(scales), sampling_ratio, tuple(x_filtered))  # type: ignore[attr-defined]
     return out
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """How a multi-scale pooler's output was pooled: the arguments of :func:`pool_levels`."""
+
+    rois: Tensor
+    levels: Tensor
+    scales: tuple[float, ...]
+    sampling_ratio: int
+    features: tuple[Tensor, ...]

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 
-from service.cam.roi_align import multiscale_roi_align, nonzero_rows, roi_align, unbatched
+from service.cam.roi_align import Pooled, multiscale_roi_align, nonzero_rows, pool_levels, roi_align, unbatched
 
 
 class _SparseTwoMLP(torch.autograd.Function):
@@ -53,6 +53,35 @@ class _SparseTwoMLP(torch.autograd.Function):
         return wrap(dx.view(g.shape[0], *ctx.shape)), None, None, None, None
 
 
+class _SparsePooledTwoMLP(torch.autograd.Function):
+    """:class:`_SparseTwoMLP` on a multi-scale pooler's output, differentiated w.r.t. the pooled feature maps:
+    the head's non-zero rows are pooled back directly, without the dense ``(T, proposals, 256 * 7 * 7)`` gradient
+    that autograd would fill, hand to the pooler and scan again."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Tensor, pooled: Pooled, w6: Tensor, b6: Tensor | None, w7: Tensor,
+                b7: Tensor | None, *features: Tensor) -> Tensor:
+        h6 = F.relu(F.linear(x.flatten(1), w6, b6))
+        h7 = F.relu(F.linear(h6, w7, b7))
+        ctx.save_for_backward(h6, h7, w6, w7)
+        ctx.args = (pooled, tuple(x.shape[1:]), [tuple(f.shape) for f in features])  # type: ignore[attr-defined]
+        return h7
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        h6, h7, w6, w7 = ctx.saved_tensors
+        pooled, each, shapes = ctx.args
+        g, wrap = unbatched(grad)
+        flat = g.flatten(0, 1)
+        rows = nonzero_rows(flat)
+        proposal = rows % g.shape[1]
+        g7 = flat[rows] * (h7[proposal] > 0)
+        g6 = (g7 @ w7) * (h6[proposal] > 0)
+        grads = pool_levels((g6 @ w6).view(-1, *each), rows, g.shape[0], pooled.rois, pooled.levels, pooled.scales,
+                            pooled.sampling_ratio, shapes)
+        return None, None, None, None, None, None, *[None if d is None else wrap(d) for d in grads]
+
+
 def _stock_linear(m: nn.Module) -> bool:
     return type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks) and not m.weight.requires_grad
 
@@ -66,7 +95,10 @@ def _two_mlp_forward(self: TwoMLPHead, x: Tensor) -> Tensor:
     if not (x.requires_grad and _stock_linear(self.fc6) and _stock_linear(self.fc7)
             and not torch.is_autocast_enabled(x.device.type)):
         return _torchvision_two_mlp_forward(self, x)
-    out: Tensor = _SparseTwoMLP.apply(x, self.fc6.weight, self.fc6.bias, self.fc7.weight, self.fc7.bias)
+    weights = (self.fc6.weight, self.fc6.bias, self.fc7.weight, self.fc7.bias)
+    pooled: Pooled | None = getattr(x, "camserve_pooled", None)
+    out: Tensor = (_SparseTwoMLP.apply(x, *weights) if pooled is None
+                   else _SparsePooledTwoMLP.apply(x.detach(), pooled, *weights, *pooled.features))
     return out
 
 

@@ -102,17 +102,36 @@ def _detector_scores(model, x, layer, sparse):
     return captured["leaf"], scores
 
 
+def _graph(out: torch.Tensor) -> set[str]:
+    """The names of the backward nodes under ``out``."""
+    seen, todo, names = set(), [out.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo.extend(n for n, _ in node.next_functions)
+    return names
+
+
 @pytest.mark.slow
-def test_the_batched_backward_equals_torchvisions_target_by_target():
+@pytest.mark.parametrize("head", ["torchvision's", "hooked"])
+def test_the_batched_backward_equals_torchvisions_target_by_target(head):
     torch.manual_seed(0)
     model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
         weights=None, weights_backbone=None, num_classes=4, box_score_thresh=0.0).eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    if head == "hooked":  # the box head keeps torchvision's path; the pooler under it is still the sparse one
+        model.roi_heads.box_head.fc6.register_forward_hook(lambda m, a, o: None)
     x = torch.rand(2, 3, 320, 320, generator=torch.Generator().manual_seed(3))
     layer = "backbone.body.16"
     leaf, scores = _detector_scores(model, x, layer, sparse=True)
     assert scores.shape == (2, 4)
+    nodes = _graph(scores)
+    assert ("_SparsePooledTwoMLPBackward" in nodes) == (head != "hooked")
+    assert ("_SparseMultiScaleBackward" in nodes) == (head == "hooked")
     targets = [(0, 1, 2, 3), (2, 0, 3)]
     (batched,) = _gradients(scores, [leaf], targets)
     ref_leaf, ref_scores = _detector_scores(model, x, layer, sparse=False)
