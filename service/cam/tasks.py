@@ -30,6 +30,7 @@ from torch import Tensor
 from torchvision.ops import box_iou
 
 from service.cam.roi_heads import sparse_backward
+from service.cam.upsampling import matrix_backward, region_weights, resized_from
 from service.errors import InvalidArgument
 from service.modelspec import TASKS
 
@@ -289,6 +290,11 @@ class SegmentationTask(Task):
 
     name = "segmentation"
 
+    def explaining(self) -> AbstractContextManager[None]:
+        # Bilinear resizes with a backward that batches over targets, and the last one's input kept, so that
+        # scores can be read before it (service.cam.upsampling).
+        return matrix_backward()
+
     def default_layer(self, candidates: Sequence[str]) -> str | None:
         # torchvision's segmenters: the backbone's last map, not the classifier, whose K channels are the
         # logits themselves.
@@ -360,8 +366,14 @@ class SegmentationTask(Task):
         """The objectives of every image and target as one gather and one weighted sum, equal to
         :meth:`objective` one by one: a selection per target makes autograd fill and add a zero gradient of
         the whole ``(N, K, h, w)`` logits per target (40 of them for 8 images x 5 targets took 90% of the
-        backward, measured with torch.profiler on lraspp at 224)."""
+        backward, measured with torch.profiler on lraspp at 224).
+
+        Where the logits are a bilinear resize made while explaining (torchvision's segmenters end with one),
+        each region is carried back through it (``sum(R * up(X)[c]) == sum(up^T(R) * X[c])``) and the scores are
+        read off the resize's input: the same values up to rounding, and a backward that never makes a gradient
+        of the full-resolution logits."""
         logits = self.logits(out)
+        source = resized_from(logits)
         n, _, h, w = logits.shape
         t_max = max((len(r) for r in resolved), default=0)
         # Padding columns take class 0 over an empty region: they score 0, as the base class's padding does.
@@ -372,6 +384,10 @@ class SegmentationTask(Task):
                 assert target.region is not None
                 classes[i, t] = target.label
                 regions[i, t] = target.region
+        if source is not None:
+            logits, a_h, a_w = source
+            regions = region_weights(regions, a_h, a_w)
+            h, w = regions.shape[-2:]
         index = classes.to(logits.device)[:, :, None, None].expand(n, t_max, h, w)
         return (_float(torch.gather(logits, 1, index)) * regions).sum(dim=(-2, -1))
 
