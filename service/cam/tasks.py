@@ -209,13 +209,17 @@ class DetectionTask(Task):
 
     def summarize(self, out: object) -> list[Summary]:
         assert isinstance(out, list | tuple)
-        summaries = []
-        for d in out:
-            boxes, labels, scores = d["boxes"].detach().float().cpu(), d["labels"].cpu(), d["scores"].detach().float()
+        # One host read per field for the whole batch, not one per detection.
+        counts = [int(d["scores"].shape[0]) for d in out]
+        boxes = torch.cat([d["boxes"].detach() for d in out]).float().tolist() if out else []
+        labels = torch.cat([d["labels"] for d in out]).tolist() if out else []
+        scores = torch.cat([d["scores"].detach() for d in out]).float().tolist() if out else []
+        summaries, start = [], 0
+        for k in counts:
             summaries.append(Summary(detections=tuple(
-                Detection(j, int(label), float(score), (float(b[0]), float(b[1]), float(b[2]), float(b[3])))
-                for j, (b, label, score) in enumerate(zip(boxes, labels.tolist(), scores.cpu().tolist(),
-                                                          strict=True)))))
+                Detection(j, int(labels[start + j]), scores[start + j], tuple(boxes[start + j]))
+                for j in range(k))))
+            start += k
         return summaries
 
     def resolve(self, summary: Summary, targets: Sequence[TaskTarget], top: int, objective: str
@@ -224,6 +228,7 @@ class DetectionTask(Task):
         iou = objective == "score+iou"
         if not targets:
             return tuple(Resolved(d.label, torch.tensor(d.box), d.index, iou=iou) for d in found[:top])
+        matches = iter(_best_overlaps(found, [t for t in targets if t.box is not None]))
         out = []
         for t in targets:
             if t.box is None:
@@ -238,14 +243,9 @@ class DetectionTask(Task):
                 continue
             box = torch.tensor(t.box, dtype=torch.float32)
             label, index = t.label, None
-            # With a label only that class's detections compete for the box: a detector proposes the same
-            # region once per class, and a near-identical box of another class must not take the match.
-            candidates = [d for d in found if label is None or d.label == label]
-            if candidates:
-                overlaps = box_iou(box[None], torch.tensor([d.box for d in candidates]))[0]
-                best = int(overlaps.argmax())
-                if float(overlaps[best]) > MATCH_IOU:
-                    label, index = candidates[best].label, candidates[best].index
+            overlap, best = next(matches)
+            if overlap > MATCH_IOU:
+                label, index = found[best].label, found[best].index
             if label is None:
                 raise InvalidArgument("targets", f"no detection overlaps the box {list(t.box)} by more than IoU "
                                       f"{MATCH_IOU}; give its `label` to explain it anyway")
@@ -272,6 +272,51 @@ class DetectionTask(Task):
         score = _float(scores[best])
         return score + ious[best] if target.iou else score
 
+    def scores(self, out: object, resolved: Sequence[tuple[Resolved, ...]]) -> Tensor:
+        """:meth:`objective` of every image and target at once, equal to it one by one: the boxes of all
+        targets are matched against the detections of all images in one IoU matrix, chosen on detached
+        values, and only the chosen detections' scores (and overlaps) are differentiated. Per target,
+        ``objective`` costs a dozen small ops and a host read, and its ``box_iou`` a dozen more autograd
+        nodes in the backward: most of an explanation's time beyond the forward on a small detector."""
+        assert isinstance(out, list | tuple)
+        t_max = max((len(r) for r in resolved), default=0)
+        flat = [(i, t, target) for i, targets in enumerate(resolved) for t, target in enumerate(targets)]
+        if not out:
+            return torch.zeros((0, t_max))
+        scores = torch.cat([_float(d["scores"]) for d in out])
+        table = scores.new_zeros((len(out), t_max))
+        if not flat or scores.shape[0] == 0:  # no targets, or no detection to score: all zero
+            return table
+        device = scores.device
+        boxes = torch.cat([_float(d["boxes"]) for d in out])  # (M, 4)
+        counts = torch.tensor([d["boxes"].shape[0] for d in out], device=device)
+        owner = torch.repeat_interleave(torch.arange(len(out), device=device), counts, output_size=boxes.shape[0])
+        labels = torch.cat([d["labels"] for d in out]).to(device)
+        rows = torch.tensor([i for i, _, _ in flat], device=device)
+        cols = torch.tensor([t for _, t, _ in flat], device=device)
+        wanted = torch.tensor([target.label for _, _, target in flat], device=device)
+        targets = torch.stack([_box(target) for _, _, target in flat]).to(device, torch.float32)  # (S, 4)
+        with torch.no_grad():
+            overlaps = _iou(targets[:, None], boxes.detach())  # (S, M)
+            candidate = (owner == rows[:, None]) & (labels == wanted[:, None])
+            ranked = torch.where(candidate, overlaps, -1.0)
+            best = ranked.argmax(dim=1, keepdim=True)
+            # `not (x <= 0.5)` rather than `x > 0.5`, as in objective: a NaN overlap (two empty boxes) matches.
+            found = candidate.gather(1, best)[:, 0] & ~(ranked.gather(1, best)[:, 0] <= MATCH_IOU)
+            best = best[:, 0]
+        value = scores[best]
+        with_iou = [s for s, (_, _, target) in enumerate(flat) if target.iou]
+        if len(with_iou) == len(flat):
+            value = value + _iou(targets, boxes[best])
+        elif with_iou:
+            pick = torch.tensor(with_iou, device=device)
+            value = value.index_add(0, pick, _iou(targets[pick], boxes[best[pick]]))
+        # A lost box scores 0 (its gradient is zero too, as objective's constant zero gives).
+        return table.index_put((rows, cols), torch.where(found, value, 0.0))
+
+    def confidences(self, out: object, targets: Sequence[Resolved]) -> Tensor:
+        return self.scores(out, [(t,) for t in targets])[:, 0].detach()
+
     def _zero(self, out: object) -> Tensor:
         assert isinstance(out, list | tuple)
         scores: Tensor = out[0]["scores"]
@@ -286,6 +331,41 @@ class DetectionTask(Task):
         assert target.box is not None
         x0, y0, x1, y1 = target.box.unbind()
         return replace(target, box=torch.stack([width - x1, y0, width - x0, y1]), detection=None)
+
+
+def _box(target: Resolved) -> Tensor:
+    assert target.box is not None
+    return target.box
+
+
+def _iou(a: Tensor, b: Tensor) -> Tensor:
+    """torchvision's ``box_iou`` of boxes ``(..., 4)`` paired by broadcasting, to the bit: ``a`` ``(S, 1, 4)``
+    against ``b`` ``(M, 4)`` gives its ``(S, M)`` matrix, ``(S, 4)`` against ``(S, 4)`` its diagonal alone (a
+    chosen detection's overlap, differentiated without the other detections' in the graph)."""
+    wh_a = a[..., 2:] - a[..., :2]
+    wh_b = b[..., 2:] - b[..., :2]
+    inter_wh = (torch.minimum(a[..., 2:], b[..., 2:]) - torch.maximum(a[..., :2], b[..., :2])).clamp(min=0)
+    inter = inter_wh[..., 0] * inter_wh[..., 1]
+    return inter / (wh_a[..., 0] * wh_a[..., 1] + wh_b[..., 0] * wh_b[..., 1] - inter)
+
+
+def _best_overlaps(found: Sequence[Detection], targets: Sequence[TaskTarget]) -> list[tuple[float, int]]:
+    """Per box target, its overlap with the detection that overlaps it most and that detection's position in
+    ``found``, among the target label's detections (all of them without a label); ``(-1, 0)`` with none.
+    With a label only that class's detections compete for the box: a detector proposes the same region once
+    per class, and a near-identical box of another class must not take the match."""
+    if not found:
+        return [(-1.0, 0)] * len(targets)
+    if not targets:
+        return []
+    overlaps = _iou(torch.tensor([t.box for t in targets], dtype=torch.float32)[:, None],
+                    torch.tensor([d.box for d in found], dtype=torch.float32))
+    labels = torch.tensor([d.label for d in found])
+    anyone = torch.tensor([t.label is None for t in targets])
+    wanted = torch.tensor([-1 if t.label is None else t.label for t in targets])
+    ranked = torch.where(anyone[:, None] | (labels == wanted[:, None]), overlaps, -1.0)
+    best = ranked.argmax(dim=1, keepdim=True)
+    return list(zip(ranked.gather(1, best)[:, 0].tolist(), best[:, 0].tolist(), strict=True))
 
 
 class SegmentationTask(Task):
