@@ -24,6 +24,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -289,16 +290,17 @@ class DetectionTask(Task):
             return table
         device = scores.device
         boxes = torch.cat([_float(d["boxes"]) for d in out])  # (M, 4)
-        counts = torch.tensor([d["boxes"].shape[0] for d in out], device=device)
-        owner = torch.repeat_interleave(torch.arange(len(out), device=device), counts, output_size=boxes.shape[0])
         labels = torch.cat([d["labels"] for d in out]).to(device)
-        rows = torch.tensor([i for i, _, _ in flat], device=device)
-        cols = torch.tensor([t for _, t, _ in flat], device=device)
-        wanted = torch.tensor([target.label for _, _, target in flat], device=device)
+        # Which image each detection and target belongs to, the targets' columns and labels: one transfer.
+        owner = [i for i, d in enumerate(out) for _ in range(d["boxes"].shape[0])]
+        m = len(owner)
+        index = torch.tensor([*owner, *(i for i, _, _ in flat), *(t for _, t, _ in flat),
+                              *(target.label for _, _, target in flat)], device=device)
+        rows, cols, wanted = index[m:].view(3, -1)
         targets = torch.stack([_box(target) for _, _, target in flat]).to(device, torch.float32)  # (S, 4)
         with torch.no_grad():
             overlaps = _iou(targets[:, None], boxes.detach())  # (S, M)
-            candidate = (owner == rows[:, None]) & (labels == wanted[:, None])
+            candidate = (index[:m] == rows[:, None]) & (labels == wanted[:, None])
             ranked = torch.where(candidate, overlaps, -1.0)
             best = ranked.argmax(dim=1, keepdim=True)
             # `not (x <= 0.5)` rather than `x > 0.5`, as in objective: a NaN overlap (two empty boxes) matches.
@@ -342,11 +344,11 @@ def _iou(a: Tensor, b: Tensor) -> Tensor:
     """torchvision's ``box_iou`` of boxes ``(..., 4)`` paired by broadcasting, to the bit: ``a`` ``(S, 1, 4)``
     against ``b`` ``(M, 4)`` gives its ``(S, M)`` matrix, ``(S, 4)`` against ``(S, 4)`` its diagonal alone (a
     chosen detection's overlap, differentiated without the other detections' in the graph)."""
-    wh_a = a[..., 2:] - a[..., :2]
-    wh_b = b[..., 2:] - b[..., :2]
-    inter_wh = (torch.minimum(a[..., 2:], b[..., 2:]) - torch.maximum(a[..., :2], b[..., :2])).clamp(min=0)
-    inter = inter_wh[..., 0] * inter_wh[..., 1]
-    return inter / (wh_a[..., 0] * wh_a[..., 1] + wh_b[..., 0] * wh_b[..., 1] - inter)
+    # Few ops rather than box_iou's ~30: on a small detector each costs more than its arithmetic.
+    a_lo, a_hi = torch.split(a, 2, dim=-1)
+    b_lo, b_hi = torch.split(b, 2, dim=-1)
+    inter = (torch.minimum(a_hi, b_hi) - torch.maximum(a_lo, b_lo)).clamp(min=0).prod(dim=-1)
+    return inter / ((a_hi - a_lo).prod(dim=-1) + (b_hi - b_lo).prod(dim=-1) - inter)
 
 
 def _best_overlaps(found: Sequence[Detection], targets: Sequence[TaskTarget]) -> list[tuple[float, int]]:
@@ -358,14 +360,22 @@ def _best_overlaps(found: Sequence[Detection], targets: Sequence[TaskTarget]) ->
         return [(-1.0, 0)] * len(targets)
     if not targets:
         return []
-    overlaps = _iou(torch.tensor([t.box for t in targets], dtype=torch.float32)[:, None],
-                    torch.tensor([d.box for d in found], dtype=torch.float32))
-    labels = torch.tensor([d.label for d in found])
-    anyone = torch.tensor([t.label is None for t in targets])
-    wanted = torch.tensor([-1 if t.label is None else t.label for t in targets])
-    ranked = torch.where(anyone[:, None] | (labels == wanted[:, None]), overlaps, -1.0)
-    best = ranked.argmax(dim=1, keepdim=True)
-    return list(zip(ranked.gather(1, best)[:, 0].tolist(), best[:, 0].tolist(), strict=True))
+    overlaps = _iou_host(np.array([t.box for t in targets], dtype=np.float32)[:, None],
+                         np.array([d.box for d in found], dtype=np.float32))
+    allowed = np.array([[t.label is None or d.label == t.label for d in found] for t in targets])
+    ranked = np.where(allowed, overlaps, np.float32(-1.0))
+    best = ranked.argmax(axis=1)
+    return [(float(ranked[i, j]), int(j)) for i, j in enumerate(best)]
+
+
+def _iou_host(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """:func:`_iou` of float32 arrays on the host, to the bit: resolve matches a summary's boxes, already on the
+    host, where a few numpy ops cost microseconds and torch's tens each."""
+    with np.errstate(divide="ignore", invalid="ignore"):  # two empty boxes: 0 / 0, NaN as box_iou gives
+        inter = (np.minimum(a[..., 2:], b[..., 2:]) - np.maximum(a[..., :2], b[..., :2])).clip(min=0).prod(axis=-1)
+        out: np.ndarray = inter / ((a[..., 2:] - a[..., :2]).prod(axis=-1) + (b[..., 2:] - b[..., :2]).prod(axis=-1)
+                                   - inter)
+    return out
 
 
 class SegmentationTask(Task):

@@ -6,11 +6,12 @@ overlaps the client's box a little more. Matching over all classes (pytorch-grad
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torchvision.ops import box_iou
 
-from service.cam.tasks import Detection, Resolved, Summary, TaskTarget, _iou, get_task
+from service.cam.tasks import Detection, Resolved, Summary, TaskTarget, _iou, _iou_host, get_task
 
 # Detection 0 (class 2) is the client's box shifted by a pixel; detection 1 (class 1) is the same region,
 # a little further off; detection 2 (class 1) is elsewhere.
@@ -154,6 +155,9 @@ def test_iou_is_torchvisions_to_the_bit():
     torch.testing.assert_close(full, box_iou(boxes, others), rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(_iou(boxes, others), box_iou(boxes, others).diagonal(), rtol=0, atol=0,
                                equal_nan=True)
+    host = _iou_host(boxes.numpy()[:, None], others.numpy())
+    assert host.dtype == np.float32
+    torch.testing.assert_close(torch.from_numpy(host), full, rtol=0, atol=0, equal_nan=True)
 
 
 def _resolve_one_by_one(found, target):
