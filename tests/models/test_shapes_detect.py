@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torchvision
 
 from service.models.multiscenes import make_multi_scenes, stack_images
 from service.models.pointing import detection_pointing, match
@@ -81,6 +82,65 @@ def test_scores_and_boxes_are_differentiable(model):
         grad_x, grad_h = torch.autograd.grad(out[0][key].sum(), [x, captured[0]], retain_graph=True)
         assert grad_x[0].abs().sum() > 0 and grad_h[0].abs().sum() > 0
         assert grad_x[1].abs().sum() == 0 and grad_h[1].abs().sum() == 0
+
+
+def _decode_image_by_image(model, logits, size, offset, image_size):
+    """decode as it was written first, one image at a time: the reference the batched one must equal."""
+    heat = torch.sigmoid(logits)
+    n, c, h, w = heat.shape
+    peaks = heat * (heat == torch.nn.functional.max_pool2d(heat, 3, stride=1, padding=1))
+    top_scores, top_index = peaks.flatten(1).topk(min(model.max_detections, c * h * w), dim=1)
+    results = []
+    for i in range(n):
+        chosen = top_index[i][top_scores[i] >= model.score_thresh]
+        labels, cell = chosen // (h * w), chosen % (h * w)
+        off = offset[i].flatten(1)[:, cell]
+        wh = size[i].flatten(1)[:, cell] * 16.0
+        cx = ((cell % w).float() + off[0]) * 4
+        cy = ((cell // w).float() + off[1]) * 4
+        boxes = torch.stack([cx - wh[0] / 2, cy - wh[1] / 2, cx + wh[0] / 2, cy + wh[1] / 2], dim=1)
+        results.append({"boxes": torchvision.ops.clip_boxes_to_image(boxes, image_size), "labels": labels,
+                        "scores": heat[i].flatten(1)[labels, cell]})
+    return results
+
+
+@pytest.mark.parametrize(("thresh", "cap"), [(0.3, 20), (0.0, 7), (0.99, 20)])
+def test_decode_equals_image_by_image(model, thresh, cap):
+    """Random maps (rounded, so peaks tie), boxes reaching past the image: every field to the bit."""
+    detector = ShapesDetector(score_thresh=thresh, max_detections=cap)
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 3, 8):
+        logits = (torch.randn(n, 5, 16, 16, generator=g) * 3).round()
+        size, offset = torch.randn(n, 2, 16, 16, generator=g) + 1, torch.rand(n, 2, 16, 16, generator=g)
+        got = detector.decode(logits, size, offset, (64, 64))
+        want = _decode_image_by_image(detector, logits, size, offset, (64, 64))
+        assert [len(d["scores"]) for d in got] == [len(d["scores"]) for d in want]
+        for a, b in zip(got, want, strict=True):
+            for key in ("boxes", "labels", "scores"):
+                assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+
+
+def _graph_size(t):
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo.extend(next_fn for next_fn, _ in node.next_functions)
+    return len(seen)
+
+
+def test_decode_graph_does_not_grow_with_the_batch(model):
+    """What an explanation's backward walks: the same autograd graph for one image or eight (a loop over images
+    put some 30 nodes per image in it)."""
+    x = to_input(stack_images(make_multi_scenes(8, SEED)))
+    sizes = []
+    for n in (1, 8):
+        with torch.enable_grad():
+            raw = [t.detach().requires_grad_(True) for t in model.raw(x[:n])]
+            out = model.decode(*raw, image_size=(64, 64))
+            sizes.append(_graph_size(torch.cat([torch.cat([d["scores"], d["boxes"].flatten()]) for d in out])))
+    assert sizes[0] == sizes[1] - 14  # the cat of 8 images' outputs over one image's: 7 more of each cat
 
 
 def test_average_precision_scores_what_it_should():
