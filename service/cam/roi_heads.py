@@ -12,9 +12,8 @@ their own (:func:`sparse_backward`); a head that is not torchvision's own, or ca
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -24,6 +23,7 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 
+from service.cam.patching import CountedPatch
 from service.cam.roi_align import Pooled, multiscale_roi_align, nonzero_rows, pool_levels, roi_align, unbatched
 
 
@@ -102,31 +102,12 @@ def _two_mlp_forward(self: TwoMLPHead, x: Tensor) -> Tensor:
     return out
 
 
-_patch_lock = threading.Lock()
-_patch_users = 0
-_torchvision_roi_align = poolers.roi_align
-_torchvision_multiscale = poolers._multiscale_roi_align
+_SPARSE = CountedPatch((poolers, "roi_align", roi_align), (poolers, "_multiscale_roi_align", multiscale_roi_align),
+                       (TwoMLPHead, "forward", _two_mlp_forward))
 
 
-@contextmanager
-def sparse_backward() -> Iterator[None]:
+def sparse_backward() -> AbstractContextManager[None]:
     """torchvision's poolers use :func:`roi_align` and :func:`multiscale_roi_align`, and its ``TwoMLPHead`` the
-    sparse backward, meanwhile.
-    Process-wide, as the pooler reads a module global and the head its class; harmless to other threads, whose
-    gradients are the same, and counted so that overlapping explanations in two models' threads restore
-    torchvision's own functions only when the last ends."""
-    global _patch_users
-    with _patch_lock:
-        _patch_users += 1
-        poolers.roi_align = roi_align
-        poolers._multiscale_roi_align = multiscale_roi_align
-        TwoMLPHead.forward = _two_mlp_forward
-    try:
-        yield
-    finally:
-        with _patch_lock:
-            _patch_users -= 1
-            if _patch_users == 0:
-                poolers.roi_align = _torchvision_roi_align
-                poolers._multiscale_roi_align = _torchvision_multiscale
-                TwoMLPHead.forward = _torchvision_two_mlp_forward
+    sparse backward, meanwhile (process-wide: the pooler reads a module global and the head its class;
+    :mod:`service.cam.patching`)."""
+    return _SPARSE.held()

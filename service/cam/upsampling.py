@@ -16,15 +16,15 @@ the low-resolution logits and no gradient of the full-resolution ones is ever ma
 from __future__ import annotations
 
 import math
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from functools import lru_cache
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from service.cam.patching import CountedPatch
 
 _SOURCE = "_camserve_resized_from"
 
@@ -125,23 +125,10 @@ def region_weights(regions: Tensor, a_h: Tensor, a_w: Tensor) -> Tensor:
     return a_h.t() @ regions.to(a_h.dtype) @ a_w
 
 
-_patch_lock = threading.Lock()
-_patch_users = 0
+_RESIZE = CountedPatch((F, "interpolate", interpolate))
 
 
-@contextmanager
-def matrix_backward() -> Iterator[None]:
-    """``F.interpolate`` is :func:`interpolate` meanwhile. Process-wide, as models call it through the module;
-    harmless to other threads (same results, same gradients), and counted so that overlapping explanations
-    restore PyTorch's own function only when the last ends."""
-    global _patch_users
-    with _patch_lock:
-        _patch_users += 1
-        F.interpolate = interpolate
-    try:
-        yield
-    finally:
-        with _patch_lock:
-            _patch_users -= 1
-            if _patch_users == 0:
-                F.interpolate = _interpolate
+def matrix_backward() -> AbstractContextManager[None]:
+    """``F.interpolate`` is :func:`interpolate` meanwhile (process-wide: models call it through the module;
+    :mod:`service.cam.patching`)."""
+    return _RESIZE.held()
