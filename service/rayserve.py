@@ -313,8 +313,12 @@ def deploy(app: Any, *, name: str = APP_NAME, route_prefix: str = "/", timeout_s
 
 def proxy_environment(settings: Settings) -> dict[str, str]:
     """Environment for the Ray processes, set before Ray starts (a cluster started elsewhere needs it in
-    its own environment): Serve's proxy then runs ``service.api.ray_proxy`` with these head limits."""
+    its own environment): Serve's proxy then runs ``service.api.ray_proxy`` with these head limits.
+
+    Serve's controller kills a proxy not ready within 5 s of its start; ours also imports the callback, and on a
+    busy node (CI with three test workers) it was killed three starts in a row. 30 s is what we give it."""
     return {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": CALLBACK,
+            "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
             "SERVICE_MAX_HEADER_BYTES": str(settings.max_header_bytes),
             "SERVICE_MAX_HEADER_LINE_BYTES": str(settings.max_header_line_bytes),
             "SERVICE_MAX_HEADERS": str(settings.max_headers)}

@@ -133,7 +133,8 @@ def _start_serve(attempts: int = 3) -> tuple[int, int]:
     """Start Serve's proxies on fresh ports: (HTTP, gRPC). Under a loaded CI machine Serve's controller can
     give up on a proxy whose worker process is slow to start (it kills it, and the ready call raises
     ActorDiedError; CI saw it once with three test workers busy); a second start on new ports succeeds.
-    What a proxy does once running is what the tests below check, not how fast Ray spawns it."""
+    What a proxy does once running is what the tests below check, not how fast Ray spawns it (the proxy's own
+    ready timeout is raised too: service.rayserve.proxy_environment)."""
     for attempt in range(attempts):
         port, grpc_port = free_port(), free_port()
         try:
