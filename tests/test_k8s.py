@@ -21,6 +21,7 @@ import yaml
 from packaging.specifiers import SpecifierSet
 
 from service.config import Settings
+from service.rayserve import proxy_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "docker" / "k8s"
@@ -180,6 +181,17 @@ def test_rayservice_required_fields():
         resources = _container(worker["template"]["spec"])["resources"]
         assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"]
         assert worker["template"]["spec"]["terminationGracePeriodSeconds"] > DRAIN_TIMEOUT_S
+
+
+def test_every_ray_container_gives_serves_proxy_camserves_environment():
+    """Serve starts a proxy on every node; without these it has neither the head limits nor the 503s, and a
+    slow node's proxy is killed after Serve's 5 s ready check."""
+    expected = proxy_environment(Settings())
+    cluster = RAY["spec"]["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        container = _container(group["template"]["spec"])
+        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        assert {k: env.get(k) for k in expected} == expected, container["name"]
 
 
 def test_rayservice_ray_version_is_in_the_declared_range():
