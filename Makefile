@@ -38,8 +38,8 @@ browser: ## Debian's chromium + chromedriver for the browser tests (apt-get as r
 	else echo "no /usr/bin/chromium and no root apt-get to install it: the browser tests will be skipped"; fi
 
 # Three workers on two cores: much of the suite waits on server processes, Ray and the browser, so they cut
-# its time; worksteal evens out the long tests at the end. On the 2-core machine the suite (1045 tests) takes
-# about 19 min of pytest with three workers, 24 min of CI with the install. TEST_WORKERS=0 runs it in one process.
+# its time; worksteal evens out the long tests at the end. On the quiet 2-core machine the suite (1046 tests) took
+# 16 min of pytest with three workers, 20 min of CI with the install. TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 3
 test: $(STAMP) browser ## run the test suite (browser tests included; TEST_WORKERS=3 processes)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
