@@ -80,12 +80,12 @@ class _SparseRoIAlign(torch.autograd.Function):
         (rois,) = ctx.saved_tensors
         scale, sampling_ratio, aligned, shape = ctx.args
         g, wrap = unbatched(grad)
-        rows = nonzero_rows(g.flatten(0, 1))
+        flat = g.flatten(0, 1)
+        rows = nonzero_rows(flat)
         if rows.numel() == 0:
             # No proposal of this pyramid level is explained: an undefined gradient lets autograd skip the
             # level's convolutions below, which a zero tensor would run.
             return None, None, None, None, None, None, None
-        flat = g.flatten(0, 1)
         dx = wrap(pool_back(flat[rows], rows, g.shape[0], rois, scale, shape, sampling_ratio, aligned))
         return dx, None, None, None, None, None, None
 

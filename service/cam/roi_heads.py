@@ -27,30 +27,42 @@ from service.cam.patching import CountedPatch
 from service.cam.roi_align import Pooled, multiscale_roi_align, nonzero_rows, pool_levels, roi_align, unbatched
 
 
+def _head(x: Tensor, w6: Tensor, b6: Tensor | None, w7: Tensor, b7: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``TwoMLPHead``'s two activations, ``relu(fc6(x.flatten(1)))`` and ``relu(fc7(...))``."""
+    h6 = F.relu(F.linear(x.flatten(1), w6, b6))
+    return h6, F.relu(F.linear(h6, w7, b7))
+
+
+def _rows_back(ctx: Any, grad: Tensor) -> tuple[int, Callable[[Tensor], Tensor], Tensor, Tensor]:
+    """The head's backward on the non-zero rows of ``grad`` only, all targets' rows in one product (under the
+    engine's batched backward; see :func:`unbatched`): the number of targets, the function that wraps a
+    ``(T, ...)`` result for autograd, the flat rows (``t * proposals + p``) and their fc6 input gradients."""
+    h6, h7, w6, w7 = ctx.saved_tensors
+    g, wrap = unbatched(grad)  # (T, proposals, 1024)
+    flat = g.flatten(0, 1)
+    rows = nonzero_rows(flat)
+    proposal = rows % g.shape[1]
+    g7 = flat[rows] * (h7[proposal] > 0)
+    g6 = (g7 @ w7) * (h6[proposal] > 0)
+    return g.shape[0], wrap, rows, g6 @ w6
+
+
 class _SparseTwoMLP(torch.autograd.Function):
-    """``relu(fc7(relu(fc6(x.flatten(1)))))`` whose backward multiplies the non-zero rows of the gradient only,
-    all targets' rows in one product (under the engine's batched backward; see :func:`unbatched`)."""
+    """``TwoMLPHead`` whose backward multiplies the non-zero rows of the gradient only (:func:`_rows_back`)."""
 
     @staticmethod
     def forward(ctx: FunctionCtx, x: Tensor, w6: Tensor, b6: Tensor | None, w7: Tensor, b7: Tensor | None) -> Tensor:
-        h6 = F.relu(F.linear(x.flatten(1), w6, b6))
-        h7 = F.relu(F.linear(h6, w7, b7))
+        h6, h7 = _head(x, w6, b6, w7, b7)
         ctx.save_for_backward(h6, h7, w6, w7)
         ctx.shape = tuple(x.shape)  # type: ignore[attr-defined]
         return h7
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        h6, h7, w6, w7 = ctx.saved_tensors
-        g, wrap = unbatched(grad)  # (T, N, 1024)
-        flat = g.flatten(0, 1)
-        rows = nonzero_rows(flat)
-        proposal = rows % g.shape[1]
-        g7 = flat[rows] * (h7[proposal] > 0)
-        g6 = (g7 @ w7) * (h6[proposal] > 0)
-        dx = flat.new_zeros(flat.shape[0], w6.shape[1])
-        dx[rows] = g6 @ w6
-        return wrap(dx.view(g.shape[0], *ctx.shape)), None, None, None, None
+        targets, wrap, rows, dx_rows = _rows_back(ctx, grad)
+        dx = dx_rows.new_zeros(targets * ctx.shape[0], dx_rows.shape[1])
+        dx[rows] = dx_rows
+        return wrap(dx.view(targets, *ctx.shape)), None, None, None, None
 
 
 class _SparsePooledTwoMLP(torch.autograd.Function):
@@ -61,23 +73,16 @@ class _SparsePooledTwoMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx: FunctionCtx, x: Tensor, pooled: Pooled, w6: Tensor, b6: Tensor | None, w7: Tensor,
                 b7: Tensor | None, *features: Tensor) -> Tensor:
-        h6 = F.relu(F.linear(x.flatten(1), w6, b6))
-        h7 = F.relu(F.linear(h6, w7, b7))
+        h6, h7 = _head(x, w6, b6, w7, b7)
         ctx.save_for_backward(h6, h7, w6, w7)
         ctx.args = (pooled, tuple(x.shape[1:]), [tuple(f.shape) for f in features])  # type: ignore[attr-defined]
         return h7
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        h6, h7, w6, w7 = ctx.saved_tensors
         pooled, each, shapes = ctx.args
-        g, wrap = unbatched(grad)
-        flat = g.flatten(0, 1)
-        rows = nonzero_rows(flat)
-        proposal = rows % g.shape[1]
-        g7 = flat[rows] * (h7[proposal] > 0)
-        g6 = (g7 @ w7) * (h6[proposal] > 0)
-        grads = pool_levels((g6 @ w6).view(-1, *each), rows, g.shape[0], pooled.rois, pooled.levels, pooled.scales,
+        targets, wrap, rows, dx_rows = _rows_back(ctx, grad)
+        grads = pool_levels(dx_rows.view(-1, *each), rows, targets, pooled.rois, pooled.levels, pooled.scales,
                             pooled.sampling_ratio, shapes)
         return None, None, None, None, None, None, *[None if d is None else wrap(d) for d in grads]
 
