@@ -187,7 +187,7 @@
     $("samples").replaceChildren(...samples.map((s) => sampleButton(s, "sample-button", `A ${s.label} scene`,
                                                                      () => useSample(s))));
     $("reference-samples").replaceChildren(...samples.map((s) => sampleButton(
-      s, "reference-sample", `Compare with a ${s.label} scene`, () => useReferenceSample(s))));
+      s, "reference-sample", `Compare with a ${s.label} scene`, () => useSample(s, setReference))));
   }
 
   function sampleButton(sample, testid, title, onClick) {
@@ -218,20 +218,11 @@
   // One tracked operation from the sample's download to the answers: between the download's end and the
   // image's update nothing else is pending, and the page would read as idle while about to change (a browser
   // test read the curl of the /predict that followed such a moment, not the /explain after it).
-  function useSample(sample) {
+  // `use` is setImage or setReference: where the downloaded sample goes.
+  function useSample(sample, use = setImage) {
     return tracked(async () => {
       try {
-        await setImage(await fetchSample(sample));
-      } catch (err) {
-        showError(err);
-      }
-    });
-  }
-
-  function useReferenceSample(sample) {
-    return tracked(async () => {
-      try {
-        await setReference(await fetchSample(sample));
+        await use(await fetchSample(sample));
       } catch (err) {
         showError(err);
       }
