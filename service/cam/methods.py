@@ -165,9 +165,13 @@ WeightFn = Callable[[Tensor, Tensor], Tensor]
 
 
 class GradientMethod(CamMethod):
-    """``map = ReLU(sum_k w_k(A, G) * A_k)`` (Selvaraju et al. 2017); ``w`` broadcasts to ``(B, C, h, w)``."""
+    """``map = ReLU(sum_k w_k(A, G) * A_k)`` (Selvaraju et al. 2017); ``w`` broadcasts to ``(T, n, C, h, w)``.
+
+    ``channel_weights(A[None], G)`` sees ``A`` as ``(1, n, C, h, w)`` and ``G`` as ``(T, n, C, h, w)``; a method whose
+    weights are one per channel (``(T, n, C, 1, 1)``) sets ``per_channel``, and its map is then a matrix product."""
 
     needs = Needs(gradients=True)
+    per_channel = False
 
     @staticmethod
     def channel_weights(a: Tensor, g: Tensor) -> Tensor:
@@ -180,27 +184,39 @@ class GradientMethod(CamMethod):
         return ctx.gradients
 
     def weighted(self, ctx: CamContext) -> Tensor:
-        g = self.gradients(ctx)
-        t, n, c, h, w = g.shape
-        a = ctx.activations.expand(t, n, c, h, w).reshape(t * n, c, h, w)
-        flat = g.reshape(t * n, c, h, w)
-        return (self.channel_weights(a, flat) * a).view(t, n, c, h, w)
+        a = ctx.activations[None]  # broadcast over the targets, not copied once per target
+        return self.channel_weights(a, self.gradients(ctx)) * a
+
+    def maps(self, ctx: CamContext) -> Tensor:
+        """``(T, n, h, w)`` before ReLU."""
+        if self.per_channel and ctx.smooth is None:
+            # The channel sum of per-channel weights times A is a (T, C) x (C, h*w) product per image: no
+            # (T, n, C, h, w) tensor (at lraspp's 960 x 14 x 14 with 8 images x 5 targets, 16 ms against 1 ms).
+            a = ctx.activations
+            weights = self.channel_weights(a[None], self.gradients(ctx))[..., 0, 0]
+            return torch.einsum("tnc,nchw->tnhw", weights, a)
+        return reduce_weighted(self.weighted(ctx), ctx.smooth)
+
+    def run(self, ctx: CamContext) -> Work:
+        return _immediately(self.maps(ctx))
 
 
 @register_method
 class GradCAM(GradientMethod):
     name = "gradcam"
     citation = "Selvaraju et al. 2017"
+    per_channel = True
 
     @staticmethod
     def channel_weights(a: Tensor, g: Tensor) -> Tensor:
-        return g.mean(dim=(2, 3), keepdim=True)
+        return g.mean(dim=(-2, -1), keepdim=True)
 
 
 @register_method
 class GradCAMPlusPlus(GradientMethod):
     name = "gradcam++"
     citation = "Chattopadhay et al. 2018"
+    per_channel = True
 
     @staticmethod
     def channel_weights(a: Tensor, g: Tensor) -> Tensor:
@@ -208,22 +224,23 @@ class GradCAMPlusPlus(GradientMethod):
         # used by the reference implementations.
         g2 = g.pow(2)
         g3 = g2 * g
-        denom = 2 * g2 + a.sum(dim=(2, 3), keepdim=True) * g3
+        denom = 2 * g2 + a.sum(dim=(-2, -1), keepdim=True) * g3
         alpha = g2 / (denom + _EPS)
         alpha = torch.where(g != 0, alpha, torch.zeros_like(alpha))
-        return (alpha * g.clamp(min=0)).sum(dim=(2, 3), keepdim=True)
+        return (alpha * g.clamp(min=0)).sum(dim=(-2, -1), keepdim=True)
 
 
 @register_method
 class XGradCAM(GradientMethod):
     name = "xgradcam"
     citation = "Fu et al. 2020"
+    per_channel = True
 
     @staticmethod
     def channel_weights(a: Tensor, g: Tensor) -> Tensor:
         # Gradients weighted by the activation's share of its channel total.
-        total = a.sum(dim=(2, 3), keepdim=True)
-        return (g * a / (total + _EPS)).sum(dim=(2, 3), keepdim=True)
+        total = a.sum(dim=(-2, -1), keepdim=True)
+        return (g * a / (total + _EPS)).sum(dim=(-2, -1), keepdim=True)
 
 
 @register_method
@@ -429,15 +446,16 @@ class GuidedGradCAM(GradientMethod):
     needs = Needs(gradients=True, input_gradients=True)
     cost = Cost.BACKWARD
     citation = "Selvaraju et al. 2017"
+    per_channel = True
 
     @staticmethod
     def channel_weights(a: Tensor, g: Tensor) -> Tensor:
-        return g.mean(dim=(2, 3), keepdim=True)
+        return g.mean(dim=(-2, -1), keepdim=True)
 
     def run(self, ctx: CamContext) -> Work:
         if ctx.guided is None:
             raise ValueError(f"method {self.name!r} needs input gradients")
-        cam = reduce_weighted(self.weighted(ctx), ctx.smooth).clamp(min=0)  # (T, n, h, w)
+        cam = self.maps(ctx).clamp(min=0)  # (T, n, h, w)
         guided = ctx.guided()  # (T, n, 3, H, W)
         yield
         t, n, _, height, width = guided.shape
