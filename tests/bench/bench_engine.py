@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from service.cam import CamEngine, CamQuery
 from service.models.shapes import load_shapes
 from service.preprocess import to_input_size
+from tests.bench import cpu_name
 
 
 def _sync(device: torch.device) -> None:
@@ -89,7 +89,7 @@ def main() -> None:
         model, size = torchvision.models.get_model(args.model).eval().to(device), 224
     print(f"# engine benchmark: {args.model} ({'shipped' if args.model == 'shapes' else 'random'} weights), "
           f"{size}x{size}, {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}")
+          f"{cpu_name()}")
     if not args.only_perturbation:
         print("| batch | predict ms | explain 1 | explain 5 | pytorch-grad-cam 1 | pytorch-grad-cam 5 | captum 1 "
               "| captum 5 |")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from pytorch_grad_cam.utils.model_targets import FasterRCNNBoxScoreTarget, Seman
 
 from service.cam import CamEngine, CamQuery
 from service.cam.tasks import TaskTarget, get_task
+from tests.bench import cpu_name
 
 
 def _calibrated_detector() -> torch.nn.Module:
@@ -204,7 +204,7 @@ def main() -> None:
                         help="skip pytorch-grad-cam (its loop is most of the run time)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+    print(f"# {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; medians of {args.rounds} turns; load {os.getloadavg()[0]:.1f}")
     print("| model | batch | targets | predict ms | explain/predict | pytorch-grad-cam/ours |")
     print("|---|---|---|---|---|---|")
