@@ -415,16 +415,20 @@ class SegmentationTask(Task):
 
     def summarize(self, out: object) -> list[Summary]:
         logits = _float(self.logits(out).detach())
-        probs = logits.softmax(dim=1)
-        masks = self.class_map(logits)
+        n, k = logits.shape[:2]
+        top, masks = logits.max(dim=1)  # masks as class_map gives them
+        # A segment's score is its pixels' mean probability of their own class, the largest: softmax's value
+        # there is 1 / sum_k exp(l_k - max). Every image's areas and sums come from one bincount each, keyed by
+        # image and class, instead of one masked product of the whole image per class present (8 images of
+        # 6 x 224 x 224: 9 ms before).
+        own = (logits - top[:, None]).exp_().sum(dim=1).reciprocal_()
+        keys = (masks + k * torch.arange(n, device=masks.device)[:, None, None]).flatten()
+        counts = torch.bincount(keys, minlength=n * k).view(n, k)
+        means = (torch.bincount(keys, weights=own.flatten(), minlength=n * k).view(n, k) / counts.clamp(min=1))
         summaries = []
-        for i in range(logits.shape[0]):
-            mask = masks[i]
-            counts = torch.bincount(mask.flatten(), minlength=logits.shape[1])
-            present = counts.nonzero()[:, 0].tolist()
-            means = [(probs[i, c] * (mask == c)).sum() / counts[c] for c in present]
-            segments = tuple(Segment(c, int(counts[c]), float(m)) for c, m in zip(present, means, strict=True))
-            summaries.append(Summary(segments=tuple(sorted(segments, key=lambda s: -s.area)), mask=mask))
+        for i, (areas, scores) in enumerate(zip(counts.tolist(), means.tolist(), strict=True)):
+            segments = tuple(Segment(c, area, float(scores[c])) for c, area in enumerate(areas) if area)
+            summaries.append(Summary(segments=tuple(sorted(segments, key=lambda s: -s.area)), mask=masks[i]))
         return summaries
 
     def resolve(self, summary: Summary, targets: Sequence[TaskTarget], top: int, objective: str
