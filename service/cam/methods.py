@@ -447,10 +447,7 @@ class GuidedGradCAM(GradientMethod):
     cost = Cost.BACKWARD
     citation = "Selvaraju et al. 2017"
     per_channel = True
-
-    @staticmethod
-    def channel_weights(a: Tensor, g: Tensor) -> Tensor:
-        return g.mean(dim=(-2, -1), keepdim=True)
+    channel_weights = staticmethod(GradCAM.channel_weights)  # Grad-CAM's map, then the guided gradients
 
     def run(self, ctx: CamContext) -> Work:
         if ctx.guided is None:
